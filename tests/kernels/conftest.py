@@ -58,7 +58,10 @@ def _import_triton_kernels() -> str | None:
     return None
 
 
-TRITON_SKIP_REASON = _import_triton_kernels()
+try:
+    TRITON_SKIP_REASON = _import_triton_kernels()
+except ImportError as error:  # a broken or incompatible install
+    TRITON_SKIP_REASON = f"triton is not importable: {error}"
 
 
 @pytest.fixture(autouse=True)
