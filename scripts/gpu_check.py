@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 
@@ -86,14 +87,12 @@ def main() -> int:
     sections = set(args.sections.split(","))
     started = time.perf_counter()
     if "checks" in sections:
-        report["checks"] = bench.run_checks()
-    if "mla" in sections:
-        report["timings"]["mla_decode"] = bench.time_mla()
-    if "moe" in sections:
-        report["timings"]["fused_moe"] = bench.time_moe()
-    if "ops" in sections:
-        report["timings"]["small_ops"] = bench.time_small_ops()
-    report["all_checks_pass"] = all(check["ok"] for check in report["checks"])
+        report["checks"] = guarded(bench.run_checks, report, "checks") or []
+    for section, key, run in (("mla", "mla_decode", bench.time_mla), ("moe", "fused_moe", bench.time_moe),
+                              ("ops", "small_ops", bench.time_small_ops)):
+        if section in sections:
+            report["timings"][key] = guarded(run, report, section)
+    report["all_checks_pass"] = not report.get("errors") and all(check["ok"] for check in report["checks"])
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     text = json.dumps(report, indent=1)
@@ -102,6 +101,15 @@ def main() -> int:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")
     return 0 if report["all_checks_pass"] else 1
+
+
+def guarded(run, report: dict, section: str):
+    """Run one section; an exception is recorded and the remaining sections still run."""
+    try:
+        return run()
+    except Exception:
+        report.setdefault("errors", {})[section] = traceback.format_exc()[-3000:]
+        return None
 
 
 class Bench:
@@ -291,7 +299,10 @@ class Bench:
     def timed_variants(self, eager, reference, bytes_moved: int) -> dict:
         row = {"triton_ms": self.time_ms(eager), "reference_ms": self.time_ms(reference)}
         if self.device.type == "cuda":
-            row["triton_graph_ms"] = self.time_ms(self.capture(eager))
+            try:
+                row["triton_graph_ms"] = self.time_ms(self.capture(eager))
+            except Exception as error:
+                row["graph_error"] = repr(error)[:300]
         best = min(row.get("triton_graph_ms", row["triton_ms"]), row["triton_ms"])
         row["speedup_vs_reference"] = round(row["reference_ms"] / best, 2)
         row["effective_GBps"] = round(bytes_moved / (best * 1e-3) / 1e9, 1)
@@ -333,7 +344,7 @@ class Bench:
         s = self.shapes
         expert_bytes = 3 * s.hidden * s.inter * 2
         rows = []
-        for tokens in s.moe_batches:
+        for tokens in (*s.moe_batches, s.prefill_tokens):
             x, w13, w2, ids, weights = self.moe_inputs(tokens)
             experts_read = ids.unique().numel()
             row = {"tokens": tokens, "experts_read": experts_read}

@@ -9,6 +9,7 @@ from glmcode.engine.kernels.reference import (
     fused_moe_reference,
     moe_align_reference,
     silu_mul_reference,
+    stack_shared_expert,
     with_shared_expert,
 )
 
@@ -83,8 +84,7 @@ def test_shared_expert_folded_in_as_an_extra_expert(triton_moe, device):
         device, num_tokens=3, num_experts=4, top_k=2, hidden=32, inter=16, dtype=torch.float32, seed=2,
     )
     shared_w13, shared_w2 = w13[0].clone() * 0.5, w2[0].clone() * 2.0
-    stacked_w13 = torch.cat([w13, shared_w13[None]])
-    stacked_w2 = torch.cat([w2, shared_w2[None]])
+    stacked_w13, stacked_w2 = stack_shared_expert(w13, w2, shared_w13, shared_w2)
     all_ids, all_weights = with_shared_expert(ids, weights, shared_expert_id=4)
 
     got = triton_moe.fused_moe(x, stacked_w13, stacked_w2, all_ids, all_weights, block_n=16, block_k=16)

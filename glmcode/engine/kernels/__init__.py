@@ -12,7 +12,8 @@ Contracts (B sequences, T tokens, H heads, Dl = 512 latent, Dr = 64 rope, E expe
   a float8_e4m3fn cache: one-element tensor (per tensor) or [num_blocks, block_size] (per token).
 - fused_moe(x [T,Hd], w13 [E,2I,Hd], w2 [E,Hd,I], topk_ids [T,k], topk_weights [T,k]) -> [T,Hd]
   Sum over slots of weight * down(silu(gate(x)) * up(x)). Fold the shared expert in with
-  reference.with_shared_expert and a w13/w2 stack that holds it as expert E.
+  stack_shared_expert (weights, once at load) and with_shared_expert (routing, per call).
+  On CUDA, batches above FUSED_MOE_MAX_TOKENS go to grouped_moe.
 - grouped_moe(...) same contract via torch._grouped_mm, for prefill (see grouped_mm_available).
 - rms_norm(x, weight, eps); add_rms_norm(x, residual, weight, eps) -> (normed, x + residual).
 - rope_interleaved_(q_pe [T,N,Dr], k_pe [T,Dr], positions [T], cos_sin, deinterleave=False):
@@ -34,6 +35,7 @@ from glmcode.engine.kernels.reference import (
     quantize_fp8_per_tensor,
     quantize_fp8_per_token,
     rope_cos_sin,
+    stack_shared_expert,
     with_shared_expert,
 )
 
@@ -49,6 +51,7 @@ __all__ = [
     "rope_cos_sin",
     "rope_interleaved_",
     "silu_mul",
+    "stack_shared_expert",
     "triton_available",
     "uses_triton",
     "with_shared_expert",
@@ -73,8 +76,14 @@ def mla_decode(q_nope_absorbed, q_pe, kv_cache, block_tables, seq_lens, scale, k
     return reference.mla_decode_reference(q_nope_absorbed, q_pe, kv_cache, block_tables, seq_lens, scale, kv_scale)
 
 
+# Above this many tokens (prefill) torch._grouped_mm takes over from the Triton fused MoE.
+FUSED_MOE_MAX_TOKENS = 64
+
+
 def fused_moe(x, w13, w2, topk_ids, topk_weights):
     if uses_triton(x):
+        if x.shape[0] > FUSED_MOE_MAX_TOKENS and grouped_mm_available(x.device):
+            return grouped_moe(x, w13, w2, topk_ids, topk_weights)
         from glmcode.engine.kernels import triton_moe
 
         return triton_moe.fused_moe(x, w13, w2, topk_ids, topk_weights)

@@ -137,7 +137,7 @@ def moe_align_reference(
     num_pairs = flat_ids.numel()
     max_blocks = moe_max_blocks(num_pairs, num_experts, block_m)
     device = topk_ids.device
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    counts = expert_counts(flat_ids, num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_start = torch.cumsum(padded, 0) - padded
     order = torch.sort(flat_ids, stable=True).indices
@@ -151,6 +151,12 @@ def moe_align_reference(
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_start < padded_end[-1], block_expert, -1)
     return sorted_pair_ids, block_expert.to(torch.int32)
+
+
+def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Pairs per expert. Unlike torch.bincount this never syncs with the GPU (graph-capturable)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
+    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
 
 def moe_max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -174,7 +180,7 @@ def grouped_moe(
     flat_ids = topk_ids.reshape(-1).long()
     order = torch.sort(flat_ids, stable=True).indices
     tokens = order // topk_ids.shape[1]
-    group_ends = torch.cumsum(torch.bincount(flat_ids, minlength=num_experts), 0).to(torch.int32)
+    group_ends = torch.cumsum(expert_counts(flat_ids, num_experts), 0).to(torch.int32)
     gate_up = torch._grouped_mm(x[tokens], w13.transpose(1, 2), offs=group_ends)
     expert_out = torch._grouped_mm(silu_mul_reference(gate_up), w2.transpose(1, 2), offs=group_ends)
     weights = topk_weights.reshape(-1)[order].float()
@@ -190,6 +196,17 @@ def grouped_mm_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (9, 0)
     return device.type == "cpu"
+
+
+def stack_shared_expert(
+    w13: torch.Tensor, w2: torch.Tensor, shared_w13: torch.Tensor, shared_w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, 2I, H], [E, H, I] plus the shared expert's [2I, H], [H, I] -> stacks of E + 1 experts.
+
+    The shared expert becomes expert E. Done once at load; the engine can then point its
+    modules' parameters at views of these stacks so the weights are not held twice.
+    """
+    return torch.cat([w13, shared_w13[None]]), torch.cat([w2, shared_w2[None]])
 
 
 def with_shared_expert(
@@ -211,10 +228,14 @@ def with_shared_expert(
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in fp32, cast back to x's dtype."""
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim.
+
+    The order of the HF reference and the engine: normalise in fp32, cast to x's dtype, then
+    multiply by the weight.
+    """
     x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (weight.float() * normed).to(x.dtype)
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight * normed).to(x.dtype)
 
 
 def add_rms_norm_reference(

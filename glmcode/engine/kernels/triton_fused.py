@@ -29,8 +29,9 @@ def _rms_norm_kernel(
         tl.store(summed_ptr + row * stride_s + cols, x, mask=mask)
         x = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference does
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (x * inv_rms * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
