@@ -253,7 +253,27 @@ class Bench:
         x.copy_(self.randn(*x.shape))
         checks.append(self.compare("fused_moe CUDA graph replay", replay(),
                                    self.ref.fused_moe_reference(x, w13, w2, ids, weights)))
+        checks.append(self.graphed_step_check())
         return checks
+
+    def graphed_step_check(self) -> dict:
+        """GraphedStep: a batch of 3 replayed in the bucket of 4 equals the eager reference."""
+        from glmcode.engine.kernels.cuda_graphs import GraphedStep
+
+        q_nope, q_pe, cache, tables, lens = self.mla_inputs([300] * 8, 64)
+
+        def step(inputs):
+            return self.mla.mla_decode(inputs["q_nope"], inputs["q_pe"], cache, inputs["block_tables"],
+                                       inputs["seq_lens"], 0.0625)
+
+        runner = GraphedStep(step, {"q_nope": q_nope, "q_pe": q_pe, "block_tables": tables, "seq_lens": lens},
+                             pad_values={"seq_lens": 0}, buckets=(1, 4, 8))
+        runner.capture()
+        batch = {"q_nope": q_nope[:3], "q_pe": q_pe[:3], "block_tables": tables[5:8, :3],
+                 "seq_lens": self.torch.tensor([1, 100, 190], dtype=self.torch.int32, device=self.device)}
+        want = self.ref.mla_decode_reference(batch["q_nope"], batch["q_pe"], cache, batch["block_tables"],
+                                             batch["seq_lens"], 0.0625)
+        return self.compare("GraphedStep bucket 4, batch 3", runner(batch), want)
 
     # ---- timing ------------------------------------------------------------------------------
 
