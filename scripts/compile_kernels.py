@@ -11,16 +11,21 @@ so configs can be chosen before device time is spent. Prints JSON, one row per v
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas -v output: registers and spills
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_kernels_")  # a cache hit skips ptxas
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
