@@ -13,7 +13,6 @@ from glmcode.engine.kernels.reference import (
     fused_moe_reference,
     grouped_mm_available,
     grouped_moe,
-    mla_decode_reference,
     quantize_fp8_per_token,
     rope_cos_sin,
     rope_interleaved_reference,
@@ -38,21 +37,18 @@ def test_absorbed_decode_equals_expanded_attention():
     probs = torch.softmax(torch.einsum("nd,snd->ns", query, keys) * scale, dim=-1)
     expanded = torch.einsum("ns,snv->nv", probs, kv[..., nope:])
 
-    w_kv = kv_b.T.reshape(latent, heads, nope + value)
-    w_uk_t = w_kv[..., :nope].permute(1, 2, 0)  # (N, P, L)
-    w_uv = w_kv[..., nope:].transpose(0, 1)  # (N, L, V)
-    q_absorbed = torch.einsum("np,npl->nl", q_nope, w_uk_t)
+    per_head = kv_b.view(heads, nope + value, latent)
+    w_uk, w_uv = per_head[:, :nope], per_head[:, nope:]  # [N, P, L], [N, V, L]
     pages = torch.tensor([2, 0, 5], dtype=torch.int32)  # three pages of four, out of order
     cache = torch.zeros(6, block_size, latent + rope, dtype=torch.float64)
     rows = torch.cat([c_kv, k_pe], dim=-1)
     for position in range(context):
         cache[pages[position // block_size], position % block_size] = rows[position]
-    o_latent = mla_decode_reference(
-        q_absorbed[None].float(), q_pe[None].float(), cache.float(), pages[None],
+    absorbed = kernels.absorbed_mla_decode(
+        q_nope[None].float(), q_pe[None].float(), w_uk.float(), w_uv.float(), cache.float(), pages[None],
         torch.tensor([context], dtype=torch.int32), scale,
-    )[0].double()
-    absorbed = torch.einsum("nl,nlv->nv", o_latent, w_uv)
-    torch.testing.assert_close(absorbed, expanded, atol=1e-4, rtol=1e-4)
+    )[0]
+    torch.testing.assert_close(absorbed.double(), expanded, atol=1e-4, rtol=1e-4)
 
 
 def naive_moe(x, w13, w2, ids, weights):

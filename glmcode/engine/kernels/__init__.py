@@ -10,6 +10,8 @@ Contracts (B sequences, T tokens, H heads, Dl = 512 latent, Dr = 64 rope, E expe
   block_tables [B, max_blocks] int32, seq_lens [B] int32, scale, kv_scale=None) -> [B,H,Dl]
   Absorbed MLA decode over the paged latent cache (latent ‖ roped k_pe per token). kv_scale is for
   a float8_e4m3fn cache: one-element tensor (per tensor) or [num_blocks, block_size] (per token).
+- absorbed_mla_decode(q_nope [B,N,P], q_pe, w_uk [N,P,L], w_uv [N,V,L], kv_cache, block_tables,
+  seq_lens, scale, kv_scale=None) -> [B,N,V]: W_UK folded into q, mla_decode, then W_UV.
 - fused_moe(x [T,Hd], w13 [E,2I,Hd], w2 [E,Hd,I], topk_ids [T,k], topk_weights [T,k]) -> [T,Hd]
   Sum over slots of weight * down(silu(gate(x)) * up(x)). Fold the shared expert in with
   stack_shared_expert (weights, once at load) and with_shared_expert (routing, per call).
@@ -40,6 +42,7 @@ from glmcode.engine.kernels.reference import (
 )
 
 __all__ = [
+    "absorbed_mla_decode",
     "add_rms_norm",
     "fused_moe",
     "grouped_mm_available",
@@ -78,6 +81,18 @@ def mla_decode(q_nope_absorbed, q_pe, kv_cache, block_tables, seq_lens, scale, k
 
 # Above this many tokens (prefill) torch._grouped_mm takes over from the Triton fused MoE.
 FUSED_MOE_MAX_TOKENS = 64
+
+
+def absorbed_mla_decode(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, seq_lens, scale, kv_scale=None):
+    """The whole absorbed decode: [B,N,P] nope queries -> [B,N,V] per-head outputs.
+
+    w_uk [N,P,L] and w_uv [N,V,L] are kv_b_proj.weight viewed as [N, P+V, L] and split. The
+    query is folded into latent space (q_nope @ W_UK), attends over the cached latents, and the
+    latent output is lifted back with W_UV.
+    """
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()  # [B, N, L]
+    o_latent = mla_decode(q_latent, q_pe.contiguous(), kv_cache, block_tables, seq_lens, scale, kv_scale)
+    return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, N, V]
 
 
 def fused_moe(x, w13, w2, topk_ids, topk_weights):
