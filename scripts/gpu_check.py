@@ -37,18 +37,19 @@ class Shapes:
     top_k: int
     moe_batches: tuple[int, ...]
     prefill_tokens: int
-    iters: int
+    iters: int  # calls per timing sample
+    samples: int  # timing samples; the median is reported
 
 
 REAL = Shapes(
     heads=20, latent=512, rope=64, block_size=64,
     mla_cases=((1, 512), (1, 8192), (1, 32768), (1, 131072), (8, 8192), (32, 8192)),
-    experts=64, hidden=2048, inter=1536, top_k=4, moe_batches=(1, 8, 32), prefill_tokens=4096, iters=50,
+    experts=64, hidden=2048, inter=1536, top_k=4, moe_batches=(1, 8, 32), prefill_tokens=4096, iters=20, samples=5,
 )
 TINY = Shapes(
     heads=5, latent=32, rope=16, block_size=4,
     mla_cases=((1, 24), (2, 40)),
-    experts=6, hidden=64, inter=32, top_k=2, moe_batches=(1, 3), prefill_tokens=20, iters=2,
+    experts=6, hidden=64, inter=32, top_k=2, moe_batches=(1, 3), prefill_tokens=20, iters=1, samples=1,
 )
 
 BF16_TOLERANCE = 3e-2
@@ -300,7 +301,7 @@ class Bench:
         torch, iters = self.torch, self.shapes.iters
         fn()
         samples = []
-        for _ in range(max(3, iters // 10)):
+        for _ in range(self.shapes.samples):
             if self.device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

@@ -21,6 +21,8 @@ Contracts (B sequences, T tokens, H heads, Dl = 512 latent, Dr = 64 rope, E expe
 - rope_interleaved_(q_pe [T,N,Dr], k_pe [T,Dr], positions [T], cos_sin, deinterleave=False):
   in place; cos_sin = reference.rope_cos_sin(max_positions, Dr, theta).
 - silu_mul(gate_up [...,2I]) -> [...,I].
+
+cuda_graphs.GraphedStep replays a decode step from per-batch-bucket CUDA graphs.
 """
 
 from __future__ import annotations
