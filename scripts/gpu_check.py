@@ -2,13 +2,16 @@
 
 On an H100/H200 (torch + triton; about 3 minutes, most of it Triton compiles):
     PYTHONPATH=. python scripts/gpu_check.py --out "$OUT/gpu_check.json"
-CPU smoke run of the same code with tiny shapes, in Triton's interpreter (about 20 s):
+CPU smoke run of the same code with tiny shapes, in Triton's interpreter (about 15 s):
     PYTHONPATH=. python scripts/gpu_check.py --device cpu
 
 Prints one JSON document: device, versions, `checks` (max error against the reference and a
-pass flag per case; the exit status is 1 if any fails) and `timings` (milliseconds per call,
+pass flag per case; the exit status is 1 if any fails), `timings` (milliseconds per call,
 eager and replayed from a CUDA graph, with the reference in the same run and the effective
-bandwidth). Sections can be chosen with --sections.
+bandwidth) and `engine` (the bf16 engine on this device against the float32 CPU engine on a
+tiny checkpoint: greedy tokens for 32 steps and logits; skipped while the engine is absent).
+Sections: --sections checks,mla,moe,ops,engine (the default) and, opt-in, bench: the engine's
+full-size benchmark, `scripts/bench_engine.py --config full --device cuda`, against transformers.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,10 @@ BF16_TOLERANCE = 3e-2
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--sections", default="checks,mla,moe,ops",
-                        help="comma-separated subset of checks,mla,moe,ops")
+    parser.add_argument("--sections", default="checks,mla,moe,ops,engine",
+                        help="comma-separated subset of checks,mla,moe,ops,engine,bench")
+    parser.add_argument("--bench-args", default="--contexts 512,8192,32768,131072",
+                        help="extra arguments for scripts/bench_engine.py (bench section)")
     parser.add_argument("--out", help="also write the JSON here")
     return parser.parse_args()
 
@@ -93,7 +103,13 @@ def main() -> int:
                               ("ops", "small_ops", bench.time_small_ops)):
         if section in sections:
             report["timings"][key] = guarded(run, report, section)
-    report["all_checks_pass"] = not report.get("errors") and all(check["ok"] for check in report["checks"])
+    if "engine" in sections:
+        report["engine"] = guarded(lambda: engine_check(device), report, "engine")
+    if "bench" in sections:
+        report["bench"] = guarded(lambda: engine_bench(args.bench_args), report, "bench")
+    engine_checks = (report.get("engine") or {}).get("checks", [])
+    report["all_checks_pass"] = not report.get("errors") and all(
+        check["ok"] for check in report["checks"] + engine_checks)
     report["wall_s"] = round(time.perf_counter() - started, 1)
 
     text = json.dumps(report, indent=1)
@@ -102,6 +118,58 @@ def main() -> int:
         with open(args.out, "w") as handle:
             handle.write(text + "\n")
     return 0 if report["all_checks_pass"] else 1
+
+
+def engine_check(device) -> dict:
+    """The engine in bf16 on `device` against the float32 CPU engine on a tiny random checkpoint."""
+    import torch
+
+    maker = ROOT / "scripts" / "make_tiny_checkpoint.py"
+    try:
+        from glmcode.engine import LLM, SamplingParams
+    except ImportError as error:
+        return {"skipped": f"the engine is not importable: {error}"}
+    if not maker.exists():
+        return {"skipped": f"{maker} is missing"}
+    with tempfile.TemporaryDirectory() as checkpoint:
+        subprocess.run([sys.executable, str(maker), checkpoint, "--seed", "0"], check=True, capture_output=True)
+        reference = LLM(checkpoint, device="cpu", dtype="float32", progress=False)
+        candidate = LLM(checkpoint, device=device.type, dtype="bfloat16", progress=False)
+        prompt = reference.tokenizer.encode("def fibonacci(n: int) -> int:\n    if n < 2:")
+        params = SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[])
+        want = reference.generate(prompt, params).token_ids
+        got = candidate.generate(prompt, params).token_ids
+        want_logits = reference.score(prompt + want).float()
+        got_logits = candidate.score(prompt + want).float()
+    mismatch = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+    error = (got_logits - want_logits).abs().max().item()
+    scale = want_logits.abs().max().item()
+    top1 = (got_logits.argmax(-1) == want_logits.argmax(-1)).float().mean().item()
+    return {
+        "prompt_tokens": len(prompt),
+        "checks": [
+            {"name": "engine greedy 32 tokens, bf16 vs fp32 CPU", "ok": got == want, "first_mismatch": mismatch},
+            {"name": "engine logits, bf16 vs fp32 CPU", "max_abs_err": error, "ref_max_abs": scale,
+             "top1_agreement": top1, "ok": bool(torch.isfinite(got_logits).all()) and error <= BF16_TOLERANCE * max(scale, 1.0)},
+        ],
+    }
+
+
+def engine_bench(extra_args: str) -> dict:
+    """Run the engine's full-size benchmark (glmcode vs transformers) and keep its JSON."""
+    script = ROOT / "scripts" / "bench_engine.py"
+    if not script.exists():
+        return {"skipped": f"{script} is missing"}
+    with tempfile.TemporaryDirectory() as out_dir:
+        out = Path(out_dir) / "bench.json"
+        command = [sys.executable, str(script), "--config", "full", "--device", "cuda", "--json", str(out),
+                   *extra_args.split()]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        result = {"command": " ".join(command[1:]), "returncode": completed.returncode,
+                  "output_tail": (completed.stdout + completed.stderr)[-4000:]}
+        if out.exists():
+            result["results"] = json.loads(out.read_text())
+    return result
 
 
 def guarded(run, report: dict, section: str):

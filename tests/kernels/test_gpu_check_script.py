@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))
-def test_cpu_smoke_run_passes_every_check_and_times_every_section(tmp_path):
+def test_cpu_smoke_run_passes_every_kernel_check_and_times_every_kernel(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself for --device cpu
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--out", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
+         "--sections", "checks,mla,moe,ops"],  # the engine section is the engine's business on CPU
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
