@@ -90,7 +90,8 @@ def _normalise_url(spec: str) -> str:
     url = spec.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         known = ", ".join(PRESETS)
-        hint = f"http://{url}" if url and "://" not in url else "http://host:8000/v1"
+        looks_like_address = "://" not in url and any(mark in url for mark in ":./")
+        hint = f"http://{url}" if looks_like_address else "http://host:8000/v1"
         raise UsageError(f"unknown remote '{spec}': use one of {known}, or a base URL such as {hint}")
     if not urlsplit(url).hostname:
         raise UsageError(f"remote URL '{spec}' has no host: use a base URL such as http://host:8000/v1")
