@@ -43,7 +43,8 @@ class Turn:
     and usage go in the final chunk (finish_reason None: no final chunk). payloads: raw `data:`
     strings sent after the deltas, e.g. an error object. status != 200: answer `body` instead.
     cut_after: drop the connection after that many events. stall_after: go silent after that
-    many events for stall_seconds. chunk_delay: seconds between events.
+    many events for stall_seconds, or until `release` is set (`.hold`). chunk_delay: seconds
+    between events.
     """
 
     deltas: tuple[dict[str, Any], ...] = ()
@@ -57,6 +58,7 @@ class Turn:
     cut_after: int | None = None
     stall_after: int | None = None
     stall_seconds: float = 30.0
+    release: threading.Event | None = field(default=None, compare=False)
     chunk_delay: float = 0.0
 
     def cut(self, after: int) -> Turn:
@@ -64,6 +66,10 @@ class Turn:
 
     def stall(self, after: int, seconds: float = 30.0) -> Turn:
         return replace(self, stall_after=after, stall_seconds=seconds)
+
+    def hold(self, after: int, until: threading.Event, seconds: float = 30.0) -> Turn:
+        """Go silent after `after` events until the test sets `until` (at most `seconds`)."""
+        return replace(self, stall_after=after, stall_seconds=seconds, release=until)
 
     def slowly(self, chunk_delay: float) -> Turn:
         return replace(self, chunk_delay=chunk_delay)
@@ -272,7 +278,7 @@ class FakeGlmServer:
                 if number == turn.cut_after:
                     return  # no terminating chunk: the client sees the connection drop mid-body
                 if number == turn.stall_after:
-                    self._closing.wait(turn.stall_seconds)
+                    (turn.release or self._closing).wait(turn.stall_seconds)
                 if turn.chunk_delay:
                     time.sleep(turn.chunk_delay)
                 _write_chunk(handler, f"data: {payload}\n\n".encode())

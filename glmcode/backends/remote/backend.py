@@ -131,6 +131,9 @@ class RemoteBackend:
     ) -> Iterator[Event]:
         attempt = 1
         while True:
+            if cancel.is_set():
+                yield Finish("cancelled")
+                return
             post = StreamingPost(self._client, self.endpoint.chat_url, body, self._headers())
             try:
                 opened = post.next(cancel)
