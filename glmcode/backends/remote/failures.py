@@ -53,7 +53,7 @@ class HttpFailure:
         return self.code in RATE_LIMIT_CODES or (self.status == 429 and self.code is None)
 
     def describe(self) -> str:
-        code = f", code {self.code}" if self.code else ""
+        code = f", code {self.code}" if self.code and self.code != str(self.status) else ""
         message = f": {self.message}" if self.message else ""
         return f"HTTP {self.status}{code}{message}"
 
