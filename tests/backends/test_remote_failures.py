@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from dataclasses import replace
 
 import pytest
@@ -162,3 +163,23 @@ def test_a_stream_that_ends_early_without_a_finish_is_cut(vllm):
     assert text_of(events, ContentDelta) == "Half"
     assert "ended before the response was complete" in of_type(events, Error)[0].message
     assert events[-1] == Finish("error")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="relies on Linux dropping connections beyond a full listen backlog")
+def test_a_connect_timeout_is_one_clear_line():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]  # never accepted: they fill the backlog
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        backend = RemoteBackend(resolve_endpoint(f"http://127.0.0.1:{port}/v1", {}), **{**FAST, "connect_timeout": 0.3})
+        try:
+            with pytest.raises(ServerError) as raised:
+                collect(backend)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert str(raised.value) == f"timed out connecting to 127.0.0.1:{port} after 0.3s: check the URL and your network"
