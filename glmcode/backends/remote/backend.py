@@ -19,7 +19,7 @@ import httpx
 
 from glmcode.backends.base import Sampling, Thinking
 from glmcode.backends.remote.endpoint import RemoteEndpoint
-from glmcode.backends.remote.failures import failure_error, parse_failure, redact, transport_error
+from glmcode.backends.remote.failures import exception_summary, failure_error, parse_failure, transport_error
 from glmcode.backends.remote.request import build_request
 from glmcode.backends.remote.stream import DONE, SseDecoder, StreamAssembler
 from glmcode.backends.remote.transport import CANCELLED, END, Opened, StreamingPost
@@ -185,7 +185,7 @@ class RemoteBackend:
             yield from assembler.abort(f"the response from {host} stalled: nothing received for {self._timeout:g}s (read timeout)", "stalled")
             return
         except httpx.RequestError as exc:
-            detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, self.endpoint.api_key)
+            detail = exception_summary(exc, self.endpoint.api_key)
             yield from assembler.abort(f"the connection to {host} broke in the middle of the response ({detail})", "cut")
             return
         if assembler.finish_reason is not None:  # some servers omit [DONE]

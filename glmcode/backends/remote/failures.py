@@ -104,8 +104,14 @@ def transport_error(exc: httpx.RequestError, endpoint: RemoteEndpoint, *, connec
             return ServerError(f"cannot resolve host '{endpoint.label}' of {endpoint.base_url}: check the URL and your network")
         if _caused_by(exc, ConnectionRefusedError) or _mentions(exc, "connection refused", "errno 111", "errno 61"):
             return ServerError(f"connection refused by {host}: is the server running at {endpoint.base_url}?")
-        return ServerError(f"cannot connect to {host} ({_first_line(exc)}): check the URL and your network")
-    return ServerError(f"the connection to {host} failed ({_first_line(exc)}): try again")
+        return ServerError(f"cannot connect to {host} ({exception_summary(exc, endpoint.api_key)}): check the URL and your network")
+    return ServerError(f"the connection to {host} failed ({exception_summary(exc, endpoint.api_key)}): try again")
+
+
+def exception_summary(exc: BaseException, secret: str | None) -> str:
+    """The first line of an exception's message, key masked."""
+    lines = str(exc).strip().splitlines()
+    return redact(lines[0] if lines else type(exc).__name__, secret)
 
 
 def redact(text: str, secret: str | None) -> str:
@@ -170,8 +176,3 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 def _mentions(exc: BaseException, *phrases: str) -> bool:
     text = str(exc).lower()
     return any(phrase in text for phrase in phrases)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
