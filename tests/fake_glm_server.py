@@ -41,7 +41,8 @@ class Turn:
     deltas: the `choices[0].delta` objects to stream, one per chunk (reasoning under
     "reasoning_content"; a server with reasoning_field="reasoning" renames it). finish_reason
     and usage go in the final chunk (finish_reason None: no final chunk). payloads: raw `data:`
-    strings sent after the deltas, e.g. an error object. status != 200: answer `body` instead.
+    strings sent after the deltas, e.g. an error object. body: answer this JSON with `status`
+    instead of a stream (an error, or a whole completion).
     cut_after: drop the connection after that many events. stall_after: go silent after that
     many events for stall_seconds, or until `release` is set (`.hold`). chunk_delay: seconds
     between events.
@@ -249,7 +250,7 @@ class FakeGlmServer:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            if turn.status != 200:
+            if turn.body is not None:
                 return _send_json(handler, turn.status, turn.body, turn.headers)
             self._stream(handler, turn, body)
         finally:

@@ -98,6 +98,8 @@ def test_other_400_codes_show_the_servers_message(hosted):
 @pytest.mark.parametrize("turn", [
     error(400, "Prompt exceeds max length", code="1261"),
     openai_error(400, "This model's maximum context length is 131072 tokens. However, you requested 140000 tokens."),
+    openai_error(400, "Input length (140000 tokens) exceeds the maximum allowed length (131072 tokens)."),  # SGLang
+    openai_error(400, "the request exceeds the available context size, try increasing it"),  # llama.cpp
 ])
 def test_a_too_long_prompt_is_a_context_overflow(turn):
     with FakeGlmServer(turn, dialect="openai") as server:

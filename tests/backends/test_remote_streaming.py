@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 
 from glmcode.backends.base import Sampling, Thinking
-from glmcode.events import ContentDelta, Error, Finish, ReasoningDelta, ToolCall, ToolCallError, Usage
+from glmcode.events import ContentDelta, Error, Finish, Notice, ReasoningDelta, ToolCall, ToolCallError, Usage
 from tests.backends.conftest import KEY, READ_FILE, RUN_TESTS, USER, collect, generic_backend, hosted_backend, of_type, text_of
 from tests.fake_glm_server import Turn, reply
 
@@ -190,3 +190,22 @@ def test_garbage_data_ends_the_stream_with_an_error(vllm):
     events = collect(generic_backend(vllm))
     assert text_of(events, ContentDelta) == "x"
     assert of_type(events, Error)[0].details["kind"] == "protocol" and events[-1] == Finish("error")
+
+
+def test_a_server_that_ignores_stream_true_still_works(vllm):
+    completion = {"id": "x", "object": "chat.completion", "model": "glm-4.7-flash",
+                  "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+                      "role": "assistant", "content": "Reading.", "reasoning_content": "Need the file.",
+                      "tool_calls": [{"id": "call_9", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a.py"}'}}]}}],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    vllm.play(Turn(body=completion))
+    events = collect(generic_backend(vllm), tools=[READ_FILE])
+    assert events == [ReasoningDelta("Need the file."), ContentDelta("Reading."),
+                      ToolCall("read_file", {"path": "a.py"}, '{"path": "a.py"}', "call_9"), Usage(5, 3, 0), Finish("tool_calls")]
+
+
+def test_a_rate_limit_sent_as_a_200_json_error_is_retried(hosted):
+    hosted.play(Turn(body={"error": {"code": "1302", "message": "并发数过高"}}), reply("ok"))
+    events = collect(hosted_backend(hosted))
+    assert of_type(events, Notice)[0].message.startswith("rate limited, retrying in")
+    assert text_of(events, ContentDelta) == "ok"

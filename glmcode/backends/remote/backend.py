@@ -143,8 +143,12 @@ class RemoteBackend:
                 if isinstance(opened, Exception):
                     raise self._transport_error(opened) from None
                 assert isinstance(opened, Opened)
-                if opened.status == 200:
+                if opened.status == 200 and not opened.body:
                     yield from self._read_response(post, tools, thinking, cancel)
+                    return
+                whole = _decode_chunk(opened.body) if opened.status == 200 else None
+                if whole is not None and not whole.get("error"):
+                    yield from self._whole_response(whole, tools, thinking)
                     return
                 failure = parse_failure(opened.status, opened.headers, opened.body, self.endpoint.api_key)
                 if not failure.retryable or attempt > self.retry.max_retries:
@@ -192,6 +196,13 @@ class RemoteBackend:
             yield from assembler.finish()
         else:
             yield from assembler.abort(f"the stream from {host} ended before the response was complete", "cut")
+
+    def _whole_response(self, reply: dict[str, Any], tools: list[dict[str, Any]], thinking: Thinking) -> Iterator[Event]:
+        """A non-streamed completion (a server that ignored `stream: true`) as one big chunk."""
+        assembler = StreamAssembler(tools, thinking=thinking.enabled, detect_raw_tags=not self.endpoint.hosted)
+        choices = [{**choice, "delta": choice.get("message") or {}} for choice in reply.get("choices") or []]
+        yield from assembler.feed({"choices": choices, "usage": reply.get("usage")})
+        yield from assembler.finish()
 
     def _transport_error(self, exc: Exception) -> Exception:
         if not isinstance(exc, httpx.RequestError):

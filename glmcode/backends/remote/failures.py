@@ -26,7 +26,7 @@ RATE_LIMIT_CODES = {"1302", "1303", "1305", "1312"}
 PROMPT_TOO_LONG_CODE = "1261"
 MODEL_NOT_FOUND_CODE = "1211"
 _CONTEXT_MESSAGE = re.compile(
-    r"context length|context window|maximum context|prompt is too long|too many tokens|input is too long|"
+    r"context length|context window|context size|maximum context|prompt is too long|too many tokens|input is too long|"
     r"exceeds the (?:model'?s )?(?:maximum|max)",
     re.IGNORECASE,
 )

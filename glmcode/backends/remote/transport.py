@@ -20,7 +20,8 @@ _POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class Opened:
-    """The status line arrived. `body` is read only for a failure (non-200)."""
+    """The status line arrived. `body` is read whole when the answer is not an event stream
+    (an error, or a server that ignored `stream: true`); otherwise lines follow."""
 
     status: int
     headers: dict[str, str]
@@ -59,7 +60,8 @@ class StreamingPost:
     def _run(self, client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
             with client.stream("POST", url, json=body, headers=headers) as response:
-                if response.status_code != 200:
+                is_json = "json" in response.headers.get("content-type", "")
+                if response.status_code != 200 or is_json:
                     response.read()
                     self._items.put(Opened(response.status_code, dict(response.headers), response.text))
                     return
