@@ -22,13 +22,12 @@ from glmcode.backends.remote.endpoint import RemoteEndpoint
 from glmcode.backends.remote.failures import exception_summary, failure_error, parse_failure, transport_error
 from glmcode.backends.remote.request import build_request
 from glmcode.backends.remote.stream import DONE, SseDecoder, StreamAssembler
-from glmcode.backends.remote.transport import CANCELLED, END, Opened, StreamingPost
+from glmcode.backends.remote.transport import CANCELLED, END, POLL_SECONDS, Opened, StreamingPost
 from glmcode.events import Event, Finish, Notice
 
 DEFAULT_MODEL = "glm-4.7-flash"
 HOSTED_CONTEXT_WINDOW = 200_000
 GENERIC_CONTEXT_WINDOW = 131_072
-_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ class RemoteBackend:
             return True
         yield Notice(f"waiting for another request to {self.endpoint.label} to finish (concurrency limit {self.concurrency})")
         while not cancel.is_set():
-            if self._slots.acquire(timeout=_POLL_SECONDS):
+            if self._slots.acquire(timeout=POLL_SECONDS):
                 return True
         return False
 

@@ -212,7 +212,7 @@ class _ContentRouter:
         pending, self._held = self._held + text, ""
         start = _first_tag(pending, self._tags, search_from)
         if start is not None:
-            self._mode = "raw"
+            self._start_raw()
             if self._thinking:  # all of it was held back: reasoning first, then the answer
                 return self._parse(pending)
             return _content(pending[:start]) + self._parse(pending[start:])
@@ -237,14 +237,15 @@ class _ContentRouter:
         """Text only: a tool call from a broken stream is never run."""
         if self._mode != "raw":
             return self.finish()
-        text = [e for e in self._parser.finish() if isinstance(e, (ReasoningDelta, ContentDelta))]
-        return text
+        return [event for event in self._parser.finish() if isinstance(event, (ReasoningDelta, ContentDelta))]
+
+    def _start_raw(self) -> None:
+        from glmcode.chat_format import StreamParser  # only needed for servers without parsers
+
+        self._parser = StreamParser(self._tools, thinking=self._thinking)
+        self._mode = "raw"
 
     def _parse(self, text: str) -> list[Event]:
-        if self._parser is None:
-            from glmcode.chat_format import StreamParser
-
-            self._parser = StreamParser(self._tools, thinking=self._thinking)
         return self._sort(self._parser.feed(text))
 
     def _sort(self, events: list[Event]) -> list[Event]:

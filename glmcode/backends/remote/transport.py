@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import httpx
 
-_POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # how often a waiting consumer looks at its cancel event
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class StreamingPost:
         (httpx.RequestError for a network failure); CANCELLED as soon as `cancel` is set."""
         while not cancel.is_set():
             try:
-                return self._items.get(timeout=_POLL_SECONDS)
+                return self._items.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 continue
         return CANCELLED
