@@ -77,7 +77,7 @@ def test_preserved_thinking_only_appends_across_user_turns():
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
     first = render_ids(tokenizer, history, clear_thinking=False)
     # The model writes its reasoning, </think>, the answer, and stops on <|user|>.
-    generated = _ids(tokenizer, *["Add them.", tags.END_THINK, "4", tags.USER])
+    generated = _ids(tokenizer, "Add them.", tags.END_THINK, "4", tags.USER)
     answer = parse("Add them.</think>4<|user|>").to_message()
     second = render_ids(tokenizer, history + [answer, {"role": "user", "content": "And 3+3?"}], clear_thinking=False)
     assert second[: len(first) + len(generated)] == first + generated
@@ -104,8 +104,8 @@ def test_tool_loop_steps_only_append_in_every_mode(clear_thinking):
     raw = "Read it first.</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a.py</arg_value></tool_call><|observation|>"
     generated = _ids(
         tokenizer,
-        *["Read it first.", tags.END_THINK, tags.TOOL_CALL, "read_file", tags.ARG_KEY, "path", tags.END_ARG_KEY,
-         tags.ARG_VALUE, "a.py", tags.END_ARG_VALUE, tags.END_TOOL_CALL, tags.OBSERVATION],
+        "Read it first.", tags.END_THINK, tags.TOOL_CALL, "read_file", tags.ARG_KEY, "path", tags.END_ARG_KEY,
+        tags.ARG_VALUE, "a.py", tags.END_ARG_VALUE, tags.END_TOOL_CALL, tags.OBSERVATION,
     )
     step = parse(raw, [tool]).to_message()
     second = render_ids(tokenizer, history + [step, {"role": "tool", "content": "x = 1"}], [tool], clear_thinking=clear_thinking)
@@ -119,5 +119,5 @@ def test_turn_level_thinking_off_only_appends_with_preserved_thinking():
     assert first[-1] == tokenizer.token_to_id(tags.END_THINK)
     answer = parse("Hello!", thinking=False).to_message()
     second = render_ids(tokenizer, history + [answer, {"role": "user", "content": "bye"}], clear_thinking=False)
-    generated = _ids(tokenizer, *["Hello!", tags.USER])
+    generated = _ids(tokenizer, "Hello!", tags.USER)
     assert second[: len(first) + len(generated)] == first + generated
