@@ -28,7 +28,9 @@ def parse_tool_call(raw: str, schemas: dict[str, dict[str, Any]] | None) -> Tool
     body = raw[len(tags.TOOL_CALL) : -len(tags.END_TOOL_CALL)]
     name = function_name(body)
     if name is None:
-        return syntax_error(raw, f"expected a function name right after <tool_call>, got {preview(body)}")
+        written = _name_text(body).strip()
+        problem = f"invalid function name {preview(written)}" if written else "the function name is missing"
+        return syntax_error(raw, f"{problem}; write the name right after <tool_call>")
     if schemas is not None and name not in schemas:
         available = ", ".join(schemas) or "none"
         message = f"Unknown function '{name}'. Available functions: {available}. {CALL_FORMAT}"
@@ -83,8 +85,7 @@ def signature(name: str, parameters: dict[str, Any] | None) -> str:
 
 
 def _name_text(body: str) -> str:
-    end = body.find(tags.ARG_KEY)
-    return body if end < 0 else body[:end]
+    return body[: _next_tag(body, 0)]
 
 
 def _argument_pairs(text: str) -> list[tuple[str, str]]:
@@ -92,7 +93,8 @@ def _argument_pairs(text: str) -> list[tuple[str, str]]:
     position = _skip_space(text, 0)
     while position < len(text):
         if not text.startswith(tags.ARG_KEY, position):
-            raise _SyntaxProblem(f"unexpected text {preview(text[position:])} where <arg_key> or </tool_call> belongs")
+            unexpected = text[position : _next_tag(text, position + 1)].rstrip()
+            raise _SyntaxProblem(f"unexpected text {preview(unexpected)} where <arg_key> or </tool_call> belongs")
         key_start = position + len(tags.ARG_KEY)
         key_end = text.find(tags.END_ARG_KEY, key_start)
         if key_end < 0:
@@ -112,6 +114,12 @@ def _argument_pairs(text: str) -> list[tuple[str, str]]:
         pairs.append((key, text[value_start:value_end]))
         position = _skip_space(text, value_end + len(tags.END_ARG_VALUE))
     return pairs
+
+
+def _next_tag(text: str, start: int) -> int:
+    """Where the first tag at or after start begins (len(text) if none)."""
+    found = [text.find(tag, start) for tag in tags.TEMPLATE_TOKENS]
+    return min((position for position in found if position >= 0), default=len(text))
 
 
 def _skip_space(text: str, position: int) -> int:
