@@ -109,3 +109,10 @@ flags = st.fixed_dictionaries({
     "enable_thinking": st.booleans(),
     "clear_thinking": st.sampled_from([None, True, False]),
 })
+
+# Model output assembled from tags, their halves and text: well-formed or not.
+_OUTPUT_PIECES = st.sampled_from([
+    *tags.TEMPLATE_TOKENS, *tags.STOP_TOKENS, "<tool_", "</arg_", "<|obs", "</thi", "read_file", "run", "path",
+    "cmd", "a.py", "1", " ", "\n", "x", "é", "🙂", "<", ">", "/",
+])
+model_output = st.lists(_OUTPUT_PIECES, max_size=30).map("".join)

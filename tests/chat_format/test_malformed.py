@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from glmcode.chat_format import parse, tags
 from glmcode.chat_format.tool_calls import CALL_FORMAT
 from glmcode.events import ToolCall, ToolCallError
+from tests.chat_format import strategies
 from tests.chat_format.corpus import MALFORMED, READ_A, TOOLS
 
 
@@ -35,15 +36,10 @@ def test_an_empty_tool_list_refuses_every_call():
     assert parsed.tool_calls == [] and "Available functions: none" in parsed.errors[0].message
 
 
-_PIECES = st.sampled_from([
-    *tags.TEMPLATE_TOKENS, *tags.STOP_TOKENS, "read_file", "run", "path", "cmd", "a.py", "1", " ", "\n", "x", "é", "🙂", "<", ">", "/",
-])
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pieces=st.lists(_PIECES, max_size=30), thinking=st.booleans())
-def test_arbitrary_tag_soup_never_crashes_and_calls_are_only_known_tools(pieces, thinking):
-    parsed = parse("".join(pieces), TOOLS, thinking=thinking)
+@given(output=strategies.model_output, thinking=st.booleans())
+def test_arbitrary_tag_soup_never_crashes_and_calls_are_only_known_tools(output, thinking):
+    parsed = parse(output, TOOLS, thinking=thinking)
     for event in parsed.events:
         if isinstance(event, ToolCall):
             assert event.name in {"read_file", "run"}
