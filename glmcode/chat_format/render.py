@@ -230,7 +230,7 @@ def _tool(prompt: _Prompt, content: Any, follows_tool: bool) -> None:
     prompt.special(tags.OBSERVATION)
     for result in content if content is not None else ():
         has_output = isinstance(result, Mapping) and "output" in result
-        _tool_response(prompt, _jinja_str(result["output"] if has_output else result))
+        _tool_response(prompt, str(result["output"] if has_output else result))  # as {{ }} prints it
 
 
 def _tool_response(prompt: _Prompt, text: str) -> None:
@@ -247,15 +247,10 @@ def _visible_text(content: Any) -> str:
         return content
     if isinstance(content, Iterable) and not isinstance(content, Mapping):
         return "".join(_part_text(part) for part in content)
-    return _jinja_str(content)
+    return str(content)
 
 
 def _part_text(part: Any) -> str:
     if isinstance(part, Mapping) and part.get("type") == "text":
-        return _jinja_str(part["text"]) if "text" in part else ""
+        return str(part["text"]) if "text" in part else ""  # a missing key prints nothing
     return part if isinstance(part, str) else ""
-
-
-def _jinja_str(value: Any) -> str:
-    """What `{{ value }}` prints (a missing key prints nothing, handled by the callers)."""
-    return str(value)

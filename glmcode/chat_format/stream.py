@@ -77,9 +77,7 @@ class StreamParser:
         if self._at_output_start and not self._open_reasoning_at_start(final):
             return events
         while self._pending:
-            candidates = _CALL_TAGS if not self._in_value else _VALUE_TAGS
-            if self._state != _TOOL_CALL:
-                candidates = _SECTION_TAGS[self._state]
+            candidates = self._tags_that_matter()
             position, tag = _first_tag(self._pending, candidates)
             if tag is None:
                 keep = 0 if final else _partial_tag_length(self._pending, candidates)
@@ -90,6 +88,11 @@ class StreamParser:
             self._pending = self._pending[position + len(tag) :]
             self._tag(tag, events)
         return events
+
+    def _tags_that_matter(self) -> tuple[str, ...]:
+        if self._state != _TOOL_CALL:
+            return _SECTION_TAGS[self._state]
+        return _VALUE_TAGS if self._in_value else _CALL_TAGS
 
     def _open_reasoning_at_start(self, final: bool) -> bool:
         """Handle a `<think>` that opens the output; False while that is still undecided."""

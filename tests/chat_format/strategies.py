@@ -13,9 +13,11 @@ _FRAGMENTS = [
     tags.THINK, tags.END_THINK, "<tools>", "'quoted'", '"double"', "\\", "a\u0301",
 ]
 
-text = st.lists(
-    st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=8)), max_size=5
-).map("".join)
+_BLANKS = ["", " ", "\n", " \n ", "\t", "\n\n"]  # blank text decides several template branches
+text = st.one_of(
+    st.sampled_from(_BLANKS),
+    st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=8)), max_size=5).map("".join),
+)
 
 json_values = st.recursive(
     st.one_of(
