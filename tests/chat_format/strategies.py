@@ -37,7 +37,9 @@ _parts = st.one_of(
     st.just({"type": "text"}),
     st.integers(0, 9),
 )
-content = st.one_of(text, st.lists(_parts, max_size=4), st.none())
+content = st.one_of(
+    text, st.lists(_parts, max_size=4), st.none(), st.dictionaries(st.sampled_from(["type", "text"]), text, max_size=2)
+)
 
 _inline_think = st.builds(
     lambda lead, reasoning, middle, answer: f"{lead}{tags.THINK}{reasoning}{tags.END_THINK}{middle}{answer}",

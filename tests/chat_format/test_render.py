@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from glmcode.chat_format import render
+from glmcode.backends.base import Thinking
+from glmcode.chat_format import render, template_flags
 from tests.chat_format import strategies
 from tests.chat_format.reference import jinja_render
 
@@ -82,6 +83,22 @@ def test_argument_values_strings_raw_others_json():
     )
     zero_args = [{"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{}"}]}]
     assert render(zero_args, add_generation_prompt=False).endswith("</think><tool_call>f</tool_call>")
+
+
+def test_thinking_modes_as_template_flags():
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    preserved = render(history, **template_flags(Thinking()))  # the agent's default
+    assert "<think>greet</think>Hello!" in preserved and preserved.endswith("<|assistant|><think>")
+    cleared = render(history, **template_flags(Thinking(clear_thinking=None)))
+    assert "<|assistant|></think>Hello!" in cleared
+    assert render(history, **template_flags(Thinking(enabled=False))).endswith("<|assistant|></think>")
+    for thinking in (Thinking(), Thinking(enabled=False, clear_thinking=True), Thinking(clear_thinking=None)):
+        flags = template_flags(thinking)
+        assert render(history, **flags) == jinja_render(history, **flags)
 
 
 def test_inline_think_before_last_user_is_dropped():

@@ -51,6 +51,12 @@ def test_special_tokens_are_inserted_by_id():
     assert ids[-2:] == [tokenizer.token_to_id(tags.ASSISTANT), tokenizer.token_to_id(tags.THINK)]
 
 
+def test_a_tokenizers_library_tokenizer_works_directly():
+    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "x", "reasoning_content": "r"}]
+    wrapper = tiny_tokenizer()
+    assert render_ids(wrapper.tokenizer, messages) == render_ids(wrapper, messages)
+
+
 def test_a_tokenizer_without_glm_special_tokens_is_a_clear_error():
     class PlainTokenizer:
         def encode(self, text):
