@@ -39,6 +39,7 @@ _SECTION_TAGS = {
 }
 _CALL_TAGS = (tags.ARG_VALUE, tags.END_TOOL_CALL, tags.TOOL_CALL)
 _VALUE_TAGS = (tags.END_ARG_VALUE,)
+_LONGEST_TAG = max(len(tag) for tag in (*_SECTION_TAGS[_REASONING], *_CALL_TAGS, *_VALUE_TAGS))
 
 
 class StreamParser:
@@ -55,7 +56,7 @@ class StreamParser:
         self._at_output_start = True
         self._section_started = False  # something visible emitted in this reasoning/content
         self._held_space = ""  # whitespace that is only emitted if visible text follows
-        self._call = ""  # raw text of the tool call being read
+        self._call: list[str] = []  # raw text of the tool call being read, in pieces
         self._in_value = False
         self._after_call_text = ""
 
@@ -67,7 +68,7 @@ class StreamParser:
         """The stream ended: flush what was held back and report anything left open."""
         events = self._consume(final=True)
         if self._state == _TOOL_CALL:
-            events.append(unterminated_error(self._call, self._in_value))
+            events.append(unterminated_error("".join(self._call), self._in_value))
         elif self._state == _AFTER_CALL:
             events.extend(self._after_call_error())
         return events
@@ -109,7 +110,7 @@ class StreamParser:
         if not text:
             return
         if self._state == _TOOL_CALL:
-            self._call += text
+            self._call.append(text)
         elif self._state == _AFTER_CALL:
             self._after_call_text += text
         else:
@@ -135,14 +136,14 @@ class StreamParser:
 
     def _call_tag(self, tag: str, events: list[Event]) -> None:
         if tag == tags.TOOL_CALL:
-            events.append(unterminated_error(self._call, self._in_value, interrupted=True))
+            events.append(unterminated_error("".join(self._call), self._in_value, interrupted=True))
             self._start_call()
             return
-        self._call += tag
+        self._call.append(tag)
         if tag == tags.END_TOOL_CALL:
-            events.append(parse_tool_call(self._call, self._schemas))
+            events.append(parse_tool_call("".join(self._call), self._schemas))
             self._state = _AFTER_CALL
-            self._call = ""
+            self._call = []
         else:
             self._in_value = tag == tags.ARG_VALUE
 
@@ -153,7 +154,7 @@ class StreamParser:
 
     def _start_call(self) -> None:
         self._start_section(_TOOL_CALL)
-        self._call = tags.TOOL_CALL
+        self._call = [tags.TOOL_CALL]
         self._in_value = False
 
     def _after_call_error(self) -> list[Event]:
@@ -175,11 +176,12 @@ def _first_tag(text: str, candidates: tuple[str, ...]) -> tuple[int, str | None]
 
 def _partial_tag_length(text: str, candidates: tuple[str, ...]) -> int:
     """Length of the longest suffix of text that is a proper prefix of a candidate tag."""
-    longest = max(len(tag) for tag in candidates) - 1
-    for length in range(min(longest, len(text)), 0, -1):
-        suffix = text[-length:]
+    position = text.find("<", max(0, len(text) - _LONGEST_TAG + 1))  # every tag starts with "<"
+    while position != -1:
+        suffix = text[position:]
         if any(tag.startswith(suffix) for tag in candidates):
-            return length
+            return len(suffix)
+        position = text.find("<", position + 1)
     return 0
 
 
