@@ -144,7 +144,8 @@ def _check_enum(key: str, value: Any, schema: Any) -> None:
     choices = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
     if isinstance(choices, list) and not any(_same(value, choice) for choice in choices):
         allowed = ", ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
-        raise ArgumentError(f"parameter '{key}' must be one of {allowed}, got {json.dumps(value, ensure_ascii=False)[:60]}")
+        given = json.dumps(value, ensure_ascii=False)[:60]
+        raise ArgumentError(f"parameter '{key}' must be one of {allowed}, got {given}")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -161,7 +161,8 @@ class StreamParser:
         text, self._after_call_text = self._after_call_text, ""
         if not text.strip():
             return []
-        message = f"Text after a tool call is not allowed and was ignored: {preview(text.strip())}. {CALL_FORMAT}"
+        ignored = preview(text.strip())
+        message = f"Text after a tool call is not allowed and was ignored: {ignored}. {CALL_FORMAT}"
         return [ToolCallError(raw=text, message=message)]
 
 

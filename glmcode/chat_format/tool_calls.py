@@ -94,7 +94,8 @@ def _argument_pairs(text: str) -> list[tuple[str, str]]:
     while position < len(text):
         if not text.startswith(tags.ARG_KEY, position):
             unexpected = text[position : _next_tag(text, position + 1)].rstrip()
-            raise _SyntaxProblem(f"unexpected text {preview(unexpected)} where <arg_key> or </tool_call> belongs")
+            where = "where <arg_key> or </tool_call> belongs"
+            raise _SyntaxProblem(f"unexpected text {preview(unexpected)} {where}")
         key_start = position + len(tags.ARG_KEY)
         key_end = text.find(tags.END_ARG_KEY, key_start)
         if key_end < 0:

@@ -133,13 +133,21 @@ def test_parsed_message_renders_back_to_the_generation():
 
 # Round trip: the template renders an assistant tool call; parsing that text gives the call back.
 
-_KEYS = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1, max_size=8).map(str.strip).filter(
-    lambda key: key and not any(tag in key for tag in tags.TEMPLATE_TOKENS)
+_KEYS = (
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>"), min_size=1, max_size=8)
+    .map(str.strip)
+    .filter(lambda key: key and not any(tag in key for tag in tags.TEMPLATE_TOKENS))
 )
 _STRINGS = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).filter(lambda s: tags.END_ARG_VALUE not in s)
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _STRINGS)
-_JSON = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_STRINGS, inner, max_size=3)), max_leaves=6)
-_SCHEMA_TYPES = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_STRINGS, inner, max_size=3)),
+    max_leaves=6,
+)
+_SCHEMA_TYPES = {
+    type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object",
+}
 
 
 def _schema_for(arguments):

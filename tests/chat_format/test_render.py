@@ -54,12 +54,12 @@ def test_tool_turn_with_interleaved_reasoning():
             "content": None,
             "reasoning_content": "Need two calls.",
             "tool_calls": [
-                {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Beijing", "days": 2}}},
-                {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Shanghai", "days": 2}'}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Beijing", "days": 2}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Shanghai", "days": 2}'}},
             ],
         },
-        {"role": "tool", "tool_call_id": "a", "content": '{"temp": 26}'},
-        {"role": "tool", "tool_call_id": "b", "content": '{"temp": 28}'},
+        {"role": "tool", "content": '{"temp": 26}'},
+        {"role": "tool", "content": '{"temp": 28}'},
     ]
     rendered = render(messages, [WEATHER_TOOL])
     assert rendered == jinja_render(messages, [WEATHER_TOOL])
@@ -148,7 +148,10 @@ def test_reference_environment_matches_transformers():
         pytest.skip(f"official GLM-4.7 chat template not found at {TEMPLATE_PATH}")
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "Ünïcode 天气 🙂"}, {"type": "image"}]},
-        {"role": "assistant", "content": "x", "reasoning_content": "r", "tool_calls": [{"function": {"name": "f", "arguments": {"a": [1, {"b": "é"}]}}}]},
+        {
+            "role": "assistant", "content": "x", "reasoning_content": "r",
+            "tool_calls": [{"function": {"name": "f", "arguments": {"a": [1, {"b": "é"}]}}}],
+        },
         {"role": "tool", "content": [{"output": "done"}]},
     ]
     rendered, _ = chat_template_utils.render_jinja_template(

@@ -41,7 +41,7 @@ def test_special_tokens_are_inserted_by_id():
     tool = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}
     messages = [
         {"role": "user", "content": "Read a.py"},
-        {"role": "assistant", "reasoning_content": "r", "tool_calls": [{"function": {"name": "read_file", "arguments": {"path": "a.py"}}}]},
+        {"role": "assistant", "reasoning_content": "r", "tool_calls": [{"name": "read_file", "arguments": {"path": "a.py"}}]},
         {"role": "tool", "content": "print(1)"},
     ]
     ids = render_ids(_StrictTokenizer(), messages, [tool])
@@ -104,10 +104,14 @@ def test_default_mode_drops_old_reasoning_at_a_new_user_message():
 @pytest.mark.parametrize("clear_thinking", [None, True, False])
 def test_tool_loop_steps_only_append_in_every_mode(clear_thinking):
     tokenizer = tiny_tokenizer()
-    tool = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}
+    parameters = {"type": "object", "properties": {"path": {"type": "string"}}}
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": parameters}}
     history = [{"role": "user", "content": "Fix a.py"}]
     first = render_ids(tokenizer, history, [tool], clear_thinking=clear_thinking)
-    raw = "Read it first.</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a.py</arg_value></tool_call><|observation|>"
+    raw = (
+        "Read it first.</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a.py</arg_value></tool_call>"
+        "<|observation|>"
+    )
     generated = _ids(
         tokenizer,
         "Read it first.", tags.END_THINK, tags.TOOL_CALL, "read_file", tags.ARG_KEY, "path", tags.END_ARG_KEY,
