@@ -76,7 +76,7 @@ def allowed_types(schema: Any) -> set[str] | None:
     if isinstance(declared, str):
         return {declared}
     if isinstance(declared, list):
-        return {t for t in declared if isinstance(t, str)}
+        return {t for t in declared if isinstance(t, str)} or None
     alternatives = schema.get("anyOf") or schema.get("oneOf")
     if isinstance(alternatives, list):
         types: set[str] = set()
