@@ -72,19 +72,15 @@ class Workspace:
         if seen != hashlib.sha256(data).hexdigest():
             raise ToolError(f"{shown}: the file changed since you last read it; read it again before changing it")
 
-    def forget_read(self, path: Path) -> None:
-        self._reads.pop(path, None)
-
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write `data` via a temp file in the same directory and a rename, keeping the file's mode.
+    """Write `data` via a temp file in the same directory and a rename.
 
-    `mode` (permission bits) applies to new files; an existing file keeps its own mode.
+    `mode` gives the permission bits; by default an existing file keeps its own and a new one
+    gets the umask's default.
     """
-    if path.exists():
-        mode = path.stat().st_mode & 0o7777
-    elif mode is None:
-        mode = 0o666 & ~_umask()
+    if mode is None:
+        mode = path.stat().st_mode & 0o7777 if path.exists() else default_permissions()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -99,10 +95,11 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
         raise
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+def default_permissions(executable: bool = False) -> int:
+    """The permission bits a new file gets under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if executable else 0o666) & ~umask
 
 
 def _git_toplevel(directory: Path) -> Path | None:
