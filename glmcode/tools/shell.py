@@ -196,7 +196,7 @@ def test_command_line(workspace: Workspace, arguments: dict[str, Any]) -> str | 
     return f"{base} {extra}" if extra else base
 
 
-_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|ignored|total)\b")
+_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed|ignored|total)\b")
 
 
 def summarize_tests(output: str, exit_code: int | None) -> str:
