@@ -76,7 +76,7 @@ def check_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
         kind = properties[key].get("type", "string")
         value = _coerce(value, kind)
         if not isinstance(value, _TYPES.get(kind, (object,))) or (kind in ("integer", "number") and isinstance(value, bool)):
-            raise ToolError(f"{tool.name}: argument {key!r} must be a {kind}, got {value!r:.80}")
+            raise ToolError(f"{tool.name}: argument {key!r} must be of type {kind}, got {value!r:.80}")
         checked[key] = value
     return checked
 

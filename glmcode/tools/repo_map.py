@@ -186,7 +186,9 @@ def _is_definition(node) -> bool:
 
 
 def _name_of(node) -> str:
-    named = node.child_by_field_name("name") or node.child_by_field_name("type")  # rust `impl Type`
+    named = node.child_by_field_name("name")
+    if named is None and node.type == "impl_item":  # rust `impl Type` names the type it extends
+        named = node.child_by_field_name("type")
     if named is None:  # C-family: the name hides in a chain of declarators
         declarator = node.child_by_field_name("declarator")
         while declarator is not None and declarator.child_by_field_name("declarator") is not None:
