@@ -78,14 +78,19 @@ def _shlex_commands(line: str) -> list[list[str]]:
 
 def _rough_commands(line: str) -> list[list[str]]:
     unquoted = re.sub(r"[\"'\\]", " ", line)
-    return [words for piece in re.split(r"[;&|(){}`!\n]", unquoted) for words in _unwrap(piece.split())]
+    return [words for piece in re.split(r"[;&|(){}`!\n]", unquoted) for words in _unwrap(piece.split(), rough=True)]
 
 
-def _unwrap(words: list[str]) -> list[list[str]]:
-    """Drop leading env assignments and wrappers; look inside `sh -c "..."`."""
+def _unwrap(words: list[str], rough: bool = False) -> list[list[str]]:
+    """Drop leading env assignments and wrappers; look inside `sh -c "..."`.
+
+    `rough` words have lost their quotes, so `sh -c` is simply dropped from the front.
+    """
     while words:
         head = words[0]
-        if _ASSIGNMENT.match(head):
+        if rough and head.rsplit("/", 1)[-1] in _SHELLS and words[1:2] == ["-c"]:
+            words = words[2:]
+        elif _ASSIGNMENT.match(head):
             words = words[1:]
         elif head.rsplit("/", 1)[-1] in _WRAPPERS:
             words = words[1:]
