@@ -131,7 +131,7 @@ class Checkpoints:
             else:
                 unhashed.append((name, key, mode))
         blobs = self._store.put([self.workspace.root / name for name, _, _ in unhashed])
-        for (name, key, mode), blob in zip(unhashed, blobs):
+        for (name, key, mode), blob in zip(unhashed, blobs, strict=True):
             self._hashes[name] = (key, blob)
             state[name] = (mode, blob)
         return state
@@ -230,7 +230,7 @@ class _GitStore:
         if regular:
             listing = "".join(f"{p}\n" for p in regular).encode("utf-8", "surrogateescape")
             ids = self._git("hash-object", "-w", "--no-filters", "--stdin-paths", stdin=listing).split()
-            blobs.update(zip(regular, (i.decode() for i in ids)))
+            blobs.update(zip(regular, (i.decode() for i in ids), strict=True))
         for link in (p for p in paths if p.is_symlink()):
             target = os.fsencode(os.readlink(link))
             blobs[link] = self._git("hash-object", "-w", "--stdin", stdin=target).decode().strip()

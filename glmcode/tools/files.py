@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from glmcode.tools.base import Tool, ToolResult
 from glmcode.tools.edit_match import apply_edit
@@ -38,7 +39,8 @@ def _read_bytes(workspace: Workspace, path: Path) -> bytes:
 def _read_text(workspace: Workspace, path: Path) -> tuple[bytes, TextFile]:
     data = _read_bytes(workspace, path)
     if is_binary(data):
-        raise ToolError(f"{workspace.relative(path)} is a binary file ({len(data):,} bytes); it cannot be shown as text")
+        shown = workspace.relative(path)
+        raise ToolError(f"{shown} is a binary file ({len(data):,} bytes); it cannot be shown as text")
     return data, decode(data)
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 STATE_DIR = ".glmcode"
 _ALWAYS_SKIPPED = {".git", STATE_DIR}

@@ -75,7 +75,8 @@ def check_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
             continue
         kind = properties[key].get("type", "string")
         value = _coerce(value, kind)
-        if not isinstance(value, _TYPES.get(kind, (object,))) or (kind in ("integer", "number") and isinstance(value, bool)):
+        is_number_but_bool = kind in ("integer", "number") and isinstance(value, bool)
+        if not isinstance(value, _TYPES.get(kind, (object,))) or is_number_but_bool:
             raise ToolError(f"{tool.name}: argument {key!r} must be of type {kind}, got {value!r:.80}")
         checked[key] = value
     return checked

@@ -84,7 +84,7 @@ GREP = Tool(
             "ignore_case": {"type": "boolean", "description": "Case-insensitive search (default false)."},
             "max_results": {
                 "type": "integer",
-                "description": f"Stop after this many matching lines (default {DEFAULT_MAX_RESULTS}, at most {MAX_RESULTS}).",
+                "description": f"Stop after this many lines (default {DEFAULT_MAX_RESULTS}, max {MAX_RESULTS}).",
             },
         },
         "required": ["pattern"],

@@ -7,6 +7,7 @@ head and tail: the start says what ran, the end says how it failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,10 +62,8 @@ def run_process(command: str, cwd: Path, timeout: float) -> ProcessOutcome:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
         os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class _HeadTail:
@@ -131,17 +130,17 @@ def run_command(workspace: Workspace, arguments: dict[str, Any]) -> ToolResult:
 RUN_COMMAND = Tool(
     name="run_command",
     description=(
-        "Run a shell command (bash syntax) in the repository root and return its combined stdout and "
-        "stderr and exit code. Non-interactive: stdin is empty, so never start editors, pagers or "
-        f"prompts. Killed with its child processes after the timeout; background processes do not outlive it. Long output keeps its first "
-        f"{HEAD_CHARS // 1000}K and last {TAIL_CHARS // 1000}K characters. Use run_tests for the test suite, and the "
-        "file tools rather than cat/sed to read or change files."
+        "Run a shell command in the repository root; returns its combined stdout and stderr and its exit "
+        "code. Non-interactive: stdin is empty, so never start editors, pagers or prompts. The command and "
+        "everything it started are killed at the timeout; background processes do not outlive it. Long "
+        f"output keeps its first {HEAD_CHARS // 1000}K and last {TAIL_CHARS // 1000}K characters. Use run_tests "
+        "for the test suite, and the file tools rather than cat or sed to read or change files."
     ),
     parameters={
         "type": "object",
         "properties": {
             "command": {"type": "string", "description": "The command line, e.g. `python -m build` or `ls -la src`."},
-            "timeout": {"type": "number", "description": "Seconds before the command is killed (default: configured, 120)."},
+            "timeout": {"type": "number", "description": "Seconds before the command is killed (default 120)."},
         },
         "required": ["command"],
     },
@@ -213,7 +212,8 @@ def _test_counts(output: str) -> str:
     go_packages = re.findall(r"^(ok|FAIL)\s+\S+\s+[\d.]+s", output, re.MULTILINE)
     if go_packages:
         failed_tests = len(re.findall(r"^\s*--- FAIL", output, re.MULTILINE))
-        return f"{go_packages.count('ok')} packages ok, {go_packages.count('FAIL')} failed ({failed_tests} failing tests)"
+        ok, failed = go_packages.count("ok"), go_packages.count("FAIL")
+        return f"{ok} packages ok, {failed} failed ({failed_tests} failing tests)"
     lines = [line for line in output.splitlines() if _COUNT.search(line)]
     return ", ".join(f"{n} {word}" for n, word in _COUNT.findall(lines[-1])) if lines else ""
 
@@ -244,8 +244,8 @@ RUN_TESTS = Tool(
     parameters={
         "type": "object",
         "properties": {
-            "args": {"type": "string", "description": "Extra arguments appended to the test command, e.g. `tests/test_x.py -x`."},
-            "timeout": {"type": "number", "description": "Seconds before the run is killed (default: configured, 120)."},
+            "args": {"type": "string", "description": "Appended to the test command, e.g. `tests/test_x.py -x`."},
+            "timeout": {"type": "number", "description": "Seconds before the run is killed (default 120)."},
         },
         "required": [],
     },

@@ -9,7 +9,6 @@ from glmcode.tools.files import MAX_READ_LINES
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, write
 
-
 # -- read_file ----------------------------------------------------------------------------------
 
 
