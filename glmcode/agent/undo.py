@@ -298,6 +298,9 @@ class _DirStore:
 
     def save(self, label: str, state: State) -> str:
         self.base.mkdir(parents=True, exist_ok=True)
+        ignore_all = self.base.parent / ".gitignore"  # the root may sit inside someone's git repo
+        if not ignore_all.exists():
+            atomic_write(ignore_all, b"*\n")
         number = 1 + max((int(p.stem) for p in self.base.glob("*.json")), default=0)
         record = {"label": label, "state": state}
         atomic_write(self.base / f"{number:06d}.json", json.dumps(record).encode(), 0o600)

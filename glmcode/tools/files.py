@@ -40,7 +40,7 @@ def _read_text(workspace: Workspace, path: Path) -> tuple[bytes, TextFile]:
     data = _read_bytes(workspace, path)
     if is_binary(data):
         shown = workspace.relative(path)
-        raise ToolError(f"{shown} is a binary file ({len(data):,} bytes); it cannot be shown as text")
+        raise ToolError(f"{shown} is a binary file ({len(data):,} bytes); text tools cannot show or change it")
     return data, decode(data)
 
 

@@ -17,9 +17,9 @@ STATE_DIR = ".glmcode"
 _ALWAYS_SKIPPED = {".git", STATE_DIR}
 
 
-def list_repo_files(root: Path, is_git: bool) -> list[str]:
-    """Sorted repo-relative POSIX paths of the (non-ignored) files under `root`."""
-    files = _git_files(root) if is_git else _walk_files(root)
+def list_repo_files(root: Path, use_git: bool) -> list[str]:
+    """Sorted POSIX paths, relative to `root`, of the (non-ignored) files under it."""
+    files = _git_files(root) if use_git else _walk_files(root)
     return sorted(f for f in files if f.split("/")[0] not in _ALWAYS_SKIPPED)
 
 

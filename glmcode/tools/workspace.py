@@ -29,7 +29,9 @@ class Workspace:
             raise SandboxError(f"{root}: not a directory")
         self.test_command = test_command
         self.command_timeout = command_timeout
-        self.is_git = _git_toplevel(self.root) == self.root
+        toplevel = _git_toplevel(self.root)
+        self.is_git = toplevel == self.root  # the root of a git work tree (where checkpoints use git)
+        self._in_git = toplevel is not None  # anywhere inside one (where git lists the files)
         self._reads: dict[Path, str] = {}  # path -> sha256 of the bytes the model last saw
 
     # -- the sandbox -------------------------------------------------------------------------
@@ -37,8 +39,8 @@ class Workspace:
     def resolve(self, path: str | Path) -> Path:
         """The absolute, symlink-free path for `path` (relative to the root), or SandboxError."""
         text = str(path).strip()
-        if not text:
-            raise SandboxError("empty path")
+        if not text or "\0" in text:
+            raise SandboxError(f"{text!r}: not a valid path")
         candidate = Path(text)
         if not candidate.is_absolute():
             candidate = self.root / candidate
@@ -56,7 +58,7 @@ class Workspace:
     def files(self, under: Path | None = None) -> list[str]:
         """Repo-relative paths of the files under `under` (default: the root), honouring .gitignore."""
         prefix = "" if under is None or under == self.root else self.relative(under) + "/"
-        return [f for f in list_repo_files(self.root, self.is_git) if f.startswith(prefix)]
+        return [f for f in list_repo_files(self.root, self._in_git) if f.startswith(prefix)]
 
     # -- read-before-edit --------------------------------------------------------------------
 

@@ -229,3 +229,9 @@ def test_glob_matches_names_anywhere_or_paths_relative_to_path(repo: Path) -> No
     assert call(ws, "glob", pattern="*.rs").output == "(no files)"
     os.remove(repo / "src/app.py")  # tracked but deleted: not listed
     assert "src/app.py" not in call(ws, "glob", pattern="*.py").output
+
+
+def test_a_workspace_in_a_repo_subdirectory_uses_the_repos_ignore_rules(repo: Path) -> None:
+    write(repo, "src/debug.log", "ignored by the root .gitignore\n")
+    write(repo, "src/extra.py", "x = 1\n")
+    assert call(Workspace(repo / "src"), "list_files").output.splitlines() == ["app.py", "extra.py"]

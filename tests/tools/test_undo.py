@@ -160,3 +160,12 @@ def test_snapshot_bytes_are_exact_despite_git_filters(repo: Path) -> None:
     run_checkpointed(checkpoints, ws, "run_command", command="printf 'changed' > dos.txt")
     checkpoints.undo()
     assert (repo / "dos.txt").read_bytes() == b"a\r\nb\r\n"
+
+
+def test_a_workspace_in_a_subdirectory_of_a_repo_keeps_git_status_clean(repo: Path) -> None:
+    before = user_git_state(repo)
+    ws = Workspace(repo / "src")
+    checkpoints = Checkpoints(ws)
+    run_checkpointed(checkpoints, ws, "run_command", command="echo extra >> app.py")
+    assert checkpoints.undo() == ["app.py"]
+    assert user_git_state(repo) == before
