@@ -140,7 +140,7 @@ RUN_COMMAND = Tool(
         "type": "object",
         "properties": {
             "command": {"type": "string", "description": "The command line, e.g. `python -m build` or `ls -la src`."},
-            "timeout": {"type": "number", "description": "Seconds before the command is killed (default 120)."},
+            "timeout": {"type": "number", "description": "Seconds before the command is killed (default: the configured limit)."},
         },
         "required": ["command"],
     },
@@ -245,7 +245,7 @@ RUN_TESTS = Tool(
         "type": "object",
         "properties": {
             "args": {"type": "string", "description": "Appended to the test command, e.g. `tests/test_x.py -x`."},
-            "timeout": {"type": "number", "description": "Seconds before the run is killed (default 120)."},
+            "timeout": {"type": "number", "description": "Seconds before the run is killed (default: the configured limit)."},
         },
         "required": [],
     },
