@@ -23,8 +23,8 @@ from typing import Any
 from glmcode.tools.base import Tool, ToolResult
 from glmcode.tools.workspace import ToolError, Workspace
 
-HEAD_CHARS = 8_000
-TAIL_CHARS = 16_000
+HEAD_BYTES = 8_000
+TAIL_BYTES = 16_000
 MAX_TIMEOUT = 1800.0
 _CHUNK = 65536
 _ENV_OVERRIDES = {"PAGER": "cat", "GIT_PAGER": "cat", "GIT_TERMINAL_PROMPT": "0", "TERM": "dumb"}
@@ -67,7 +67,7 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 class _HeadTail:
-    """Keeps the first HEAD_CHARS and the last TAIL_CHARS bytes of a stream, counting the rest."""
+    """Keeps the first HEAD_BYTES and the last TAIL_BYTES of a stream, counting the bytes between."""
 
     def __init__(self) -> None:
         self.head = bytearray()
@@ -78,20 +78,20 @@ class _HeadTail:
     def consume(self, stream) -> None:
         with stream:
             while chunk := stream.read1(_CHUNK):
-                room = HEAD_CHARS - len(self.head)
+                room = HEAD_BYTES - len(self.head)
                 if room > 0:
                     self.head += chunk[:room]
                     chunk = chunk[room:]
                 if chunk:
                     self.tail.append(chunk)
                     self.tail_size += len(chunk)
-                    while self.tail_size - len(self.tail[0]) >= TAIL_CHARS:
+                    while self.tail_size - len(self.tail[0]) >= TAIL_BYTES:
                         self.dropped += len(self.tail[0])
                         self.tail_size -= len(self.tail.popleft())
 
     def text(self) -> str:
         tail = b"".join(self.tail)
-        extra = max(0, len(tail) - TAIL_CHARS)
+        extra = max(0, len(tail) - TAIL_BYTES)
         tail = tail[extra:]
         dropped = self.dropped + extra
         head = self.head.decode("utf-8", "replace")
@@ -133,14 +133,14 @@ RUN_COMMAND = Tool(
         "Run a shell command in the repository root; returns its combined stdout and stderr and its exit "
         "code. Non-interactive: stdin is empty, so never start editors, pagers or prompts. The command and "
         "everything it started are killed at the timeout; background processes do not outlive it. Long "
-        f"output keeps its first {HEAD_CHARS // 1000}K and last {TAIL_CHARS // 1000}K characters. Use run_tests "
+        f"output keeps its first {HEAD_BYTES // 1000} KB and last {TAIL_BYTES // 1000} KB. Use run_tests "
         "for the test suite, and the file tools rather than cat or sed to read or change files."
     ),
     parameters={
         "type": "object",
         "properties": {
             "command": {"type": "string", "description": "The command line, e.g. `python -m build` or `ls -la src`."},
-            "timeout": {"type": "number", "description": "Seconds before the command is killed (default: the configured limit)."},
+            "timeout": {"type": "number", "description": "Seconds before it is killed (default: configured limit)."},
         },
         "required": ["command"],
     },
@@ -245,7 +245,7 @@ RUN_TESTS = Tool(
         "type": "object",
         "properties": {
             "args": {"type": "string", "description": "Appended to the test command, e.g. `tests/test_x.py -x`."},
-            "timeout": {"type": "number", "description": "Seconds before the run is killed (default: the configured limit)."},
+            "timeout": {"type": "number", "description": "Seconds before it is killed (default: configured limit)."},
         },
         "required": [],
     },

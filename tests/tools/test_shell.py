@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from glmcode.tools.registry import get_tool
-from glmcode.tools.shell import HEAD_CHARS, TAIL_CHARS, detect_test_command, summarize_tests
+from glmcode.tools.shell import HEAD_BYTES, TAIL_BYTES, detect_test_command, summarize_tests
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, write
 
@@ -65,7 +65,7 @@ def test_long_output_keeps_head_and_tail(repo: Path) -> None:
     lines = result.output.splitlines()
     assert lines[0] == "1" and lines[-2] == "100000" and lines[-1] == "[exit code 0]"
     assert any("bytes of output omitted" in line for line in lines)
-    assert len(result.output) < HEAD_CHARS + TAIL_CHARS + 200
+    assert len(result.output) < HEAD_BYTES + TAIL_BYTES + 200
 
 
 def test_run_command_preview_is_the_command(repo: Path) -> None:
