@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from glmcode.tools.registry import get_tool
-from glmcode.tools.shell import HEAD_BYTES, TAIL_BYTES, detect_test_command, summarize_tests
+from glmcode.tools.shell import HEAD_BYTES, TAIL_BYTES, detect_test_command, run_process, summarize_tests
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, write
 
@@ -143,3 +145,17 @@ def test_detection_prefers_the_repositorys_virtualenv(tmp_path: Path) -> None:
 )
 def test_summaries_of_the_common_runners(output: str, code: int, expected: str) -> None:
     assert summarize_tests(output, code) == expected
+
+
+def test_ctrl_c_during_a_command_kills_its_process_group(repo: Path) -> None:
+    pid_file = repo / "child.pid"
+
+    def interrupt_once_started() -> None:
+        while not pid_file.exists() or not pid_file.read_text().strip():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_process("sleep 600 & echo $! > child.pid; wait", repo, timeout=600)
+    assert _wait_gone(int(pid_file.read_text()))
