@@ -28,7 +28,8 @@ def test_read_file_caps_long_files_and_says_how_to_continue(repo: Path) -> None:
     result = call(Workspace(repo), "read_file", path="big.txt")
     lines = result.output.splitlines()
     assert len(lines) == MAX_READ_LINES + 1
-    assert lines[-1] == f"[lines 1-{MAX_READ_LINES} of {MAX_READ_LINES + 500}; read more with start_line={MAX_READ_LINES + 1}]"
+    total, next_line = MAX_READ_LINES + 500, MAX_READ_LINES + 1
+    assert lines[-1] == f"[lines 1-{MAX_READ_LINES} of {total}; read more with start_line={next_line}]"
 
 
 def test_read_file_refuses_binary_missing_and_directories(repo: Path) -> None:
@@ -104,7 +105,10 @@ def test_edit_file_tolerates_trailing_whitespace(repo: Path) -> None:
 
 
 def test_edit_file_reindents_a_replacement_matched_ignoring_indentation(repo: Path) -> None:
-    source = "class Shop:\n    def total(self):\n        if self.items:\n            return sum(self.items)\n        return 0\n"
+    source = (
+        "class Shop:\n    def total(self):\n        if self.items:\n            return sum(self.items)\n"
+        "        return 0\n"
+    )
     write(repo, "shop.py", source)
     old = "if self.items:\n    return sum(self.items)\n"
     new = "if not self.items:\n    return 0\nreturn sum(self.items)\n"

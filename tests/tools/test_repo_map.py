@@ -11,9 +11,13 @@ from tests.tools.conftest import call, write
 SOURCES = {
     "py/store.py": "class Store:\n    def get(self, key):\n        return key\n\ndef helper():\n    pass\n",
     "js/app.js": "class Widget {\n  render() {}\n}\nfunction mount() {}\nconst hydrate = () => 1;\n",
-    "ts/types.ts": "interface Shape { area(): number }\ntype Id = string;\nenum Color { Red }\nfunction draw(s: Shape) {}\n",
+    "ts/types.ts": (
+        "interface Shape { area(): number }\ntype Id = string;\nenum Color { Red }\nfunction draw(s: Shape) {}\n"
+    ),
     "go/main.go": "package main\ntype Server struct{}\nfunc (s Server) Serve() {}\nfunc Start() {}\n",
-    "rs/lib.rs": "pub struct Engine;\nimpl Engine { pub fn run(&self) {} }\ntrait Drive { fn go(&self); }\nfn boot() {}\n",
+    "rs/lib.rs": (
+        "pub struct Engine;\nimpl Engine { pub fn run(&self) {} }\ntrait Drive { fn go(&self); }\nfn boot() {}\n"
+    ),
     "java/App.java": "class App {\n  App() {}\n  void launch() {}\n}\ninterface Plugin {}\n",
     "c/util.c": "struct point { int x; };\nstatic int clamp(int v) { return v; }\nstruct point origin;\n",
     "cpp/geo.cpp": "namespace geo {\nclass Vec { public: double len(); };\n}\ndouble geo::Vec::len() { return 0; }\n",

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from glmcode.tools.registry import get_tool
-from glmcode.tools.shell import HEAD_BYTES, TAIL_BYTES, detect_test_command, run_process, summarize_tests
+from glmcode.tools.shell import (
+    HEAD_BYTES,
+    TAIL_BYTES,
+    detect_test_command,
+    run_process,
+    summarize_tests,
+)
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, write
 
@@ -93,7 +99,8 @@ def test_run_tests_runs_a_real_failing_pytest_suite(repo: Path) -> None:
     write(repo, "calc.py", "def add(a, b):\n    return a - b\n")
     write(repo, "test_calc.py", FAILING_SUITE)
     # Plugin autoload off: the shared venv's plugins only slow the inner pytest down.
-    ws = Workspace(repo, test_command=f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q -p no:cacheprovider")
+    command = f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {sys.executable} -m pytest -q -p no:cacheprovider"
+    ws = Workspace(repo, test_command=command)
     result = call(ws, "run_tests")
     assert result.is_error
     assert result.output.splitlines()[-1] == "Tests FAILED: 2 failed, 1 passed (exit code 1)"
@@ -134,7 +141,8 @@ def test_detection_prefers_the_repositorys_virtualenv(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "output,code,expected",
     [
-        ("...\n==== 3 failed, 10 passed, 1 skipped in 0.5s ====\n", 1, "Tests FAILED: 3 failed, 10 passed, 1 skipped (exit code 1)"),
+        ("...\n==== 3 failed, 10 passed, 1 skipped in 0.5s ====\n", 1,
+         "Tests FAILED: 3 failed, 10 passed, 1 skipped (exit code 1)"),
         ("test result: ok. 4 passed; 0 failed; 0 ignored\ntest result: FAILED. 1 passed; 2 failed;\n", 101,
          "Tests FAILED: 5 passed, 2 failed (exit code 101)"),
         ("--- FAIL: TestX (0.00s)\nFAIL\tex.com/a\t0.01s\nok  \tex.com/b\t0.02s\n", 1,
