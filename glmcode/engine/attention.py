@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glmcode.engine.config import LATENT_NORM_EPS, ModelConfig
@@ -83,8 +84,21 @@ class MLAttention(nn.Module):
             self.q_proj = linear(hidden, q_out)
         self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = linear(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        # The checkpoint's kv_b_proj [N * (P + V), L], kept as its two halves, each contiguous
+        # per head: the key up-projection W_UK and the value up-projection W_UV.
+        self.w_uk = nn.Parameter(torch.empty(heads, self.nope_dim, self.latent_dim))
+        self.w_uv = nn.Parameter(torch.empty(heads, self.v_dim, self.latent_dim))
         self.o_proj = linear(heads * self.v_dim, hidden)
+
+    @property
+    def kv_b_proj_shape(self) -> tuple[int, int]:
+        return (self.num_heads * (self.nope_dim + self.v_dim), self.latent_dim)
+
+    def load_kv_b_proj(self, weight: torch.Tensor) -> None:
+        """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
+        per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        self.w_uk.copy_(per_head[:, : self.nope_dim])
+        self.w_uv.copy_(per_head[:, self.nope_dim :])
 
     def forward(
         self,
@@ -115,8 +129,8 @@ class MLAttention(nn.Module):
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            expanded = self.kv_b_proj(latent).view(piece.shape[0], self.num_heads, -1)
-            k_nope, v = expanded.split([self.nope_dim, self.v_dim], -1)
+            k_nope = F.linear(latent, self.w_uk.flatten(0, 1)).view(-1, self.num_heads, self.nope_dim)
+            v = F.linear(latent, self.w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
             scores = torch.matmul(q_nope, k_nope.permute(1, 2, 0)).float()  # [N, T, S]
             scores += torch.matmul(q_pe, k_pe.t()).float()  # k_pe is shared by all heads
             return scores, v.transpose(0, 1)  # [N, S, V]
@@ -126,10 +140,7 @@ class MLAttention(nn.Module):
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        # kv_b_proj rows are, per head, [nope | v] x latent; these are views, not copies.
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
-        queries = torch.cat([torch.bmm(q_nope, w_uk), q_pe], -1)  # [N, T, L + R]
+        queries = torch.cat([torch.bmm(q_nope, self.w_uk), q_pe], -1)  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : self.latent_dim])
         for seq in batch.sequences:
             seq_queries = queries[:, seq.rows]
@@ -139,7 +150,7 @@ class MLAttention(nn.Module):
 
             out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(out_latent, self.w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _attend(
         self,
