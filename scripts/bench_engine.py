@@ -61,19 +61,26 @@ class EngineResult:
 # ----- memory -----
 
 
-def reset_peak_memory(device: str) -> None:
+def reset_peak_memory(device: str) -> float:
+    """Starts a new peak-memory window; returns the memory in use now (MiB)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
+        return torch.cuda.memory_allocated() / 2**20
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
+    return _proc_status_mb("VmRSS:")
 
 
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    return _proc_status_mb("VmHWM:")
+
+
+def _proc_status_mb(field_name: str) -> float:
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field_name):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -91,43 +98,47 @@ def timed(fn, device: str) -> float:
 # ----- glmcode -----
 
 
-def bench_glmcode(path: Path, args, contexts: list[int]) -> EngineResult:
-    result = EngineResult("glmcode")
-    reset_peak_memory(args.device)
-    need = max(contexts + [args.prefill_tokens]) + args.decode_steps + 1
-    llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=kv_bytes(path, need, args.dtype),
-              enable_prefix_caching=False, progress=False)  # fmt: skip
-    result.weights_mb = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**20
-    vocab = llm.num_real_tokens
-    gen = torch.Generator().manual_seed(0)
+class GlmcodeDecoder:
+    """Decode steps of one sequence whose first `context` cache slots hold random latents."""
 
-    prompt = torch.randint(0, vocab, (args.prefill_tokens,), generator=gen).tolist()
+    def __init__(self, llm: LLM, context: int, gen: torch.Generator):
+        self.llm, self.gen = llm, gen
+        tokens = torch.randint(0, llm.num_real_tokens, (context,), generator=gen).tolist()
+        self.request = llm._new_request(tokens, SamplingParams(temperature=0))
+        assert llm.blocks.allocate(self.request.seq, use_prefix_cache=False)
+        self.request.seq.num_computed = context  # its cache slots already hold (random) latents
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        seq = self.request.seq
+        self.llm.blocks.grow(seq, len(seq))
+        self.request.sampler(self.llm._decode_logits([self.request])[0])
+        seq.token_ids.append(int(torch.randint(0, self.llm.num_real_tokens, (1,), generator=self.gen)))
+
+    def close(self) -> None:
+        self.llm.blocks.free_sequence(self.request.seq)
+
+
+def load_glmcode(path: Path, args, max_context: int) -> tuple[LLM, EngineResult]:
+    result = EngineResult("glmcode")
+    start_mb = reset_peak_memory(args.device)
+    llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=kv_bytes(path, max_context, args.dtype),
+              enable_prefix_caching=False, progress=False)  # fmt: skip
+    llm.kv_cache.data.normal_()
+    result.weights_mb = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**20
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, llm.num_real_tokens, (args.prefill_tokens,), generator=gen).tolist()
     llm.generate(prompt[:32], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     times = []
     for _ in range(args.prefill_repeats):
         llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
         times.append(llm.stats.prefill_seconds)
     result.prefill_tokens_per_s = args.prefill_tokens / min(times)
-
-    llm.kv_cache.data.normal_()
-    for context in contexts:
-        tokens = torch.randint(0, vocab, (context,), generator=gen).tolist()
-        request = llm._new_request(tokens, SamplingParams(temperature=0))
-        assert llm.blocks.allocate(request.seq, use_prefix_cache=False)
-        request.seq.num_computed = context  # its cache slots already hold (random) latents
-        steps = []
-        with torch.inference_mode():
-            for _ in range(args.decode_steps + 1):
-                llm.blocks.grow(request.seq, len(request.seq))
-                steps.append(timed(lambda: request.sampler(llm._decode_logits([request])[0]), args.device))
-                request.seq.token_ids.append(int(torch.randint(0, vocab, (1,), generator=gen)))
-        llm.blocks.free_sequence(request.seq)
-        result.decode_ms[context] = 1000 * statistics.median(steps[1:])
-        print(f"  glmcode  ctx {context:>6}: {result.decode_ms[context]:8.1f} ms/token", flush=True)
-    result.peak_memory_mb = peak_memory_mb(args.device)
-    del llm
-    gc.collect()
-    return result
+    decoder = GlmcodeDecoder(llm, max_context - args.decode_steps - 2, gen)
+    decoder.step()
+    decoder.close()
+    result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
+    return llm, result
 
 
 def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
@@ -140,48 +151,75 @@ def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
 # ----- transformers -----
 
 
-def bench_transformers(path: Path, args, contexts: list[int]) -> EngineResult:
+class TransformersDecoder:
+    """Decode steps through forward() with a DynamicCache prefilled with `context` random latents."""
+
+    def __init__(self, model, context: int, gen: torch.Generator, device: str):
+        from transformers import DynamicCache
+
+        self.model, self.gen, self.device, self.position = model, gen, device, context
+        config = model.config
+        self.cache = DynamicCache(config=config)
+        dtype = model.dtype
+        for layer in range(config.num_hidden_layers):
+            latent = torch.randn(1, 1, context, config.kv_lora_rank, dtype=dtype, device=device)
+            k_rot = torch.randn(1, 1, context, config.qk_rope_head_dim, dtype=dtype, device=device)
+            self.cache.update(latent, k_rot, layer)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        token = torch.randint(0, self.model.config.vocab_size, (1, 1), generator=self.gen).to(self.device)
+        positions = torch.tensor([[self.position]], device=self.device)
+        self.model(input_ids=token, position_ids=positions, cache=self.cache, use_cache=True).logits.argmax(-1)
+        self.position += 1
+
+    def close(self) -> None:
+        del self.cache
+
+
+def load_transformers(path: Path, args, max_context: int):
     from transformers import DynamicCache, Glm4MoeLiteForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     result = EngineResult("transformers")
-    reset_peak_memory(args.device)
+    start_mb = reset_peak_memory(args.device)
     model = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     result.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    config = model.config
     gen = torch.Generator().manual_seed(0)
-    vocab = config.vocab_size
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill_tokens), generator=gen).to(args.device)
 
-    def forward(ids, cache, start):
-        positions = torch.arange(start, start + ids.shape[1], device=args.device)[None]
-        return model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True).logits
+    @torch.inference_mode()
+    def prefill(ids):
+        model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
 
-    with torch.inference_mode():
-        prompt = torch.randint(0, vocab, (1, args.prefill_tokens), generator=gen).to(args.device)
-        forward(prompt[:, :32], DynamicCache(config=config), 0)  # warm-up
-        times = [timed(lambda: forward(prompt, DynamicCache(config=config), 0), args.device)
-                 for _ in range(args.prefill_repeats)]  # fmt: skip
-        result.prefill_tokens_per_s = args.prefill_tokens / min(times)
+    prefill(prompt[:, :32])  # warm-up
+    times = [timed(lambda: prefill(prompt), args.device) for _ in range(args.prefill_repeats)]
+    result.prefill_tokens_per_s = args.prefill_tokens / min(times)
+    decoder = TransformersDecoder(model, max_context - args.hf_decode_steps - 2, gen, args.device)
+    decoder.step()
+    decoder.close()
+    result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
+    return model, result
 
-        for context in contexts:
-            cache = DynamicCache(config=config)
-            dtype = getattr(torch, args.dtype)
-            for layer in range(config.num_hidden_layers):
-                latent = torch.randn(1, 1, context, config.kv_lora_rank, dtype=dtype, device=args.device)
-                k_rot = torch.randn(1, 1, context, config.qk_rope_head_dim, dtype=dtype, device=args.device)
-                cache.update(latent, k_rot, layer)
-            steps = []
-            for step in range(args.hf_decode_steps + 1):
-                token = torch.randint(0, vocab, (1, 1), generator=gen).to(args.device)
-                steps.append(timed(lambda: forward(token, cache, context + step).argmax(-1), args.device))
-            result.decode_ms[context] = 1000 * statistics.median(steps[1:])
-            print(f"  hf       ctx {context:>6}: {result.decode_ms[context]:8.1f} ms/token", flush=True)
-            del cache
-    result.peak_memory_mb = peak_memory_mb(args.device)
-    del model
-    gc.collect()
-    return result
+
+def measure_decode(engines: list[tuple[EngineResult, object, int]], contexts: list[int], args) -> None:
+    """Per context, alternate single steps of the engines so that both see the same machine load.
+
+    engines: (result, make_decoder(context), timed steps). The first step of each is a warm-up.
+    """
+    for context in contexts:
+        decoders = [(result, make(context), steps) for result, make, steps in engines]
+        times: dict[str, list[float]] = {result.name: [] for result, _, _ in decoders}
+        for index in range(max(steps for _, _, steps in decoders) + 1):
+            for result, decoder, steps in decoders:
+                if index <= steps:
+                    times[result.name].append(timed(decoder.step, args.device))
+        for result, decoder, _ in decoders:
+            decoder.close()
+            result.decode_ms[context] = 1000 * statistics.median(times[result.name][1:])
+            print(f"  {result.name:<13} ctx {context:>6}: {result.decode_ms[context]:8.1f} ms/token", flush=True)
+        gc.collect()
 
 
 # ----- main -----
@@ -232,14 +270,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    results = []
+    max_context = max(contexts) + max(args.decode_steps, args.hf_decode_steps) + 4
     with tempfile.TemporaryDirectory(prefix="glmcode-bench-") as tmp:
         started = time.perf_counter()
         path = write_checkpoint(args.config, Path(tmp), args.dtype)
         print(f"random {args.config} checkpoint written in {time.perf_counter() - started:.0f}s", flush=True)
-        results.append(bench_glmcode(path, args, contexts))
+        gen = torch.Generator().manual_seed(1)
+        llm, ours = load_glmcode(path, args, max_context)
+        engines = [(ours, lambda c: GlmcodeDecoder(llm, c, gen), args.decode_steps)]
         if not args.skip_hf:
-            results.append(bench_transformers(path, args, contexts))
+            model, hf = load_transformers(path, args, max_context)
+            engines.append((hf, lambda c: TransformersDecoder(model, c, gen, args.device), args.hf_decode_steps))
+        results = [result for result, _, _ in engines]
+        measure_decode(engines, contexts, args)
 
     print_table(results, contexts)
     report = {
@@ -250,6 +293,8 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "decode_context_fill": "random latents written into each engine's own cache",
+        "decode_timing": "median of single steps, the two engines' steps interleaved",
+        "peak_memory": "peak increase over the memory in use before loading (RSS on CPU)",
         "results": [
             {**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s()} for r in results
         ],

@@ -143,10 +143,12 @@ class MLAttention(nn.Module):
         queries = torch.cat([torch.bmm(q_nope, self.w_uk), q_pe], -1)  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : self.latent_dim])
         for seq in batch.sequences:
-            seq_queries = queries[:, seq.rows]
+            seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
 
             def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                return torch.matmul(seq_queries, piece.t()).float(), piece[:, : self.latent_dim]
+                # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
+                scores = torch.mm(piece, seq_queries.t()).t().float().contiguous()
+                return scores.view(self.num_heads, -1, piece.shape[0]), piece[:, : self.latent_dim]
 
             out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
