@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import glmcode.engine.llm as llm_module  # noqa: E402
 from glmcode.engine import LLM, SamplingParams  # noqa: E402
 
 SMALL = {  # the real per-layer shapes with fewer layers, experts and vocabulary
@@ -225,11 +226,19 @@ def measure_decode(engines: list[tuple[EngineResult, object, int]], contexts: li
 # ----- main -----
 
 
-def write_checkpoint(config_name: str, out: Path, dtype: str) -> Path:
+def write_checkpoint(config_name: str, out: Path, dtype: str, with_weights: bool) -> Path:
     spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
     writer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writer)
-    return writer.make_tiny_checkpoint(out, num_shards=2, dtype=getattr(torch, dtype), **CONFIGS[config_name])
+    return writer.make_tiny_checkpoint(
+        out, num_shards=2, dtype=getattr(torch, dtype), with_weights=with_weights, **CONFIGS[config_name]
+    )
+
+
+def fill_random(model, model_dir, *, progress: bool = True) -> None:
+    """Stands in for the checkpoint loader when the weights were never written (--config full)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.normal_(0, 0.02)
 
 
 def print_table(results: list[EngineResult], contexts: list[int]) -> None:
@@ -273,7 +282,12 @@ def main() -> None:
     max_context = max(contexts) + max(args.decode_steps, args.hf_decode_steps) + 4
     with tempfile.TemporaryDirectory(prefix="glmcode-bench-") as tmp:
         started = time.perf_counter()
-        path = write_checkpoint(args.config, Path(tmp), args.dtype)
+        # The real-size model (60 GB of bf16) is never written: its weights are filled in place.
+        in_place = args.config == "full"
+        path = write_checkpoint(args.config, Path(tmp), args.dtype, with_weights=not in_place)
+        if in_place:
+            llm_module.load_checkpoint = fill_random
+            args.skip_hf = True  # transformers would need its own copy of the weights
         print(f"random {args.config} checkpoint written in {time.perf_counter() - started:.0f}s", flush=True)
         gen = torch.Generator().manual_seed(1)
         llm, ours = load_glmcode(path, args, max_context)

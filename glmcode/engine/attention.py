@@ -84,9 +84,10 @@ class MLAttention(nn.Module):
             self.q_proj = linear(hidden, q_out)
         self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
-        # The checkpoint's kv_b_proj [N * (P + V), L], kept as its two halves, each contiguous
-        # per head: the key up-projection W_UK and the value up-projection W_UV.
-        self.w_uk = nn.Parameter(torch.empty(heads, self.nope_dim, self.latent_dim))
+        # The checkpoint's kv_b_proj [N * (P + V), L] is kept as its two halves, each contiguous
+        # per head and laid out so that decode multiplies them as the left operand (the fast
+        # matrix-vector orientation on CPU): W_UK transposed [N, L, P] and W_UV [N, V, L].
+        self.w_uk_t = nn.Parameter(torch.empty(heads, self.latent_dim, self.nope_dim))
         self.w_uv = nn.Parameter(torch.empty(heads, self.v_dim, self.latent_dim))
         self.o_proj = linear(heads * self.v_dim, hidden)
 
@@ -97,7 +98,7 @@ class MLAttention(nn.Module):
     def load_kv_b_proj(self, weight: torch.Tensor) -> None:
         """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
         per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        self.w_uk.copy_(per_head[:, : self.nope_dim])
+        self.w_uk_t.copy_(per_head[:, : self.nope_dim].transpose(1, 2))
         self.w_uv.copy_(per_head[:, self.nope_dim :])
 
     def forward(
@@ -129,9 +130,9 @@ class MLAttention(nn.Module):
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            k_nope = F.linear(latent, self.w_uk.flatten(0, 1)).view(-1, self.num_heads, self.nope_dim)
+            k_nope = torch.matmul(latent, self.w_uk_t)  # [N, S, P]
             v = F.linear(latent, self.w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
-            scores = torch.matmul(q_nope, k_nope.permute(1, 2, 0)).float()  # [N, T, S]
+            scores = torch.matmul(q_nope, k_nope.transpose(1, 2)).float()  # [N, T, S]
             scores += torch.matmul(q_pe, k_pe.t()).float()  # k_pe is shared by all heads
             return scores, v.transpose(0, 1)  # [N, S, V]
 
@@ -140,7 +141,8 @@ class MLAttention(nn.Module):
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        queries = torch.cat([torch.bmm(q_nope, self.w_uk), q_pe], -1)  # [N, T, L + R]
+        q_latent = torch.bmm(self.w_uk_t, q_nope.transpose(1, 2)).transpose(1, 2)  # [N, T, L]
+        queries = torch.cat([q_latent, q_pe], -1)  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : self.latent_dim])
         for seq in batch.sequences:
             seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
@@ -152,7 +154,7 @@ class MLAttention(nn.Module):
 
             out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return torch.bmm(out_latent, self.w_uv.transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(self.w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, N, V]
 
     def _attend(
         self,
