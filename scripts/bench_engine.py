@@ -1,17 +1,21 @@
 """Benchmark the glmcode engine against HF transformers on the same random weights.
 
-Both engines load one checkpoint of random weights (speed does not depend on the values) in
-this process, one after the other. For each engine it measures prefill tokens/s on a random
-prompt, decode tokens/s at several context lengths, and peak memory. It prints a table and
-writes JSON.
+Both engines load one checkpoint of random weights (speed does not depend on the values) into
+this process. The script measures prefill tokens/s on random prompts, decode tokens/s at
+several context lengths, and the peak memory of loading and running each engine; it prints a
+table and writes JSON. The engines take turns run by run (prefill) and step by step (decode),
+so that a busy machine slows both alike.
 
-Decode at context C is measured on a cache that already holds C tokens of random latents,
-written straight into each engine's own cache (prefilling 16K tokens on a CPU takes minutes
-and does not change the decode cost). Each engine then decodes real steps through its normal
-decode path: ours through the absorbed attention over the paged latent cache, transformers'
-through `forward` with its DynamicCache, which re-expands every cached latent at each step.
+Decode at context C runs on a cache that already holds C tokens of random latents, written
+straight into each engine's own cache (prefilling 16K tokens on a CPU takes minutes and does
+not change the cost of a decode step). Each engine then decodes through its normal path: ours
+through absorbed attention over the paged latent cache, transformers' through `forward` with
+its DynamicCache, which re-expands every cached latent at each step.
 
-    python scripts/bench_engine.py --config small --device cpu
+    python scripts/bench_engine.py --config small --device cpu [--threads 1]
+
+`--config full` (the real shapes, 60 GB in bf16) fills our engine's weights in place instead of
+writing a checkpoint, and skips transformers, which would need a second copy.
 """
 
 from __future__ import annotations
