@@ -35,7 +35,7 @@ def test_bench_engine_reports_both_engines(tmp_path: Path):
     out = tmp_path / "bench.json"
     done = run_script("scripts/bench_engine.py", "--config", "tiny", "--contexts", "64,256",
                       "--prefill-tokens", "32", "--prefill-repeats", "1", "--decode-steps", "2",
-                      "--hf-decode-steps", "1", "--threads", "1", "--json", str(out))  # fmt: skip
+                      "--hf-decode-steps", "1", "--rounds", "1", "--threads", "1", "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "decode tok/s @ 256" in done.stdout
     report = json.loads(out.read_text())
