@@ -51,11 +51,17 @@ class KVCache:
         # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
         # last block must hold finite values (0 * NaN would poison the attention output).
         self.data = torch.zeros(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
+        # A float8 cache (the CUDA path's option) keeps one float32 scale per token and layer.
+        self.scales = None
+        if dtype == torch.float8_e4m3fn:
+            self.scales = torch.zeros(config.num_hidden_layers, slots, dtype=torch.float32, device=device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        element = torch.empty(0, dtype=dtype).element_size()
-        return config.num_hidden_layers * block_size * config.kv_cache_dim * element
+        per_token = config.kv_cache_dim * torch.empty(0, dtype=dtype).element_size()
+        if dtype == torch.float8_e4m3fn:
+            per_token += 4  # its scale
+        return config.num_hidden_layers * block_size * per_token
 
     def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) of a sequence."""

@@ -20,6 +20,7 @@ import torch
 from glmcode.engine.attention import AttentionBatch, SequenceSlice, expanded_is_cheaper
 from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
+from glmcode.engine.cuda_runner import CudaRunner
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
 from glmcode.engine.sampler import Sampler, SamplingParams
@@ -89,13 +90,22 @@ class LLM:
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
         progress: bool = True,
+        kv_cache_dtype: str | None = None,
+        kernel_path: bool | None = None,
     ):
+        """kv_cache_dtype: None (the model dtype) or "fp8" (float8 latents with per-token scales,
+        half the memory; kernel path only). kernel_path: run prefill and decode through the GPU
+        kernels (cuda_runner); None means on CUDA devices only. True on a CPU runs that same code
+        through the kernels' PyTorch references, which is how the tests check it."""
         if quantization is not None:
             raise UsageError(f"quantization {quantization!r} is not supported by this engine build")
         self.device = torch.device(device)
+        self.kernel_path = self.device.type == "cuda" if kernel_path is None else kernel_path
+        self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.kernel_path)
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
+        self.kv_cache_dtype = self.kv_cache_dtype or self.dtype
         self.model: GlmMoeLite = build_model(self.config, self.dtype, self.device)
         load_checkpoint(self.model, model_dir, progress=progress)
 
@@ -106,9 +116,16 @@ class LLM:
         self.max_score_elements = 1 << 24
         self.max_num_seqs = max_num_seqs
         num_blocks = self._plan_num_blocks(kv_cache_memory)
-        self.kv_cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        # The kernel path gets one block more than the manager hands out: the scratch block that
+        # the padded rows of a CUDA-graph batch write to.
+        cache_blocks = num_blocks + 1 if self.kernel_path else num_blocks
+        self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, self.kv_cache_dtype, self.device)
         self.blocks = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.max_context = min(self.config.max_position_embeddings, num_blocks * self.block_size)
+        self.runner: CudaRunner | None = None
+        if self.kernel_path:
+            self.runner = CudaRunner(self.model, self.kv_cache, max_batch=max_num_seqs,
+                                     max_context=self.max_context, scratch_slot=num_blocks * self.block_size)  # fmt: skip
         self.num_real_tokens = min(self.tokenizer.vocab_size, self.config.vocab_size)
         self.default_stop_ids = self.tokenizer.stop_token_ids() or list(self.config.eos_token_ids)
         self.stats = RequestStats()  # of the most recent request
@@ -240,21 +257,37 @@ class LLM:
         while seq.num_computed < len(seq):
             start = seq.num_computed
             end = min(len(seq), start + self.prefill_chunk_tokens)
-            batch = AttentionBatch(
-                positions=torch.arange(start, end, device=self.device),
-                write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
-                sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
-                expanded=expanded_is_cheaper(self.config, end - start),
-                max_score_elements=self.max_score_elements,
-            )
-            hidden = self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache.data)
+            if self.runner is not None:
+                hidden = self.runner.prefill(seq, start, end)
+            else:
+                hidden = self._prefill_on_modules(seq, start, end)
             seq.num_computed = end
             self.blocks.commit(seq)
             yield hidden
 
+    def _prefill_on_modules(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        batch = AttentionBatch(
+            positions=torch.arange(start, end, device=self.device),
+            write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
+            sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
+            expanded=expanded_is_cheaper(self.config, end - start),
+            max_score_elements=self.max_score_elements,
+        )
+        return self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache.data)
+
     def _decode_logits(self, running: list[_Request]) -> torch.Tensor:
         """Feeds each sequence's last token; returns next-token logits [len(running), vocab]."""
         seqs = [r.seq for r in running]
+        if self.runner is not None:
+            logits = self.runner.decode(seqs)
+        else:
+            logits = self._decode_on_modules(seqs)
+        for seq in seqs:
+            seq.num_computed = len(seq)
+            self.blocks.commit(seq)
+        return logits
+
+    def _decode_on_modules(self, seqs: list[Sequence]) -> torch.Tensor:
         batch = AttentionBatch(
             positions=self._tensor([len(s) - 1 for s in seqs]),
             write_slots=self._tensor([self.kv_cache.slots(s, len(s) - 1, len(s))[0] for s in seqs]),
@@ -265,9 +298,6 @@ class LLM:
             max_score_elements=self.max_score_elements,
         )
         hidden = self.model(self._tensor([s.token_ids[-1] for s in seqs]), batch, self.kv_cache.data)
-        for seq in seqs:
-            seq.num_computed = len(seq)
-            self.blocks.commit(seq)
         return self.model.logits(hidden)
 
     def _accept(self, request: _Request, token: int) -> list[int]:
@@ -305,7 +335,7 @@ class LLM:
         return (
             f"request of {num_tokens} tokens does not fit: the context holds {self.max_context} tokens "
             f"(model limit {self.config.max_position_embeddings}, KV cache "
-            f"{self.kv_cache.num_blocks * self.block_size}); shorten the conversation or give the "
+            f"{self.blocks.num_blocks * self.block_size}); shorten the conversation or give the "
             f"KV cache more memory"
         )
 
@@ -314,7 +344,7 @@ class LLM:
 
     def _plan_num_blocks(self, kv_cache_memory: int | None) -> int:
         """Blocks for the whole model context, or as many as the memory budget allows."""
-        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.kv_cache_dtype)
         full_context = self.config.max_position_embeddings + self.block_size - 1
         wanted = (full_context + self.block_size - 1) // self.block_size
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_kv_memory()
@@ -328,6 +358,17 @@ class LLM:
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * GPU_KV_MEMORY_FRACTION)
         return int(_available_memory() * CPU_KV_MEMORY_FRACTION)
+
+
+def _kv_cache_dtype(name: str | None, kernel_path: bool) -> torch.dtype | None:
+    """The cache's storage dtype for a kv_cache_dtype option; None means the model's dtype."""
+    if name is None:
+        return None
+    if name != "fp8":
+        raise UsageError(f"unsupported kv_cache_dtype {name!r}; use fp8 or leave it unset")
+    if not kernel_path:
+        raise UsageError("kv_cache_dtype='fp8' needs the CUDA kernel path (device='cuda')")
+    return torch.float8_e4m3fn
 
 
 def _available_memory() -> int:

@@ -80,6 +80,13 @@ class GraphedStep:
             output = self.step(self._views(bucket))
         return output[:batch]
 
+    def run_eager(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step launched op by op on the same padded buffers, even where a graph exists."""
+        batch = next(iter(inputs.values())).shape[0]
+        bucket = self.bucket_for(batch)
+        self._fill(inputs, bucket)
+        return self.step(self._views(bucket))[:batch]
+
     def _views(self, bucket: int) -> dict[str, torch.Tensor]:
         return {name: buffer[:bucket] for name, buffer in self.buffers.items()}
 
