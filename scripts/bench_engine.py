@@ -1,21 +1,28 @@
 """Benchmark the glmcode engine against HF transformers on the same random weights.
 
-Both engines load one checkpoint of random weights (speed does not depend on the values) into
-this process. The script measures prefill tokens/s on random prompts, decode tokens/s at
-several context lengths, and the peak memory of loading and running each engine; it prints a
-table and writes JSON. The engines take turns, run by run (prefill) and in rounds of steps (decode),
-so that a busy machine slows both alike.
+Both engines run random weights of one config (speed does not depend on the values). The script
+measures prefill tokens/s at the given prompt lengths, batch-1 decode tokens/s at several
+context lengths, aggregate decode tokens/s at larger batches, the kernels (on CPU: top-level
+ops) one decode step launches, and the peak memory of each engine; it prints a table and writes
+JSON. On a CPU the engines take turns, run by run (prefill) and in rounds of steps (decode), so
+that a busy machine slows both alike. On CUDA they run one after the other (two full-size
+copies of the weights do not fit one GPU), and transformers is built on the device with random
+weights and its grouped_mm experts.
 
 Decode at context C runs on a cache that already holds C tokens of random latents, written
-straight into each engine's own cache (prefilling 16K tokens on a CPU takes minutes and does
-not change the cost of a decode step). Each engine then decodes through its normal path: ours
-through absorbed attention over the paged latent cache, transformers' through `forward` with
-its DynamicCache, which re-expands every cached latent at each step.
+straight into each engine's own cache: prefilling 128K tokens would cost minutes and does not
+change the cost of a decode step. Each engine then decodes through its normal path: ours through
+absorbed attention over the paged latent cache (on CUDA: the kernel path, replayed from CUDA
+graphs), transformers' through `forward` with its DynamicCache, which re-expands every cached
+latent at each step. `--fit-context N` decodes at N tokens of context and reports whether the
+engine's peak memory (weights + cache + activations + graphs) stays within 80 GB.
 
     python scripts/bench_engine.py --config small --device cpu [--threads 1]
+    python scripts/bench_engine.py --config full --device cuda --contexts 512,8192,32768,131072 \\
+        --prefill-tokens 4096,32768 --batch-sizes 8,32 --fit-context 200000
 
-`--config full` (the real shapes, 60 GB in bf16) fills our engine's weights in place instead of
-writing a checkpoint, and skips transformers, which would need a second copy.
+`--config full` (the real shapes, 60 GB in bf16) fills the weights in place instead of writing a
+checkpoint; on a CPU it skips transformers, which would need a second copy.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,21 +58,28 @@ SMALL = {  # the real per-layer shapes with fewer layers, experts and vocabulary
 }  # fmt: skip
 FULL = SMALL | {"num_hidden_layers": 47, "n_routed_experts": 64, "vocab_size": 154880}
 CONFIGS = {"tiny": {"max_position_embeddings": 202752, "num_nextn_predict_layers": 0}, "small": SMALL, "full": FULL}
+FIT_LIMIT_GB = 80.0
 
 
 @dataclass
 class EngineResult:
     name: str
-    prefill_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: dict[int, float] = field(default_factory=dict)  # prompt length -> tok/s
     decode_ms: dict[int, float] = field(default_factory=dict)  # context -> median ms per token
+    batch_decode_tokens_per_s: dict[int, float] = field(default_factory=dict)  # batch -> aggregate tok/s
+    kernels_per_decode_step: dict[str, int] = field(default_factory=dict)  # how the step ran -> count
+    top_kernels: list[dict] = field(default_factory=list)  # of the profiled decode step
+    fit: dict = field(default_factory=dict)  # the --fit-context check
     peak_memory_mb: float = 0.0
     weights_mb: float = 0.0
+    experts_implementation: str | None = None  # transformers' MoE backend
+    errors: dict[str, str] = field(default_factory=dict)  # measurement -> what went wrong
 
     def decode_tokens_per_s(self) -> dict[int, float]:
         return {c: 1000.0 / ms for c, ms in self.decode_ms.items()}
 
 
-# ----- memory -----
+# ----- memory and time -----
 
 
 def reset_peak_memory(device: str) -> float:
@@ -101,22 +116,61 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+def release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profile_step(step, device: str, top: int = 12) -> tuple[int, list[dict]]:
+    """Kernels one call of `step` launches on the GPU (top-level ops on a CPU), and the costliest.
+
+    Run after a warm-up call. Copies and memsets are not counted as kernels.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA
+                  and not e.name.startswith(("Memcpy", "Memset", "[memory]"))]  # fmt: skip
+        cost = {e.name: 0.0 for e in events}
+        for e in events:
+            cost[e.name] += e.device_time
+    else:
+        events = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        cost = {e.name: 0.0 for e in events}
+        for e in events:
+            cost[e.name] += e.cpu_time_total
+    counts = Counter(e.name for e in events)
+    ranked = sorted(cost, key=cost.get, reverse=True)[:top]
+    return len(events), [{"name": n[:120], "calls": counts[n], "us": round(cost[n], 1)} for n in ranked]
+
+
 # ----- the two engines behind one small interface -----
 
 
 class GlmcodeEngine:
-    def __init__(self, path: Path, args, max_context: int):
+    def __init__(self, path: Path, args, cache_tokens: int):
         self.result = EngineResult("glmcode")
         self.device = args.device
         start_mb = reset_peak_memory(args.device)
-        memory = kv_bytes(path, max_context, args.dtype)
-        self.llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=memory,
-                       enable_prefix_caching=False, progress=False)  # fmt: skip
-        self.llm.kv_cache.data.normal_()  # decode contexts are random latents
+        self.llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=kv_bytes(path, cache_tokens, args.dtype),
+                       enable_prefix_caching=False, max_num_seqs=max(args.batch_sizes, default=1),
+                       kernel_path=args.kernel_path or None, progress=False)  # fmt: skip
+        fill_random_latents(self.llm.kv_cache)  # decode contexts are random latents
         self.vocab = self.llm.num_real_tokens
         self.result.weights_mb = weights_mb(self.llm.model)
         self.prefill(list(range(32)))  # warm-up
-        decoder = self.decoder(max_context - args.decode_steps - 2, torch.Generator().manual_seed(0))
+        for batch in sorted({1, *args.batch_sizes}):  # every decode bucket: Triton compiles, graphs captured
+            decoder = self.decoder(16, torch.Generator().manual_seed(0), batch)
+            decoder.step()
+            decoder.close()
+        decoder = self.decoder(max(args.contexts), torch.Generator().manual_seed(0))
         decoder.step()  # the largest context, so that peak memory covers it
         decoder.close()
         self.result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
@@ -125,46 +179,68 @@ class GlmcodeEngine:
         self.llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
         return self.llm.stats.prefill_seconds
 
-    def decoder(self, context: int, gen: torch.Generator) -> GlmcodeDecoder:
-        return GlmcodeDecoder(self.llm, context, gen)
+    def decoder(self, context: int, gen: torch.Generator, batch: int = 1) -> GlmcodeDecoder:
+        return GlmcodeDecoder(self.llm, context, gen, batch)
+
+    def close(self) -> None:
+        del self.llm
 
 
 class GlmcodeDecoder:
-    """Decode steps of one sequence whose first `context` cache slots hold random latents."""
+    """Decode steps of `batch` sequences whose first `context` cache slots hold random latents."""
 
-    def __init__(self, llm: LLM, context: int, gen: torch.Generator):
+    def __init__(self, llm: LLM, context: int, gen: torch.Generator, batch: int = 1):
         self.llm, self.gen = llm, gen
-        tokens = torch.randint(0, llm.num_real_tokens, (context,), generator=gen).tolist()
-        self.request = llm._new_request(tokens, SamplingParams(temperature=0))
-        assert llm.blocks.allocate(self.request.seq, use_prefix_cache=False)
-        self.request.seq.num_computed = context  # its cache slots already hold (random) latents
+        self.requests = []
+        for _ in range(batch):
+            tokens = torch.randint(0, llm.num_real_tokens, (context,), generator=gen).tolist()
+            request = llm._new_request(tokens, SamplingParams(temperature=0))
+            assert llm.blocks.allocate(request.seq, use_prefix_cache=False), "the bench's KV cache is too small"
+            request.seq.num_computed = context  # its cache slots already hold (random) latents
+            self.requests.append(request)
 
     @torch.inference_mode()
     def step(self) -> None:
-        seq = self.request.seq
-        self.llm.blocks.grow(seq, len(seq))
-        self.request.sampler(self.llm._decode_logits([self.request])[0])
-        seq.token_ids.append(int(torch.randint(0, self.llm.num_real_tokens, (1,), generator=self.gen)))
+        for request in self.requests:
+            self.llm.blocks.grow(request.seq, len(request.seq))
+        logits = self.llm._decode_logits(self.requests)
+        for request, row in zip(self.requests, logits):
+            request.sampler(row)
+            request.seq.token_ids.append(int(torch.randint(0, self.llm.num_real_tokens, (1,), generator=self.gen)))
+
+    @torch.inference_mode()
+    def eager_step(self) -> None:
+        """The same step launched op by op (the kernel path without its CUDA graph)."""
+        self.llm.runner.decode_eager([r.seq for r in self.requests])
 
     def close(self) -> None:
-        self.llm.blocks.free_sequence(self.request.seq)
+        for request in self.requests:
+            self.llm.blocks.free_sequence(request.seq)
 
 
 class TransformersEngine:
-    def __init__(self, path: Path, args, max_context: int):
-        from transformers import Glm4MoeLiteForCausalLM
+    def __init__(self, path: Path, args, cache_tokens: int):
+        from transformers import AutoConfig, Glm4MoeLiteForCausalLM
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         self.result = EngineResult("transformers")
         self.device = args.device
         start_mb = reset_peak_memory(args.device)
-        self.model = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        dtype = getattr(torch, args.dtype)
+        if args.device == "cuda":  # random weights made on the device, experts through torch._grouped_mm
+            with torch.device("cuda"):
+                self.model = Glm4MoeLiteForCausalLM._from_config(
+                    AutoConfig.from_pretrained(path), dtype=dtype, experts_implementation="grouped_mm"
+                )
+        else:
+            self.model = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=dtype)
         self.model = self.model.to(args.device).eval()
+        self.result.experts_implementation = getattr(self.model.config, "_experts_implementation", None)
         self.vocab = self.model.config.vocab_size
         self.result.weights_mb = weights_mb(self.model)
         self.prefill(list(range(32)))  # warm-up
-        decoder = self.decoder(max_context - args.hf_decode_steps - 2, torch.Generator().manual_seed(0))
+        decoder = self.decoder(16, torch.Generator().manual_seed(0))
         decoder.step()
         decoder.close()
         self.result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
@@ -177,29 +253,32 @@ class TransformersEngine:
         cache = DynamicCache(config=self.model.config)
         return timed(lambda: self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1), self.device)
 
-    def decoder(self, context: int, gen: torch.Generator) -> TransformersDecoder:
-        return TransformersDecoder(self.model, context, gen, self.device)
+    def decoder(self, context: int, gen: torch.Generator, batch: int = 1) -> TransformersDecoder:
+        return TransformersDecoder(self.model, context, gen, self.device, batch)
+
+    def close(self) -> None:
+        del self.model
 
 
 class TransformersDecoder:
-    """Decode steps through forward() with a DynamicCache holding `context` random latents."""
+    """Decode steps through forward() with a DynamicCache holding `context` random latents per row."""
 
-    def __init__(self, model, context: int, gen: torch.Generator, device: str):
+    def __init__(self, model, context: int, gen: torch.Generator, device: str, batch: int = 1):
         from transformers import DynamicCache
 
-        self.model, self.gen, self.device, self.position = model, gen, device, context
+        self.model, self.gen, self.device, self.position, self.batch = model, gen, device, context, batch
         config = model.config
         self.cache = DynamicCache(config=config)
         for layer in range(config.num_hidden_layers):
-            latent = torch.randn(1, 1, context, config.kv_lora_rank, dtype=model.dtype, device=device)
-            k_rot = torch.randn(1, 1, context, config.qk_rope_head_dim, dtype=model.dtype, device=device)
+            latent = torch.randn(batch, 1, context, config.kv_lora_rank, dtype=model.dtype, device=device)
+            k_rot = torch.randn(batch, 1, context, config.qk_rope_head_dim, dtype=model.dtype, device=device)
             self.cache.update(latent, k_rot, layer)
 
     @torch.inference_mode()
     def step(self) -> None:
-        token = torch.randint(0, self.model.config.vocab_size, (1, 1), generator=self.gen).to(self.device)
-        positions = torch.tensor([[self.position]], device=self.device)
-        self.model(input_ids=token, position_ids=positions, cache=self.cache, use_cache=True).logits.argmax(-1)
+        tokens = torch.randint(0, self.model.config.vocab_size, (self.batch, 1), generator=self.gen).to(self.device)
+        positions = torch.full((self.batch, 1), self.position, device=self.device)
+        self.model(input_ids=tokens, position_ids=positions, cache=self.cache, use_cache=True).logits.argmax(-1)
         self.position += 1
 
     def close(self) -> None:
@@ -217,20 +296,60 @@ def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
     return (tokens + 512) * per_token
 
 
-# ----- measurements: the engines take turns, so that both see the same machine load -----
+def cache_tokens_needed(args, contexts: list[int]) -> int:
+    """Cache slots for the largest set of sequences alive at once (each rounded up to 256 tokens)."""
+    steps = max(args.decode_steps, args.hf_decode_steps) + 4
+
+    def rounded(tokens: int) -> int:
+        return -(-tokens // 256) * 256
+
+    single = max([*contexts, *args.prefill_tokens, args.fit_context]) + steps
+    batched = [batch * rounded(args.batch_context + steps) for batch in args.batch_sizes]
+    return max([rounded(single), *batched])
+
+
+def fill_random_latents(kv_cache) -> None:
+    """Random cache contents, layer by layer (an fp8 cache gets random values and unit scales)."""
+    for layer in kv_cache.data:
+        if layer.dtype == torch.float8_e4m3fn:
+            layer.copy_(torch.randn(layer.shape, device=layer.device).to(layer.dtype))
+        else:
+            layer.normal_()
+    if kv_cache.scales is not None:
+        kv_cache.scales.fill_(1.0)
+
+
+# ----- measurements -----
+
+
+def attempt(engine, label: str, measure):
+    """Runs one measurement; an error (e.g. out of memory) is recorded and the others still run."""
+    try:
+        return measure()
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        engine.result.errors[label] = f"{type(error).__name__}: {str(error)[:300]}"
+        print(f"  {engine.result.name:<13} {label}: {engine.result.errors[label]}", flush=True)
+        release(engine.device)
+        return None
 
 
 def measure_prefill(engines: list, args) -> None:
+    """Per prompt length, the engines take turns run by run; the fastest run counts."""
     gen = torch.Generator().manual_seed(2)
-    times: dict[str, list[float]] = {e.result.name: [] for e in engines}
-    for _ in range(args.prefill_repeats):
-        prompt = torch.randint(0, min(e.vocab for e in engines), (args.prefill_tokens,), generator=gen).tolist()
+    for length in args.prefill_tokens:
+        times: dict[str, list[float]] = {e.result.name: [] for e in engines}
+        for _ in range(args.prefill_repeats):
+            prompt = torch.randint(0, min(e.vocab for e in engines), (length,), generator=gen).tolist()
+            for engine in engines:
+                seconds = attempt(engine, f"prefill {length}", lambda engine=engine: engine.prefill(prompt))
+                if seconds is not None:
+                    times[engine.result.name].append(seconds)
         for engine in engines:
-            times[engine.result.name].append(engine.prefill(prompt))
-    for engine in engines:
-        engine.result.prefill_tokens_per_s = args.prefill_tokens / min(times[engine.result.name])
-        print(f"  {engine.result.name:<13} prefill {args.prefill_tokens}: "
-              f"{engine.result.prefill_tokens_per_s:8.1f} tok/s", flush=True)  # fmt: skip
+            if times[engine.result.name]:
+                engine.result.prefill_tokens_per_s[length] = length / min(times[engine.result.name])
+                print(f"  {engine.result.name:<13} prefill {length}: "
+                      f"{engine.result.prefill_tokens_per_s[length]:10.1f} tok/s", flush=True)  # fmt: skip
+        release(args.device)
 
 
 def measure_decode(engines: list, contexts: list[int], args) -> None:
@@ -240,20 +359,93 @@ def measure_decode(engines: list, contexts: list[int], args) -> None:
     caches and the allocator, not this engine.
     """
     gen = torch.Generator().manual_seed(1)
-    steps = {"glmcode": args.decode_steps, "transformers": args.hf_decode_steps}
     for context in contexts:
-        decoders = [(e.result, e.decoder(context, gen)) for e in engines]
-        times: dict[str, list[float]] = {result.name: [] for result, _ in decoders}
-        for _ in range(args.rounds):
-            for result, decoder in decoders:
-                decoder.step()
-                for _ in range(math.ceil(steps[result.name] / args.rounds)):
-                    times[result.name].append(timed(decoder.step, args.device))
-        for result, decoder in decoders:
-            decoder.close()
-            result.decode_ms[context] = 1000 * statistics.median(times[result.name])
-            print(f"  {result.name:<13} ctx {context:>6}: {result.decode_ms[context]:8.1f} ms/token", flush=True)
-        gc.collect()
+        for engine, times in _timed_turns(engines, context, 1, gen, args).items():
+            engine.result.decode_ms[context] = 1000 * statistics.median(times)
+            print(f"  {engine.result.name:<13} ctx {context:>6}: {engine.result.decode_ms[context]:8.2f} ms/token", flush=True)
+
+
+def measure_batch_decode(engines: list, args) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for batch in args.batch_sizes:
+        for engine, times in _timed_turns(engines, args.batch_context, batch, gen, args).items():
+            engine.result.batch_decode_tokens_per_s[batch] = batch / statistics.median(times)
+            print(f"  {engine.result.name:<13} batch {batch:>3} @ {args.batch_context}: "
+                  f"{engine.result.batch_decode_tokens_per_s[batch]:8.1f} tok/s aggregate", flush=True)  # fmt: skip
+
+
+def _timed_turns(engines: list, context: int, batch: int, gen: torch.Generator, args) -> dict:
+    """Seconds per decode step for each engine whose decoder could be built."""
+    steps = {"glmcode": args.decode_steps, "transformers": args.hf_decode_steps}
+    label = f"decode ctx {context} batch {batch}"
+    decoders = {engine: attempt(engine, label, lambda engine=engine: engine.decoder(context, gen, batch))
+                for engine in engines}  # fmt: skip
+    decoders = {engine: decoder for engine, decoder in decoders.items() if decoder is not None}
+    times: dict = {engine: [] for engine in decoders}
+    for _ in range(args.rounds):
+        for engine, decoder in decoders.items():
+            turn = math.ceil(steps[engine.result.name] / args.rounds)
+            attempt(engine, label, lambda d=decoder, t=times[engine], n=turn: _turn(d, t, n, args.device))
+    for decoder in decoders.values():
+        decoder.close()
+    release(args.device)
+    return {engine: t for engine, t in times.items() if t}
+
+
+def _turn(decoder, times: list[float], steps: int, device: str) -> None:
+    decoder.step()
+    for _ in range(steps):
+        times.append(timed(decoder.step, device))
+
+
+def measure_kernels(engine, args) -> None:
+    """Kernels of one batch-1 decode step at context 512: replayed and eager for the kernel path."""
+    decoder = engine.decoder(min(512, max(args.contexts)), torch.Generator().manual_seed(4))
+    decoder.step()
+    variants = {"step": decoder.step}
+    if isinstance(decoder, GlmcodeDecoder) and decoder.llm.runner is not None:
+        variants = {"graph replay" if decoder.llm.runner.use_graphs else "padded step": decoder.step,
+                    "eager": decoder.eager_step}  # fmt: skip
+    for name, step in variants.items():
+        step()
+        count, top = profile_step(step, args.device)
+        engine.result.kernels_per_decode_step[name] = count
+        if not engine.result.top_kernels or name == "eager":
+            engine.result.top_kernels = top
+        print(f"  {engine.result.name:<13} kernels per decode step ({name}): {count}", flush=True)
+    decoder.close()
+
+
+def measure_fit(engine, args) -> None:
+    """Decode at --fit-context tokens: peak memory of the whole engine against 80 GB."""
+    context = args.fit_context
+    decoder = engine.decoder(context, torch.Generator().manual_seed(5))
+    times = []
+    _turn(decoder, times, 4, args.device)
+    decoder.close()
+    fit = {"context": context, "decode_ms": round(1000 * statistics.median(times), 2),
+           "cache_tokens": engine.llm.blocks.num_blocks * engine.llm.block_size,
+           "kv_cache_gb": round(engine.llm.kv_cache.data.nbytes / 1e9, 2)}  # fmt: skip
+    if args.device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        fit |= {"peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+                "device_in_use_gb": round((total - free) / 1e9, 2)}  # fmt: skip
+        fit["fits_80GB"] = max(fit["peak_reserved_gb"], fit["device_in_use_gb"]) <= FIT_LIMIT_GB
+    else:
+        fit["peak_rss_gb"] = round(_proc_status_mb("VmHWM:") * 2**20 / 1e9, 2)
+    engine.result.fit = fit
+    print(f"  {engine.result.name:<13} fit at {context}: {fit}", flush=True)
+
+
+def measure(engines: list, contexts: list[int], args) -> None:
+    measure_prefill(engines, args)
+    measure_decode(engines, contexts, args)
+    measure_batch_decode(engines, args)
+    for engine in engines:
+        attempt(engine, "kernel count", lambda engine=engine: measure_kernels(engine, args))
+        if args.fit_context and isinstance(engine, GlmcodeEngine):
+            attempt(engine, "fit", lambda engine=engine: measure_fit(engine, args))
 
 
 # ----- main -----
@@ -274,46 +466,69 @@ def fill_random(model, model_dir, *, progress: bool = True) -> None:
         tensor.normal_(0, 0.02)
 
 
-def print_table(results: list[EngineResult], contexts: list[int]) -> None:
+def print_table(results: list[EngineResult], contexts: list[int], args) -> None:
     ours, hf = results[0], (results[1] if len(results) > 1 else None)
+
+    def theirs(metric: dict, key):
+        return hf and metric(hf).get(key)
+
+    rows = []
+    for n in args.prefill_tokens:
+        rows.append((f"prefill tok/s @ {n}", ours.prefill_tokens_per_s.get(n), theirs(lambda r: r.prefill_tokens_per_s, n), True))
+    for c in contexts:
+        rows.append((f"decode tok/s @ {c}", ours.decode_tokens_per_s().get(c), theirs(lambda r: r.decode_tokens_per_s(), c), True))
+    for b in args.batch_sizes:
+        rows.append((f"batch {b} tok/s @ {args.batch_context}", ours.batch_decode_tokens_per_s.get(b),
+                     theirs(lambda r: r.batch_decode_tokens_per_s, b), True))  # fmt: skip
+    for c in contexts:
+        rows.append((f"decode ms/token @ {c}", ours.decode_ms.get(c), theirs(lambda r: r.decode_ms, c), False))
+    for name, count in ours.kernels_per_decode_step.items():
+        hf_count = hf and next(iter(hf.kernels_per_decode_step.values()), None)
+        rows.append((f"kernels/step ({name})", count, hf_count, False))
+    rows.append(("peak memory MiB", ours.peak_memory_mb, hf and hf.peak_memory_mb, False))
+    rows.append(("weights MiB", ours.weights_mb, hf and hf.weights_mb, False))
     print()
-    print(f"{'metric':<28}{'glmcode':>14}{'transformers':>14}{'ratio':>9}")
-    rows = [("prefill tok/s", ours.prefill_tokens_per_s, hf and hf.prefill_tokens_per_s)]
-    for c in contexts:
-        rows.append((f"decode tok/s @ {c}", ours.decode_tokens_per_s()[c], hf and hf.decode_tokens_per_s()[c]))
-    for c in contexts:
-        rows.append((f"decode ms/token @ {c}", ours.decode_ms[c], hf and hf.decode_ms[c]))
-    rows.append(("peak memory MiB", ours.peak_memory_mb, hf and hf.peak_memory_mb))
-    rows.append(("weights MiB", ours.weights_mb, hf and hf.weights_mb))
-    for name, a, b in rows:
-        ratio = ""
-        if b:
-            ratio = f"{(b / a if 'ms/token' in name or 'MiB' in name else a / b):8.2f}x"
-        print(f"{name:<28}{a:>14.2f}{(f'{b:.2f}' if b else '-'):>14}{ratio:>9}")
-    slowdown = ours.decode_ms[contexts[-1]] / ours.decode_ms[contexts[0]]
-    print(f"\nglmcode ms/token at {contexts[-1]} vs {contexts[0]}: {slowdown:.2f}x")
+    print(f"{'metric':<30}{'glmcode':>14}{'transformers':>14}{'ratio':>9}")
+    for name, a, b, higher_is_better in rows:
+        ratio = f"{(a / b if higher_is_better else b / a):8.2f}x" if a and b else ""
+        print(f"{name:<30}{(f'{a:.2f}' if a else '-'):>14}{(f'{b:.2f}' if b else '-'):>14}{ratio:>9}")
+    if ours.fit:
+        print(f"\nfit check: {ours.fit}")
+    for result in results:
+        for label, error in result.errors.items():
+            print(f"{result.name} {label}: {error}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="glmcode engine vs HF transformers")
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    parser.add_argument("--contexts", default="512,4096,16384", help="decode context lengths")
-    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--contexts", type=ints, default=[512, 4096, 16384], help="batch-1 decode context lengths")
+    parser.add_argument("--prefill-tokens", type=ints, default=[512], help="prompt lengths for prefill")
     parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=ints, default=[], help="aggregate decode at these batch sizes")
+    parser.add_argument("--batch-context", type=int, default=512, help="context of each sequence of a batch")
+    parser.add_argument("--fit-context", type=int, default=0, help="decode at this context and check peak memory")
     parser.add_argument("--decode-steps", type=int, default=16, help="timed glmcode decode steps per context")
     parser.add_argument("--hf-decode-steps", type=int, default=4, help="timed transformers decode steps")
     parser.add_argument("--rounds", type=int, default=4, help="turns each engine takes per context")
-    parser.add_argument("--skip-hf", action="store_true", help="glmcode only (e.g. --config full)")
+    parser.add_argument("--skip-hf", action="store_true", help="glmcode only")
+    parser.add_argument("--kernel-path", action="store_true", help="the CUDA path's code even on a CPU")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    contexts = [int(c) for c in args.contexts.split(",")]
-
-    max_context = max(contexts) + max(args.decode_steps, args.hf_decode_steps) + 4
+    contexts = args.contexts
+    cache_tokens = cache_tokens_needed(args, contexts)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else (os.uname().machine + " cpu")
+    print(f"device: {device_name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="glmcode-bench-") as tmp:
         started = time.perf_counter()
         # The real-size model (60 GB of bf16) is never written: its weights are filled in place.
@@ -321,34 +536,49 @@ def main() -> None:
         path = write_checkpoint(args.config, Path(tmp), args.dtype, with_weights=not in_place)
         if in_place:
             llm_module.load_checkpoint = fill_random
-            args.skip_hf = True  # transformers would need its own copy of the weights
+            args.skip_hf = args.skip_hf or args.device == "cpu"  # transformers would need its own copy
         print(f"random {args.config} checkpoint written in {time.perf_counter() - started:.0f}s", flush=True)
-        engines = [GlmcodeEngine(path, args, max_context)]
-        if not args.skip_hf:
-            engines.append(TransformersEngine(path, args, max_context))
-        measure_prefill(engines, args)
-        measure_decode(engines, contexts, args)
-        results = [engine.result for engine in engines]
+        makers = [GlmcodeEngine] + ([] if args.skip_hf else [TransformersEngine])
+        results = []
+        if args.device == "cuda":  # one after the other: two copies of the weights may not fit
+            for make in makers:
+                engine = make(path, args, cache_tokens)
+                measure([engine], contexts, args)
+                results.append(engine.result)
+                engine.close()
+                del engine
+                release(args.device)
+        else:
+            engines = [make(path, args, cache_tokens) for make in makers]
+            measure(engines, contexts, args)
+            results = [engine.result for engine in engines]
 
-    print_table(results, contexts)
+    print_table(results, contexts, args)
     report = {
         "config": args.config,
         "device": args.device,
+        "device_name": device_name,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
+        "engines_ran": "one after the other" if args.device == "cuda" else "interleaved",
         "decode_context_fill": "random latents written into each engine's own cache",
-        "decode_timing": "median of timed steps; the engines take turns in rounds, first step of a turn untimed",
+        "decode_timing": "median of timed steps; the first step of a turn untimed",
+        "kernel_count": "CUDA kernels of one batch-1 decode step at context 512 (top-level aten ops on a CPU)",
         "peak_memory": "peak increase over the memory in use before loading (RSS on CPU)",
-        "results": [
-            {**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s()} for r in results
-        ],
+        "results": [{**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s()} for r in results],
     }
     if len(results) == 2:
         ours, hf = results
-        report["speedup_decode"] = {c: hf.decode_ms[c] / ours.decode_ms[c] for c in contexts}
-        report["speedup_prefill"] = ours.prefill_tokens_per_s / hf.prefill_tokens_per_s
+        report["speedup_decode"] = {c: hf.decode_ms[c] / ours.decode_ms[c] for c in contexts
+                                    if c in hf.decode_ms and c in ours.decode_ms}  # fmt: skip
+        report["speedup_batch_decode"] = {b: ours.batch_decode_tokens_per_s[b] / hf.batch_decode_tokens_per_s[b]
+                                          for b in args.batch_sizes if b in hf.batch_decode_tokens_per_s
+                                          and b in ours.batch_decode_tokens_per_s}  # fmt: skip
+        report["speedup_prefill"] = {n: ours.prefill_tokens_per_s[n] / hf.prefill_tokens_per_s[n]
+                                     for n in args.prefill_tokens if n in hf.prefill_tokens_per_s
+                                     and n in ours.prefill_tokens_per_s}  # fmt: skip
     out = args.json or ROOT / "bench-results" / f"engine-{args.config}-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -53,10 +53,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: float32 [vocab] for one position."""
-        logits = logits[: self.num_real_tokens].float().cpu()
+        logits = logits[: self.num_real_tokens]
         p = self.params
         if p.temperature == 0:
-            return int(torch.argmax(logits))
+            return int(torch.argmax(logits))  # where the logits are: one number crosses to the host
+        logits = logits.float().cpu()
         logits = logits / p.temperature
         if 0 < p.top_k < logits.shape[0]:
             kth = torch.topk(logits, p.top_k).values[-1]

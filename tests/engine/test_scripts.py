@@ -35,13 +35,32 @@ def test_bench_engine_reports_both_engines(tmp_path: Path):
     out = tmp_path / "bench.json"
     done = run_script("scripts/bench_engine.py", "--config", "tiny", "--contexts", "64,256",
                       "--prefill-tokens", "32", "--prefill-repeats", "1", "--decode-steps", "2",
-                      "--hf-decode-steps", "1", "--rounds", "1", "--threads", "1", "--json", str(out))  # fmt: skip
+                      "--hf-decode-steps", "1", "--rounds", "1", "--batch-sizes", "2", "--threads", "1",
+                      "--json", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "decode tok/s @ 256" in done.stdout
+    assert "decode tok/s @ 256" in done.stdout and "batch 2 tok/s @ 512" in done.stdout
     report = json.loads(out.read_text())
     names = [r["name"] for r in report["results"]]
     assert names == ["glmcode", "transformers"]
     for result in report["results"]:
-        assert result["prefill_tokens_per_s"] > 0
+        assert result["prefill_tokens_per_s"]["32"] > 0
         assert set(result["decode_tokens_per_s"]) == {"64", "256"}
+        assert result["batch_decode_tokens_per_s"]["2"] > 0
+        assert list(result["kernels_per_decode_step"].values())[0] > 0  # top-level ops on a CPU
+        assert not result["errors"]
     assert set(report["speedup_decode"]) == {"64", "256"}
+
+
+def test_bench_engine_runs_the_kernel_path_with_its_fit_check(tmp_path: Path):
+    """The CUDA path's bench code (padded decode buckets, eager profile, fit check) on a CPU."""
+    out = tmp_path / "bench.json"
+    done = run_script("scripts/bench_engine.py", "--config", "tiny", "--kernel-path", "--skip-hf",
+                      "--contexts", "128", "--prefill-tokens", "100", "--prefill-repeats", "1",
+                      "--decode-steps", "2", "--rounds", "1", "--batch-sizes", "3", "--fit-context", "1000",
+                      "--threads", "1", "--json", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(out.read_text())["results"]
+    assert set(result["kernels_per_decode_step"]) == {"padded step", "eager"}
+    assert result["top_kernels"] and result["batch_decode_tokens_per_s"]["3"] > 0
+    assert result["fit"]["context"] == 1000 and result["fit"]["cache_tokens"] >= 1000
+    assert not result["errors"]

@@ -15,7 +15,7 @@ Contracts (B sequences, T tokens, H heads, Dl = 512 latent, Dr = 64 rope, E expe
 - fused_moe(x [T,Hd], w13 [E,2I,Hd], w2 [E,Hd,I], topk_ids [T,k], topk_weights [T,k]) -> [T,Hd]
   Sum over slots of weight * down(silu(gate(x)) * up(x)). Fold the shared expert in with
   stack_shared_expert (weights, once at load) and with_shared_expert (routing, per call).
-  On CUDA, batches above FUSED_MOE_MAX_TOKENS go to grouped_moe.
+  On CUDA, bf16 batches above FUSED_MOE_MAX_TOKENS go to grouped_moe.
 - grouped_moe(...) same contract via torch._grouped_mm, for prefill (see grouped_mm_available).
 - rms_norm(x, weight, eps); add_rms_norm(x, residual, weight, eps) -> (normed, x + residual).
 - rope_interleaved_(q_pe [T,N,Dr], k_pe [T,Dr], positions [T], cos_sin, deinterleave=False):
@@ -99,7 +99,7 @@ def absorbed_mla_decode(q_nope, q_pe, w_uk, w_uv, kv_cache, block_tables, seq_le
 
 def fused_moe(x, w13, w2, topk_ids, topk_weights):
     if uses_triton(x):
-        if x.shape[0] > FUSED_MOE_MAX_TOKENS and grouped_mm_available(x.device):
+        if x.shape[0] > FUSED_MOE_MAX_TOKENS and x.dtype == torch.bfloat16 and grouped_mm_available(x.device):
             return grouped_moe(x, w13, w2, topk_ids, topk_weights)
         from glmcode.engine.kernels import triton_moe
 
