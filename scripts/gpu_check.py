@@ -1,17 +1,25 @@
-"""The prepared device check: GPU kernels against their PyTorch references, then their speed.
+"""The prepared device check: GPU kernels against their PyTorch references, the engine's CUDA path
+against the CPU engine, the engine's full-size benchmark against transformers, kernel timings.
 
-On an H100/H200 (torch + triton; about 3 minutes, most of it Triton compiles):
-    PYTHONPATH=. python scripts/gpu_check.py --out "$OUT/gpu_check.json"
+The device command for issue 8 (one H100 or H200; one call, about 7-8 minutes, under the 600 s
+limit of one command; give it timeout_s=590):
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --sections checks,engine,bench,mla,moe,ops --out "$OUT/gpu_check.json"
+Sections run in that order and the report is rewritten after each, so a cut-off run still returns
+everything finished before the cut; a timing section that would start after --deadline-s is skipped.
+Without the full-size bench (about 3 minutes): drop `bench` from --sections.
 CPU smoke run of the same code with tiny shapes, in Triton's interpreter (about 15 s):
     PYTHONPATH=. python scripts/gpu_check.py --device cpu
 
 Prints one JSON document: device, versions, `checks` (max error against the reference and a
-pass flag per case; the exit status is 1 if any fails), `timings` (milliseconds per call,
-eager and replayed from a CUDA graph, with the reference in the same run and the effective
-bandwidth) and `engine` (the bf16 engine on this device against the float32 CPU engine on a
-tiny checkpoint: greedy tokens for 32 steps and logits; skipped while the engine is absent).
-Sections: --sections checks,mla,moe,ops,engine (the default) and, opt-in, bench: the engine's
-full-size benchmark, `scripts/bench_engine.py --config full --device cuda`, against transformers.
+pass flag per case; the exit status is 1 if any fails), `engine` (the bf16 engine on this device,
+i.e. the CUDA kernel path with its graphs, against the float32 CPU engine on a tiny checkpoint:
+greedy tokens for 32 steps and teacher-forced logits, also with an fp8 KV cache; graph replay
+against eager launch; a batch against one at a time), `bench` (scripts/bench_engine.py --config
+full --device cuda BENCH_ARGS: prefill 4K / 32K, batch-1 decode at 512 / 8K / 32K / 128K, batch
+8 / 32 aggregate, kernels per decode step, peak memory, a 200K-token context beside the bf16
+weights, and the same for transformers with grouped_mm experts, in the same run on the same GPU)
+and `timings` (milliseconds per kernel call, eager and replayed from a CUDA graph, with the
+reference in the same run and the effective bandwidth).
 """
 
 from __future__ import annotations
@@ -61,15 +69,22 @@ TINY = Shapes(
 )
 
 BF16_TOLERANCE = 3e-2
+# The issue's measurements in one bench run (full shapes, bf16, glmcode then transformers): batch-1
+# decode at 512..128K, batch 8 / 32 aggregate, prefill 4K / 32K, kernels per step, a 200K fit.
+BENCH_ARGS = ("--contexts 512,8192,32768,131072 --prefill-tokens 4096,32768 --prefill-repeats 2 "
+              "--batch-sizes 8,32 --batch-context 512 --fit-context 200000 --decode-steps 24 "
+              "--hf-decode-steps 3 --rounds 1")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--sections", default="checks,mla,moe,ops,engine",
-                        help="comma-separated subset of checks,mla,moe,ops,engine,bench")
-    parser.add_argument("--bench-args", default="--contexts 512,8192,32768,131072",
-                        help="extra arguments for scripts/bench_engine.py (bench section)")
+    parser.add_argument("--sections", default="checks,engine,mla,moe,ops",
+                        help="comma-separated subset of checks,engine,bench,mla,moe,ops (run in that order)")
+    parser.add_argument("--bench-args", default=BENCH_ARGS, help="arguments for scripts/bench_engine.py (bench section)")
+    parser.add_argument("--bench-timeout", type=int, default=400, help="seconds the bench section may take at most")
+    parser.add_argument("--deadline-s", type=int, default=570,
+                        help="no section starts after this many seconds; the bench stops by then")
     parser.add_argument("--out", help="also write the JSON here")
     return parser.parse_args()
 
@@ -97,76 +112,169 @@ def main() -> int:
     }
     sections = set(args.sections.split(","))
     started = time.perf_counter()
-    if "checks" in sections:
-        report["checks"] = guarded(bench.run_checks, report, "checks") or []
-    for section, key, run in (("mla", "mla_decode", bench.time_mla), ("moe", "fused_moe", bench.time_moe),
-                              ("ops", "small_ops", bench.time_small_ops)):
-        if section in sections:
-            report["timings"][key] = guarded(run, report, section)
-    if "engine" in sections:
-        report["engine"] = guarded(lambda: engine_check(device), report, "engine")
-    if "bench" in sections:
-        report["bench"] = guarded(lambda: engine_bench(args.bench_args), report, "bench")
+
+    def time_left() -> float:
+        return args.deadline_s - (time.perf_counter() - started)
+
+    def run_bench() -> dict:
+        bench.release_memory()  # the benchmark's engines need the GPU to themselves
+        return engine_bench(args.bench_args, int(min(args.bench_timeout, time_left())))
+
+    plan = [
+        ("checks", lambda: report.__setitem__("checks", guarded(bench.run_checks, report, "checks") or [])),
+        ("engine", lambda: report.__setitem__("engine", guarded(lambda: engine_check(device), report, "engine"))),
+        ("bench", lambda: report.__setitem__("bench", guarded(run_bench, report, "bench"))),
+        ("mla", lambda: report["timings"].__setitem__("mla_decode", guarded(bench.time_mla, report, "mla"))),
+        ("moe", lambda: report["timings"].__setitem__("fused_moe", guarded(bench.time_moe, report, "moe"))),
+        ("ops", lambda: report["timings"].__setitem__("small_ops", guarded(bench.time_small_ops, report, "ops"))),
+    ]
+    for section, run in plan:
+        if section not in sections:
+            continue
+        if time_left() <= 0:
+            report.setdefault("skipped", []).append(section)
+            continue
+        run()
+        finish(report, started, args.out)
+    print(json.dumps(report, indent=1))
+    return 0 if report["all_checks_pass"] else 1
+
+
+def finish(report: dict, started: float, out: str | None) -> None:
+    """Settle the verdict and rewrite the report file (atomically) with what is done so far."""
     engine_checks = (report.get("engine") or {}).get("checks", [])
     report["all_checks_pass"] = not report.get("errors") and all(
         check["ok"] for check in report["checks"] + engine_checks)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    if out:
+        partial = f"{out}.partial"
+        with open(partial, "w") as handle:
+            handle.write(json.dumps(report, indent=1) + "\n")
+        os.replace(partial, out)
 
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text + "\n")
-    return 0 if report["all_checks_pass"] else 1
+
+# The engine check's checkpoint: rope dims of 16 (tl.dot needs K >= 16 on a GPU), and every
+# routed expert selected, so bf16 noise cannot flip a top-k choice (a flip moves the logits by
+# ~1 in a random model; the fused MoE's routing is checked by the kernel checks above).
+ENGINE_CHECKPOINT_ARGS = ("--seed", "0", "--set", "qk_rope_head_dim=16", "--set", "num_experts_per_tok=8")
+# bf16 vs float32 logits on that checkpoint differ by ~0.035 (median) and at most ~0.07 per
+# position (CPU measurements, both engine paths); a greedy mismatch where the reference's top two
+# logits are closer than this is a tie, not an error.
+NEAR_TIE = 0.1
 
 
 def engine_check(device) -> dict:
-    """The engine in bf16 on `device` against the float32 CPU engine on a tiny random checkpoint."""
-    import torch
-
+    """The engine in bf16 on `device` (the CUDA kernel path) against the float32 CPU engine on a
+    tiny random checkpoint, through the public API; then the kernel path's own consistency."""
     maker = ROOT / "scripts" / "make_tiny_checkpoint.py"
     try:
         from glmcode.engine import LLM, SamplingParams
     except ImportError as error:
         return {"skipped": f"the engine is not importable: {error}"}
-    if not maker.exists():
-        return {"skipped": f"{maker} is missing"}
     with tempfile.TemporaryDirectory() as checkpoint:
-        subprocess.run([sys.executable, str(maker), checkpoint, "--seed", "0"], check=True, capture_output=True)
+        subprocess.run([sys.executable, str(maker), checkpoint, *ENGINE_CHECKPOINT_ARGS], check=True, capture_output=True)
         reference = LLM(checkpoint, device="cpu", dtype="float32", progress=False)
-        candidate = LLM(checkpoint, device=device.type, dtype="bfloat16", progress=False)
         prompt = reference.tokenizer.encode("def fibonacci(n: int) -> int:\n    if n < 2:")
         params = SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[])
         want = reference.generate(prompt, params).token_ids
-        got = candidate.generate(prompt, params).token_ids
         want_logits = reference.score(prompt + want).float()
-        got_logits = candidate.score(prompt + want).float()
-    mismatch = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
-    error = (got_logits - want_logits).abs().max().item()
-    scale = want_logits.abs().max().item()
-    top1 = (got_logits.argmax(-1) == want_logits.argmax(-1)).float().mean().item()
+        top2 = want_logits.topk(2, -1).values
+        margins = top2[:, 0] - top2[:, 1]
+
+        def compare(label: str, llm, noise: float = 1.0) -> list[dict]:
+            """noise: how much more rounding this variant adds than bf16 (fp8 latents: about 2x)."""
+            got = llm.generate(prompt, params).token_ids
+            return [greedy_check(label, got, want, margins, len(prompt), noise * NEAR_TIE),
+                    logits_check(label, llm.score(prompt + want).float(), want_logits, margins,
+                                 noise * BF16_TOLERANCE, noise * NEAR_TIE)]  # fmt: skip
+
+        cpu_bf16 = LLM(checkpoint, device="cpu", dtype="bfloat16", progress=False)
+        baseline = compare("CPU engine bf16 (baseline, not checked)", cpu_bf16)
+        # kernel_path: the default on CUDA; in the CPU smoke run, the same code on the references.
+        on_device = {"device": device.type, "dtype": "bfloat16", "kernel_path": True, "progress": False}
+        candidate = LLM(checkpoint, **on_device)
+        fp8 = LLM(checkpoint, kv_cache_dtype="fp8", **on_device)
+        checks = compare("bf16", candidate)
+        checks += compare("bf16 + fp8 KV cache", fp8, noise=2.0)
+        checks += decode_consistency_checks(candidate, prompt + want)
     return {
         "prompt_tokens": len(prompt),
-        "checks": [
-            {"name": "engine greedy 32 tokens, bf16 vs fp32 CPU", "ok": got == want, "first_mismatch": mismatch},
-            {"name": "engine logits, bf16 vs fp32 CPU", "max_abs_err": error, "ref_max_abs": scale,
-             "top1_agreement": top1, "ok": bool(torch.isfinite(got_logits).all()) and error <= BF16_TOLERANCE * max(scale, 1.0)},
-        ],
+        "checkpoint_args": " ".join(ENGINE_CHECKPOINT_ARGS),
+        "kernel_path": candidate.runner is not None,
+        "cuda_graph_buckets": sorted(candidate.runner.graphed.graphs) if candidate.runner else [],
+        "baseline_cpu_bf16": baseline,
+        "checks": checks,
     }
 
 
-def engine_bench(extra_args: str) -> dict:
+def greedy_check(label: str, got: list[int], want: list[int], margins, prompt_len: int, near_tie: float) -> dict:
+    """Greedy tokens equal for 32 steps, or first differ where the reference itself is tied."""
+    mismatch = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+    margin = None if mismatch is None else round(margins[prompt_len - 1 + mismatch].item(), 4)
+    return {"name": f"engine greedy 32 tokens, {label} vs fp32 CPU", "first_mismatch": mismatch,
+            "reference_margin_there": margin, "tie_below": near_tie, "ok": mismatch is None or margin < near_tie}
+
+
+def logits_check(label: str, got, want, margins, tolerance: float, near_tie: float) -> dict:
+    """Teacher-forced logits: per-position error bounded, top-1 equal wherever it is not a tie."""
+    import torch
+
+    row_error = (got - want).abs().amax(-1)
+    scale = want.abs().max().item()
+    top1 = (got.argmax(-1) == want.argmax(-1))[margins > near_tie].float().mean().item()
+    error = row_error.max().item()
+    return {"name": f"engine logits, {label} vs fp32 CPU", "max_abs_err": error,
+            "median_row_err": row_error.median().item(), "ref_max_abs": scale, "untied_top1_agreement": top1,
+            "ok": bool(torch.isfinite(got).all()) and error <= tolerance * max(scale, 1.0) and top1 == 1.0}
+
+
+def decode_consistency_checks(llm, tokens: list[int]) -> list[dict]:
+    """Three sequences decoded in one padded bucket: graph replay == eager launch, and each row
+    == that sequence decoded alone."""
+    import torch
+
+    from glmcode.engine import SamplingParams
+
+    if llm.runner is None:
+        return []
+    requests = [llm._new_request(tokens[:n], SamplingParams(temperature=0)) for n in (7, 19, len(tokens) - 1)]
+    with torch.inference_mode():
+        for request in requests:
+            assert llm.blocks.allocate(request.seq)
+            llm._prefill(request)
+            request.seq.token_ids.append(tokens[len(request.seq)])
+            assert llm.blocks.grow(request.seq, len(request.seq))
+        seqs = [r.seq for r in requests]
+        replayed = llm.runner.decode(seqs).float().cpu()
+        eager = llm.runner.decode_eager(seqs).float().cpu()
+        alone = torch.cat([llm.runner.decode([seq]) for seq in seqs]).float().cpu()
+    for request in requests:
+        llm.blocks.free_sequence(request.seq)
+    scale = max(eager.abs().max().item(), 1.0)
+    graph_error = (replayed - eager).abs().max().item()
+    batch_error = (replayed - alone).abs().max().item()
+    return [
+        {"name": "engine decode, CUDA graph replay vs eager (batch 3 in bucket 4)", "max_abs_err": graph_error,
+         "ok": graph_error <= 1e-3 * scale},
+        {"name": "engine decode, batch of 3 vs one at a time", "max_abs_err": batch_error,
+         "ok": batch_error <= BF16_TOLERANCE * scale},
+    ]
+
+
+def engine_bench(extra_args: str, timeout_s: int) -> dict:
     """Run the engine's full-size benchmark (glmcode vs transformers) and keep its JSON."""
     script = ROOT / "scripts" / "bench_engine.py"
-    if not script.exists():
-        return {"skipped": f"{script} is missing"}
     with tempfile.TemporaryDirectory() as out_dir:
         out = Path(out_dir) / "bench.json"
         command = [sys.executable, str(script), "--config", "full", "--device", "cuda", "--json", str(out),
                    *extra_args.split()]
-        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        result = {"command": " ".join(command[1:]), "returncode": completed.returncode,
-                  "output_tail": (completed.stdout + completed.stderr)[-4000:]}
+        try:
+            completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s)
+            returncode, output = completed.returncode, completed.stdout + completed.stderr
+        except subprocess.TimeoutExpired as expired:
+            returncode = "timeout"
+            output = (expired.stdout or b"").decode(errors="replace") + (expired.stderr or b"").decode(errors="replace")
+        result = {"command": " ".join(command[1:]), "returncode": returncode, "output_tail": output[-6000:]}
         if out.exists():
             result["results"] = json.loads(out.read_text())
     return result
@@ -195,6 +303,15 @@ class Bench:
         self._expert_weights = None
 
     # ---- inputs ------------------------------------------------------------------------------
+
+    def release_memory(self) -> None:
+        """Drop the cached expert stacks and hand freed blocks back to the driver."""
+        import gc
+
+        self._expert_weights = None
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
 
     def randn(self, *shape, scale=1.0, dtype=None):
         values = self.torch.randn(*shape, generator=self.device_gen, device=self.device) * scale

@@ -117,9 +117,10 @@ class KernelAttention:
         """[T, N, P] + [T, N, R] of the context's last T tokens -> [T, N, V], through SDPA."""
         rows = cache.gather(context.block_table, context.length).to(q_nope.dtype)  # [S, L + R]
         latent, k_pe = rows.split([self.latent_dim, self.rope_dim], -1)
-        k_nope = torch.matmul(latent, self.w_uk_t)  # [N, S, P]
-        keys = torch.cat([k_nope, k_pe.expand(self.num_heads, -1, -1)], -1)
-        values = torch.matmul(latent, self.w_uv_t)  # [N, S, V]
+        # Per-head keys [N, S, P + R] (the nope part is freed straight away) and values [N, S, V]:
+        # about 4 GB at a 200K context, so a full context still prefills beside the weights.
+        keys = torch.cat([torch.matmul(latent, self.w_uk_t), k_pe.expand(self.num_heads, -1, -1)], -1)
+        values = torch.matmul(latent, self.w_uv_t)
         queries = torch.cat([q_nope, q_pe], -1).transpose(0, 1)  # [N, T, P + R]
         num_queries = queries.shape[1]
         if num_queries == context.length:
@@ -196,6 +197,8 @@ class CudaRunner:
     def __init__(self, model: GlmMoeLite, kv_cache: KVCache, *, max_batch: int, max_context: int, scratch_slot: int):
         config = model.config
         check_plain_weights(model)
+        if kv_cache.data.is_cuda:
+            check_triton_dims(config.kv_lora_rank, config.qk_rope_head_dim)
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.data.device
@@ -331,6 +334,13 @@ def stack_with_shared_expert(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     experts.down_proj = nn.Parameter(w2[:-1], requires_grad=False)
     shared.down_proj.weight = nn.Parameter(w2[-1], requires_grad=False)
     return w13, w2
+
+
+def check_triton_dims(latent_dim: int, rope_dim: int) -> None:
+    """The Triton MLA kernel multiplies [heads, dim] tiles with tl.dot: powers of two, at least 16."""
+    for name, dim in (("kv_lora_rank", latent_dim), ("qk_rope_head_dim", rope_dim)):
+        if dim < 16 or dim & (dim - 1):
+            raise UsageError(f"{name} = {dim}: the CUDA kernel path needs a power of two >= 16")
 
 
 def check_plain_weights(model: GlmMoeLite) -> None:

@@ -22,7 +22,7 @@ def test_cpu_smoke_run_passes_every_kernel_check_and_times_every_kernel(tmp_path
     env.pop("TRITON_INTERPRET", None)  # the script sets it itself for --device cpu
     completed = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--out", str(out),
-         "--sections", "checks,mla,moe,ops"],  # the engine section is the engine's business on CPU
+         "--sections", "checks,engine,mla,moe,ops"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -37,3 +37,6 @@ def test_cpu_smoke_run_passes_every_kernel_check_and_times_every_kernel(tmp_path
     assert [(row["batch"], row["context"]) for row in mla_rows] == [(1, 24), (2, 40)]
     assert all(row["triton_ms"] > 0 and row["reference_ms"] > 0 for row in mla_rows)
     assert {row["op"] for row in report["timings"]["small_ops"]} == {"add_rms_norm", "silu_mul", "rope_q_and_k"}
+    engine = report["engine"]  # the kernel path on the references, against the fp32 CPU engine
+    assert engine["kernel_path"] and len(engine["checks"]) == 6
+    assert all(check["ok"] for check in engine["checks"])
