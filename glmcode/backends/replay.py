@@ -79,12 +79,10 @@ class ReplayBackend:
                 return
             for event in parser.feed(text[start : start + self.chunk_size]):
                 called_tools |= isinstance(event, ToolCall)
-                if not isinstance(event, Finish):
-                    yield event
+                yield event
         for event in parser.finish():
             called_tools |= isinstance(event, ToolCall)
-            if not isinstance(event, Finish):
-                yield event
+            yield event
         prompt = render(messages, tools or None, enable_thinking=thinking.enabled, clear_thinking=thinking.clear_thinking)
         yield Usage(prompt_tokens=_estimate_tokens(prompt), completion_tokens=_estimate_tokens(text))
         yield Finish("tool_calls" if called_tools else "stop")
