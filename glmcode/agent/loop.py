@@ -227,7 +227,7 @@ class Agent:
                 return
             except ContextOverflow as exc:
                 if attempt == 2 or not step.is_empty or self.compact(cancel=self._run.cancel) is None:
-                    step.error = f"{exc} (even after compacting the conversation)"
+                    step.error = f"{exc} (even after compacting the conversation)" if attempt == 2 else str(exc)
                     return
             except GlmcodeError as exc:
                 step.error = str(exc)

@@ -273,3 +273,50 @@ def test_system_prompt_includes_instructions(tmp_path, name):
     (tmp_path / name).write_text("Always use tabs.")
     agent, _, _ = make_agent(tmp_path, [])
     assert "Always use tabs." in agent.messages[0]["content"]
+
+
+def test_error_event_mid_stream_keeps_partial_and_answers_calls(tmp_path):
+    from glmcode.events import Error
+
+    steps = [[ContentDelta("Working"), ToolCall("read_note", {"name": "a"}), Error("connection reset")]]
+    agent, _, _ = make_agent(tmp_path, steps)
+    result = agent.run("go")
+    assert (result.status, result.error) == ("error", "connection reset")
+    assert agent.messages[-2]["content"] == "Working"
+    assert tool_results(agent) == ["Error: not run: connection reset."]
+
+
+def test_ids_from_the_backend_are_kept(tmp_path):
+    steps = [[ToolCall("read_note", {"name": "a"}, id="call_remote_1"), Finish("tool_calls")], answer("ok")]
+    agent, _, _ = make_agent(tmp_path, steps)
+    agent.run("go")
+    assert agent.messages[2]["tool_calls"][0]["id"] == "call_remote_1"
+    assert agent.messages[3]["tool_call_id"] == "call_remote_1"
+
+
+class BrokenCheckpoints(Checkpoints):
+    def snapshot(self, label, paths=None):
+        raise OSError("disk full")
+
+
+def test_a_failed_checkpoint_is_reported_and_the_edit_still_runs(tmp_path):
+    from glmcode.events import Notice
+
+    steps = [call("write_note", name="n", text="t"), answer("ok")]
+    agent, _, events = make_agent(tmp_path, steps, checkpoints=BrokenCheckpoints())
+    agent.run("go")
+    assert (tmp_path / "n").read_text() == "t"
+    assert any(isinstance(e, Notice) and "disk full" in e.message for e in events)
+
+
+def test_a_failing_preview_is_fed_back_without_asking(tmp_path):
+    from glmcode.tools.base import Tool, ToolResult
+
+    def preview(ws, args):
+        raise ValueError("../x: outside the repository")
+
+    tool = Tool("guarded", "Edits.", {"type": "object", "properties": {}}, "edit", lambda ws, a: ToolResult("ran"), preview=preview)
+    approver = Approver()
+    agent = Agent(EventBackend([call("guarded"), answer("ok")]), Workspace(tmp_path), approver, tools=[tool], checkpoints=Checkpoints())
+    agent.run("go")
+    assert tool_results(agent) == ["Error: ../x: outside the repository"] and approver.seen == []
