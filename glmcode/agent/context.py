@@ -127,20 +127,20 @@ class TokenCounter:
 
     def __init__(self, backend: Backend):
         self.backend = backend
-        self._anchor: tuple[int, int, Message] | None = None  # (tokens, message count, last message)
+        self._anchor: tuple[int, list[Message]] | None = None  # (tokens, the messages they cover)
 
     def observe(self, usage: Usage, messages: list[Message]) -> None:
         """Call after a step's assistant message is appended; its Usage covers all of `messages`."""
-        self._anchor = (usage.prompt_tokens + usage.completion_tokens, len(messages), messages[-1])
+        self._anchor = (usage.prompt_tokens + usage.completion_tokens, list(messages))
 
     def count(self, messages: list[Message], tools: list[dict[str, Any]]) -> int:
         exact = self.backend.count_tokens(messages, tools)
         if exact is not None:
             return exact
         if self._anchor is not None:
-            tokens, length, last = self._anchor
-            if len(messages) >= length and messages[length - 1] is last:
-                return tokens + estimate_tokens(messages[length:])
+            tokens, covered = self._anchor
+            if len(messages) >= len(covered) and all(a is b for a, b in zip(messages, covered)):
+                return tokens + estimate_tokens(messages[len(covered) :])
         return estimate_tokens(messages, tools)
 
 

@@ -72,6 +72,8 @@ def test_token_counter_prefers_exact_then_usage_anchor():
     assert counter.count(messages, []) == 1050 + estimate_tokens(messages[2:])
     # a rewritten conversation (compaction) no longer matches the anchor: estimate it all
     assert counter.count(messages[1:], []) == estimate_tokens(messages[1:])
+    rewritten = [messages[0], user_message("u"), messages[2]]
+    assert counter.count(rewritten, []) == estimate_tokens(rewritten)
 
 
 def conversation():
