@@ -1,0 +1,122 @@
+"""Time to first token of an agent step, first step against the next (after a tool result).
+
+A conversation of about --context tokens (the real system prompt and tool specs, earlier file
+reads) is sent through LocalBackend twice: step 1, then step 1's reply plus a tool result as
+step 2. With the prefix cache, step 2 should prefill only the new tokens. Run once with the
+prefix cache on and once off; prints JSON and a table.
+
+    python scripts/bench_agent_steps.py [--config small|tiny] [--model-dir DIR] [--context 4096]
+
+TTFT here = rendering the prompt to ids + the engine's prefill and first sample
+(`LLM.stats.prefill_seconds`). Random weights: speed does not depend on the values. The test
+tokenizer packs about 1.4 characters per token (GLM's about 3.5), so by default only three tool
+specs go in, leaving room for some conversation in 4K tokens; --all-tools sends all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from glmcode.agent.context import ROLE_AND_RULES
+from glmcode.agent.messages import AssistantStep, system_message, tool_message, user_message
+from glmcode.backends.base import Sampling, Thinking
+from glmcode.backends.local import LocalBackend
+from glmcode.chat_format import render_ids
+from glmcode.engine import LLM, SamplingParams
+from glmcode.tools.registry import all_tools
+
+ROOT = Path(__file__).resolve().parent.parent
+# issue 2's `small`: the real per-layer shapes, 4 layers, 16 experts, a 32K vocabulary.
+CONFIGS = {
+    "tiny": {},
+    "small": {
+        "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 4, "num_attention_heads": 20, "q_lora_rank": 768, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 16,
+        "num_experts_per_tok": 4, "vocab_size": 32768, "max_position_embeddings": 32768,
+    },
+}  # fmt: skip
+GREEDY = Sampling(max_tokens=16, temperature=0)
+CORE_TOOLS = ("read_file", "edit_file", "run_tests")
+
+
+def make_checkpoint(config: str, out: Path) -> Path:
+    path = ROOT / "scripts" / "make_tiny_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", path)
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    return writer.make_tiny_checkpoint(out, **CONFIGS[config])
+
+
+def conversation(tokenizer, specs: list[dict], context: int) -> list[dict]:
+    """System prompt, a request, then file reads until the prompt is about `context` tokens."""
+    source = (ROOT / "glmcode" / "agent" / "loop.py").read_text()
+    messages = [system_message(ROLE_AND_RULES.format(root="/repo")), user_message("Fix the failing test in loop.py.")]
+    for number in range(1000):
+        call = {"id": f"call_{number}", "type": "function", "function": {"name": "read_file", "arguments": {"path": "loop.py"}}}
+        step = [{"role": "assistant", "content": "", "reasoning_content": f"Read part {number}.", "tool_calls": [call]}]
+        start = 500 * number % len(source)
+        step.append(tool_message(f"call_{number}", "read_file", source[start : start + 500]))
+        if len(render_ids(tokenizer, messages + step, specs, clear_thinking=False)) > context:
+            return messages
+        messages += step
+    return messages
+
+
+def timed_step(llm: LLM, backend: LocalBackend, messages: list[dict], specs: list[dict]) -> tuple[dict, AssistantStep]:
+    started = time.perf_counter()
+    prompt = render_ids(llm.tokenizer, messages, specs, clear_thinking=False)
+    render_seconds = time.perf_counter() - started
+    step = AssistantStep()
+    for event in backend.stream(messages, specs, Thinking(), GREEDY):
+        step.add(event)
+    stats = llm.stats
+    ttft = render_seconds + stats.prefill_seconds
+    return {"prompt_tokens": len(prompt), "cached_tokens": stats.cached_tokens, "ttft_s": round(ttft, 4)}, step
+
+
+def measure(model_dir: Path, prefix_cache: bool, context: int, every_tool: bool) -> dict:
+    llm = LLM(model_dir, progress=False, enable_prefix_caching=prefix_cache, block_size=256)
+    llm.generate(llm.tokenizer.encode("warm up " * 8), SamplingParams(max_tokens=2))  # one-time costs
+    backend = LocalBackend(llm)
+    specs = [tool.spec() for tool in all_tools() if every_tool or tool.name in CORE_TOOLS]
+    messages = conversation(llm.tokenizer, specs, context)
+    first, step = timed_step(llm, backend, messages, specs)
+    call_id = "call_next"
+    reply = {**step.to_message(), "tool_calls": [{"id": call_id, "type": "function", "function": {"name": "run_tests", "arguments": {}}}]}
+    messages += [reply, tool_message(call_id, "run_tests", "1 failed, 41 passed\nFAILED tests/test_loop.py::test_cancel - AssertionError")]
+    second, _ = timed_step(llm, backend, messages, specs)
+    return {"prefix_cache": prefix_cache, "step1": first, "step2": second, "ratio": round(second["ttft_s"] / first["ttft_s"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--model-dir", type=Path, help="an existing checkpoint instead of a generated one")
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--all-tools", action="store_true", help="send every tool spec, not just three")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model_dir or make_checkpoint(args.config, Path(scratch) / args.config)
+        runs = [measure(model_dir, cache, args.context, args.all_tools) for cache in (True, False)]
+    print(json.dumps({"config": args.model_dir and str(args.model_dir) or args.config, "runs": runs}, indent=2))
+    print(f"\n{'prefix cache':<13}{'step1 tokens':>13}{'step1 TTFT s':>13}{'step2 tokens':>13}{'cached':>8}{'step2 TTFT s':>13}{'step2/step1':>12}")
+    for run in runs:
+        one, two = run["step1"], run["step2"]
+        print(
+            f"{'on' if run['prefix_cache'] else 'off':<13}{one['prompt_tokens']:>13}{one['ttft_s']:>13.3f}"
+            f"{two['prompt_tokens']:>13}{two['cached_tokens']:>8}{two['ttft_s']:>13.3f}{run['ratio']:>12.1%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
