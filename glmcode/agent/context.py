@@ -22,10 +22,13 @@ from glmcode.agent.messages import Message, last_user_index, system_message, tru
 from glmcode.backends.base import Backend, Sampling, Thinking
 from glmcode.errors import GlmcodeError
 from glmcode.events import ContentDelta, Error, Usage
+from glmcode.tools.base import Tool
+from glmcode.tools.registry import run_tool
+from glmcode.tools.workspace import Workspace
 
 INSTRUCTION_FILE_NAMES = ("AGENTS.md", "CLAUDE.md", "CONVENTIONS.md")
 INSTRUCTIONS_LIMIT = 32_768  # characters, all instruction files together
-REPO_MAP_LIMIT = 12_000  # characters
+REPO_MAP_TOKENS = 2_048  # the repo map's budget in the system prompt
 CHARS_PER_TOKEN = 3.5  # a conservative estimate for code and English
 SHORTENED_TOOL_OUTPUT = 1_000  # characters an old tool output keeps after compaction
 
@@ -102,10 +105,20 @@ def load_instructions(root: Path, cwd: Path | None = None, limit: int = INSTRUCT
     return Instructions(text[:limit] + note, files, capped=True)
 
 
+def system_prompt(workspace: Workspace, tools: dict[str, Tool], cwd: Path | None = None) -> tuple[str, Instructions]:
+    """The system prompt for `workspace`, with the repo map where the repo_map tool is offered."""
+    instructions = load_instructions(workspace.root, cwd)
+    repo_map = None
+    if "repo_map" in tools:
+        result = run_tool(tools["repo_map"], workspace, {"max_tokens": REPO_MAP_TOKENS})
+        repo_map = None if result.is_error else result.output
+    return build_system_prompt(workspace.root, instructions, repo_map), instructions
+
+
 def build_system_prompt(root: Path, instructions: Instructions, repo_map: str | None = None) -> str:
     parts = [ROLE_AND_RULES.format(root=root)]
     if repo_map:
-        parts.append("## Repository map\n" + truncate_middle(repo_map.strip(), REPO_MAP_LIMIT))
+        parts.append("## Repository map\n" + repo_map.strip())
     if instructions.text:
         parts.append(
             "## Project instructions\nThe repository's instruction files; follow them.\n\n" + instructions.text

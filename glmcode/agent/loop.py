@@ -16,27 +16,21 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import Callable, Literal
 
-from glmcode.agent.context import Compactor, TokenCounter, build_system_prompt, load_instructions
+from glmcode.agent.approval import Approver
+from glmcode.agent.context import Compactor, TokenCounter, system_prompt
 from glmcode.agent.events import AnyEvent, Compacted, StepStarted, ToolFinished, ToolStarted
-from glmcode.agent.messages import (
-    AssistantStep,
-    Message,
-    PendingCall,
-    call_key,
-    system_message,
-    tool_message,
-    truncate_middle,
-    unanswered_calls,
-    user_message,
-)
+from glmcode.agent.messages import AssistantStep, Message, PendingCall, add_usage, call_key, truncate_middle
+from glmcode.agent.messages import system_message, tool_message, unanswered_calls, user_message
 from glmcode.agent.session import SessionLog
+from glmcode.agent.undo import Checkpoints
 from glmcode.backends.base import Backend, Sampling, Thinking
 from glmcode.errors import ContextOverflow, GlmcodeError
 from glmcode.events import Finish, Notice, Usage
 from glmcode.tools.base import Tool, ToolResult
-from glmcode.tools.registry import run_tool
+from glmcode.tools.registry import all_tools, run_tool
+from glmcode.tools.workspace import Workspace
 
 Status = Literal["done", "limit", "cancelled", "error"]
 CANCELLED = "cancelled by the user"
@@ -65,15 +59,6 @@ class RunResult:
     error: str | None = None
 
 
-class Decision(Protocol):
-    allowed: bool
-    reason: str
-
-
-class Approver(Protocol):
-    def decide(self, tool: Tool, arguments: dict[str, Any], preview: str | None) -> Decision: ...
-
-
 class _Stop(Exception):
     def __init__(self, status: Status, reason: str):
         super().__init__(reason)
@@ -94,26 +79,20 @@ class Agent:
     def __init__(
         self,
         backend: Backend,
-        workspace: Any,
+        workspace: Workspace,
         approver: Approver,
         config: AgentConfig | None = None,
         *,
         session: SessionLog | None = None,
         tools: list[Tool] | None = None,
-        checkpoints: Any = None,
+        checkpoints: Checkpoints | None = None,
         on_event: Callable[[AnyEvent], None] | None = None,
     ):
-        if tools is None:
-            from glmcode.tools.registry import all_tools
-
-            tools = all_tools()
-        if checkpoints is None:
-            from glmcode.agent.undo import Checkpoints
-
-            checkpoints = Checkpoints(workspace)
+        tools = all_tools() if tools is None else tools
         self.backend, self.workspace, self.approver = backend, workspace, approver
         self.config = config or AgentConfig()
-        self.session, self.checkpoints = session, checkpoints
+        self.session = session
+        self.checkpoints = checkpoints or Checkpoints(workspace)
         self.tools = {tool.name: tool for tool in tools}
         self.tool_specs = [tool.spec() for tool in tools]
         self.on_event = on_event or (lambda event: None)
@@ -201,7 +180,8 @@ class Agent:
         if not step.is_empty:
             self._append(step.to_message())
         if step.usage:
-            self._add_usage(step.usage)
+            self._run.usage = add_usage(self._run.usage, step.usage)
+            self.counter.observe(step.usage, self.messages)
         if step.finish_reason == "cancelled":
             raise _Stop("cancelled", CANCELLED)
         if step.error:
@@ -322,15 +302,6 @@ class Agent:
     def _result(self, status: Status, final_text: str = "", error: str | None = None) -> RunResult:
         return RunResult(status, self._run.turns, self._run.usage, final_text, error)
 
-    def _add_usage(self, usage: Usage) -> None:
-        total = self._run.usage
-        self._run.usage = Usage(
-            total.prompt_tokens + usage.prompt_tokens,
-            total.completion_tokens + usage.completion_tokens,
-            total.cached_tokens + usage.cached_tokens,
-        )
-        self.counter.observe(usage, self.messages)
-
     def _append(self, message: Message) -> None:
         self.messages.append(message)
         if self.session:
@@ -342,12 +313,7 @@ class Agent:
             self.session.append({"type": "replace", "reason": reason, "messages": messages})
 
     def _system_prompt(self) -> str:
-        root = Path(self.workspace.root)
-        instructions = load_instructions(root, self.config.cwd)
+        prompt, instructions = system_prompt(self.workspace, self.tools, self.config.cwd)
         if instructions.capped:
-            self.on_event(Notice("instruction files are longer than the cap; the rest was left out"))
-        repo_map = None
-        if "repo_map" in self.tools:
-            result = run_tool(self.tools["repo_map"], self.workspace, {})
-            repo_map = None if result.is_error else result.output
-        return build_system_prompt(root, instructions, repo_map)
+            self.on_event(Notice("the instruction files are longer than the cap; the rest was left out"))
+        return prompt

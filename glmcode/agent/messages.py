@@ -93,6 +93,14 @@ class AssistantStep:
         return message
 
 
+def add_usage(total: Usage, usage: Usage) -> Usage:
+    return Usage(
+        total.prompt_tokens + usage.prompt_tokens,
+        total.completion_tokens + usage.completion_tokens,
+        total.cached_tokens + usage.cached_tokens,
+    )
+
+
 def unanswered_calls(messages: list[Message]) -> list[tuple[str, str]]:
     """(id, name) of the last assistant message's tool calls that have no tool result yet."""
     for index in range(len(messages) - 1, -1, -1):

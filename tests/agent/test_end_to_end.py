@@ -79,7 +79,9 @@ def test_fixes_a_failing_test_suite(repo, tmp_path):
         ("run_tests", False),
     ]
     # the system prompt carries the instruction file; the model saw its own reasoning each step
-    assert "Keep functions small." in agent.messages[0]["content"]
+    system = agent.messages[0]["content"]
+    assert "Keep functions small." in system
+    assert "## Repository map" in system and "calc.py" in system and "add" in system
     last_request = backend.requests[-1].messages
     assert last_request[-2]["reasoning_content"] == "Check that the suite passes now."
     # the session holds the whole conversation, and the user's git index was not touched
