@@ -83,7 +83,9 @@ class ReplayBackend:
         for event in parser.finish():
             called_tools |= isinstance(event, ToolCall)
             yield event
-        prompt = render(messages, tools or None, enable_thinking=thinking.enabled, clear_thinking=thinking.clear_thinking)
+        prompt = render(
+            messages, tools or None, enable_thinking=thinking.enabled, clear_thinking=thinking.clear_thinking
+        )
         yield Usage(prompt_tokens=_estimate_tokens(prompt), completion_tokens=_estimate_tokens(text))
         yield Finish("tool_calls" if called_tools else "stop")
 

@@ -47,7 +47,8 @@ def test_instruction_files_from_root_down_with_fallbacks(tmp_path):
     (tmp_path / "other" / "AGENTS.md").write_text("not on the path")
 
     files = find_instruction_files(tmp_path, pkg)
-    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["AGENTS.md", "pkg/CONVENTIONS.md", "pkg/sub/CLAUDE.md"]
+    names = [f.relative_to(tmp_path).as_posix() for f in files]
+    assert names == ["AGENTS.md", "pkg/CONVENTIONS.md", "pkg/sub/CLAUDE.md"]
     assert find_instruction_files(tmp_path) == [tmp_path / "AGENTS.md"]
     text = load_instructions(tmp_path, pkg).text
     assert text.index("root agents") < text.index("pkg conventions") < text.index("sub claude")

@@ -15,7 +15,11 @@ from glmcode.backends.replay import ReplayBackend
 from glmcode.tools.workspace import Workspace
 
 CALC = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
-TESTS = "from calc import add, mul\n\n\ndef test_add():\n    assert add(2, 3) == 5\n\n\ndef test_mul():\n    assert mul(2, 3) == 6\n"
+TESTS = (
+    "from calc import add, mul\n\n\n"
+    "def test_add():\n    assert add(2, 3) == 5\n\n\n"
+    "def test_mul():\n    assert mul(2, 3) == 6\n"
+)
 
 
 def tool_call(name: str, **arguments: str) -> str:
@@ -56,7 +60,8 @@ def make_agent(repo, script, mode="yolo", session=None, ask=None):
     workspace = Workspace(repo, test_command=f"{sys.executable} -m pytest -q -p no:cacheprovider")
     backend = ReplayBackend(script)
     events = []
-    agent = Agent(backend, workspace, Approver(ApprovalMode(mode), ask=ask), AgentConfig(), session=session, on_event=events.append)
+    approver = Approver(ApprovalMode(mode), ask=ask)
+    agent = Agent(backend, workspace, approver, AgentConfig(), session=session, on_event=events.append)
     return agent, backend, events
 
 

@@ -145,7 +145,8 @@ def test_loop_guard_counts_only_consecutive_repeats(tmp_path):
 
 
 def test_turn_limit(tmp_path):
-    agent, backend, _ = make_agent(tmp_path, [call("read_note", name=str(i)) for i in range(5)], AgentConfig(max_turns=2))
+    steps = [call("read_note", name=str(i)) for i in range(5)]
+    agent, backend, _ = make_agent(tmp_path, steps, AgentConfig(max_turns=2))
     result = agent.run("go")
     assert (result.status, result.turns, len(backend.requests)) == ("limit", 2, 2)
     assert "turn limit" in result.error
@@ -179,13 +180,18 @@ def test_cancel_during_generation_keeps_partial_text(tmp_path):
     agent, _, events = make_agent(tmp_path, [generation])
     result = agent.run("go", cancel=cancel)
     assert result.status == "cancelled"
-    assert agent.messages[-1] == {"role": "assistant", "content": "Partial ans", "reasoning_content": "Thinking about it"}
+    partial = {"role": "assistant", "content": "Partial ans", "reasoning_content": "Thinking about it"}
+    assert agent.messages[-1] == partial
     assert Finish("cancelled") in events
 
 
 def test_cancel_between_tool_calls_answers_every_call(tmp_path):
     cancel = threading.Event()
-    two_calls = [ToolCall("read_note", {"name": "a"}), ToolCall("write_note", {"name": "b", "text": "t"}), Finish("tool_calls")]
+    two_calls = [
+        ToolCall("read_note", {"name": "a"}),
+        ToolCall("write_note", {"name": "b", "text": "t"}),
+        Finish("tool_calls"),
+    ]
     agent, _, _ = make_agent(tmp_path, [two_calls])
     agent.on_event = lambda e: cancel.set() if isinstance(e, ToolFinished) else None
     result = agent.run("go", cancel=cancel)
@@ -315,8 +321,10 @@ def test_a_failing_preview_is_fed_back_without_asking(tmp_path):
     def preview(ws, args):
         raise ValueError("../x: outside the repository")
 
-    tool = Tool("guarded", "Edits.", {"type": "object", "properties": {}}, "edit", lambda ws, a: ToolResult("ran"), preview=preview)
+    schema = {"type": "object", "properties": {}}
+    tool = Tool("guarded", "Edits.", schema, "edit", lambda ws, a: ToolResult("ran"), preview=preview)
     approver = Approver()
-    agent = Agent(EventBackend([call("guarded"), answer("ok")]), Workspace(tmp_path), approver, tools=[tool], checkpoints=Checkpoints())
+    backend = EventBackend([call("guarded"), answer("ok")])
+    agent = Agent(backend, Workspace(tmp_path), approver, tools=[tool], checkpoints=Checkpoints())
     agent.run("go")
     assert tool_results(agent) == ["Error: ../x: outside the repository"] and approver.seen == []

@@ -14,6 +14,8 @@ from tests.agent.test_loop import make_agent, tool_results
 from tests.fake_glm_server import FakeGlmServer, reply
 
 KEY = "sk-test-agent-loop-0123456789"
+READ = {"name": "todo"}
+WRITE = {"name": "done", "text": "bought"}
 
 
 @pytest.fixture
@@ -31,8 +33,8 @@ def backend_for(server: FakeGlmServer) -> RemoteBackend:
 def test_tool_turns_go_back_to_the_api_well_formed(server, tmp_path):
     (tmp_path / "todo").write_text("buy milk")
     server.play(
-        reply(reasoning="I should read the note.", tool_calls=[{"name": "read_note", "arguments": {"name": "todo"}, "id": "call_a"}]),
-        reply(reasoning="Now write.", tool_calls=[{"name": "write_note", "arguments": {"name": "done", "text": "bought"}}]),
+        reply(reasoning="Read the note.", tool_calls=[{"name": "read_note", "arguments": READ, "id": "call_a"}]),
+        reply(reasoning="Now write.", tool_calls=[{"name": "write_note", "arguments": WRITE}]),
         reply("Milk is bought.", reasoning="Finished."),
     )
     agent, _, _ = make_agent(tmp_path, [], backend=backend_for(server))
@@ -42,7 +44,7 @@ def test_tool_turns_go_back_to_the_api_well_formed(server, tmp_path):
     assert result.usage.prompt_tokens == 3 * 21  # the server's own usage figures
     third = server.requests[2].body["messages"]
     assert [m["role"] for m in third] == ["system", "user", "assistant", "tool", "assistant", "tool"]
-    assert third[2]["reasoning_content"] == "I should read the note."
+    assert third[2]["reasoning_content"] == "Read the note."
     assert third[3] == {"role": "tool", "content": "buy milk", "tool_call_id": "call_a"}
     assert server.bodies[0]["thinking"]["type"] == "enabled"
 

@@ -77,12 +77,17 @@ def test_scrub_removes_env_keys_and_key_shapes():
     env = {"ZAI_API_KEY": "my-private-zai-key-value"}
     record = {
         "content": f"token my-private-zai-key-value and {ZHIPU_KEY} and sk-abcdefghijklmnopqrstuvwx",
-        "arguments": {"command": "export GLMCODE_API_KEY=supersecretvalue123 && curl -H 'Authorization: Bearer abcdefghijklmnop1234'"},
+        "arguments": {
+            "command": "export GLMCODE_API_KEY=supersecretvalue123 && "
+            "curl -H 'Authorization: Bearer abcdefghijklmnop1234'"
+        },
         "api_key": "short",
         "max_tokens": 5,
     }
     clean = json.dumps(scrub(record, env))
-    for secret in ("my-private-zai-key-value", ZHIPU_KEY, "sk-abcdef", "supersecretvalue123", "abcdefghijklmnop1234", "short"):
+    secrets = ["my-private-zai-key-value", ZHIPU_KEY, "sk-abcdef", "supersecretvalue123", "abcdefghijklmnop1234"]
+    secrets.append("short")
+    for secret in secrets:
         assert secret not in clean
     assert clean.count(REDACTED) == 6
     assert scrub(record, env)["max_tokens"] == 5
