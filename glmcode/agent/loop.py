@@ -103,6 +103,7 @@ class Agent:
         self._run = _Run(threading.Event(), time.monotonic())
         if not self.messages:
             self._append(system_message(self._system_prompt()))
+        self._answer_unanswered("the session ended before it ran")  # a resumed session that crashed
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -293,11 +294,14 @@ class Agent:
         return wall_time is not None and time.monotonic() - self._run.started >= wall_time
 
     def _stopped(self, status: Status, reason: str) -> RunResult:
-        """End a run early: every tool call without a result gets one saying why it was not run."""
-        for call_id, name in unanswered_calls(self.messages):
-            self._append(tool_message(call_id, name, f"Error: not run: {reason}."))
+        """End a run early, leaving no tool call without a result."""
+        self._answer_unanswered(reason)
         self.on_event(Notice(f"run stopped: {reason}"))
         return self._result(status, error=reason)
+
+    def _answer_unanswered(self, reason: str) -> None:
+        for call_id, name in unanswered_calls(self.messages):
+            self._append(tool_message(call_id, name, f"Error: not run: {reason}."))
 
     def _result(self, status: Status, final_text: str = "", error: str | None = None) -> RunResult:
         return RunResult(status, self._run.turns, self._run.usage, final_text, error)

@@ -328,3 +328,24 @@ def test_a_failing_preview_is_fed_back_without_asking(tmp_path):
     agent = Agent(backend, Workspace(tmp_path), approver, tools=[tool], checkpoints=Checkpoints())
     agent.run("go")
     assert tool_results(agent) == ["Error: ../x: outside the repository"] and approver.seen == []
+
+
+def test_resuming_a_session_that_stopped_mid_step_answers_its_calls(tmp_path):
+    store = SessionStore(tmp_path / "sessions")
+    log = store.create()
+    call_message = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "read_note", "arguments": {"name": "a"}}}],
+    }
+    for message in ({"role": "system", "content": "s"}, {"role": "user", "content": "go"}, call_message):
+        log.append({"type": "message", "message": message})  # then the process died
+
+    agent, _, _ = make_agent(tmp_path, [], session=store.open(log.id))
+    assert agent.messages[-1] == {
+        "role": "tool",
+        "tool_call_id": "c1",
+        "name": "read_note",
+        "content": "Error: not run: the session ended before it ran.",
+    }
+    assert store.open(log.id).messages() == agent.messages
