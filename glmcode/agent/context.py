@@ -217,6 +217,8 @@ class Compactor:
             elif isinstance(event, Error):
                 raise GlmcodeError(f"compaction failed: the model could not summarize ({event.message})")
         summary = "".join(pieces).strip()
+        if cancel is not None and cancel.is_set():
+            raise GlmcodeError("compaction cancelled: the conversation was left as it was")
         if not summary:
             raise GlmcodeError("compaction failed: the model returned an empty summary")
         return summary

@@ -150,3 +150,22 @@ def test_on_demand_compact_summarizes_even_under_the_threshold(tmp_path):
     assert [m["role"] for m in agent.messages] == ["system", "user", "user", "assistant"]
     assert agent.messages[1]["content"].endswith("S")
     assert [m["content"] for m in agent.messages[2:]] == ["two", "second"]
+
+
+def test_a_cancelled_summary_leaves_the_conversation_alone(tmp_path):
+    import threading
+
+    cancel = threading.Event()
+
+    def summary(cancel_event):
+        yield ContentDelta("Half a sum")
+        cancel_event.set()
+        yield ContentDelta("mary")
+
+    agent, _, events = make_agent(tmp_path, [answer("first"), answer("second"), summary])
+    agent.run("one")
+    agent.run("two")
+    before = list(agent.messages)
+    assert agent.compact(cancel=cancel) is None
+    assert agent.messages == before
+    assert any("compaction cancelled" in getattr(e, "message", "") for e in events)
