@@ -57,6 +57,8 @@ class RunResult:
     usage: Usage
     final_text: str = ""
     error: str | None = None
+    exception: GlmcodeError | None = None  # what the backend raised, for the exit code
+
 
 
 class _Stop(Exception):
@@ -73,6 +75,7 @@ class _Run:
     usage: Usage = Usage(0, 0)
     last_call: str = ""
     repeats: int = 0
+    exception: GlmcodeError | None = None
 
 
 class Agent:
@@ -209,9 +212,10 @@ class Agent:
             except ContextOverflow as exc:
                 if attempt == 2 or not step.is_empty or self.compact(cancel=self._run.cancel) is None:
                     step.error = f"{exc} (even after compacting the conversation)" if attempt == 2 else str(exc)
+                    self._run.exception = exc
                     return
             except GlmcodeError as exc:
-                step.error = str(exc)
+                step.error, self._run.exception = str(exc), exc
                 return
 
     # -- tool calls ----------------------------------------------------------------------------
@@ -304,7 +308,7 @@ class Agent:
             self._append(tool_message(call_id, name, f"Error: not run: {reason}."))
 
     def _result(self, status: Status, final_text: str = "", error: str | None = None) -> RunResult:
-        return RunResult(status, self._run.turns, self._run.usage, final_text, error)
+        return RunResult(status, self._run.turns, self._run.usage, final_text, error, self._run.exception)
 
     def _append(self, message: Message) -> None:
         self.messages.append(message)

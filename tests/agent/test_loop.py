@@ -217,6 +217,7 @@ def test_backend_error_ends_the_run_consistently(tmp_path):
     agent, _, _ = make_agent(tmp_path, [ServerError("server unreachable at http://127.0.0.1:9")])
     result = agent.run("go")
     assert (result.status, result.error) == ("error", "server unreachable at http://127.0.0.1:9")
+    assert isinstance(result.exception, ServerError)
     assert agent.messages[-1]["role"] == "user"
 
 
@@ -241,6 +242,7 @@ def test_context_overflow_twice_is_an_error(tmp_path):
     agent.run("first")
     result = agent.run("second")
     assert result.status == "error" and "still too long" in result.error
+    assert isinstance(result.exception, ContextOverflow)
 
 
 def test_session_records_everything_and_resumes(tmp_path):
