@@ -18,41 +18,34 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from glmcode.agent.context import ROLE_AND_RULES
-from glmcode.agent.messages import AssistantStep, system_message, tool_message, user_message
-from glmcode.backends.base import Sampling, Thinking
-from glmcode.backends.local import LocalBackend
-from glmcode.chat_format import render_ids
-from glmcode.engine import LLM, SamplingParams
-from glmcode.tools.registry import all_tools
-
 ROOT = Path(__file__).resolve().parent.parent
-# issue 2's `small`: the real per-layer shapes, 4 layers, 16 experts, a 32K vocabulary.
-CONFIGS = {
-    "tiny": {},
-    "small": {
-        "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
-        "num_hidden_layers": 4, "num_attention_heads": 20, "q_lora_rank": 768, "kv_lora_rank": 512,
-        "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "n_routed_experts": 16,
-        "num_experts_per_tok": 4, "vocab_size": 32768, "max_position_embeddings": 32768,
-    },
-}  # fmt: skip
+sys.path.insert(0, str(ROOT))
+
+from glmcode.agent.context import ROLE_AND_RULES  # noqa: E402
+from glmcode.agent.messages import AssistantStep, system_message, tool_message, user_message  # noqa: E402
+from glmcode.backends.base import Sampling, Thinking  # noqa: E402
+from glmcode.backends.local import LocalBackend  # noqa: E402
+from glmcode.chat_format import render_ids  # noqa: E402
+from glmcode.engine import LLM, SamplingParams  # noqa: E402
+from glmcode.tools.registry import all_tools  # noqa: E402
+
 GREEDY = Sampling(max_tokens=16, temperature=0)
 CORE_TOOLS = ("read_file", "edit_file", "run_tests")
 
 
-def make_checkpoint(config: str, out: Path) -> Path:
-    path = ROOT / "scripts" / "make_tiny_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", path)
-    writer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(writer)
-    return writer.make_tiny_checkpoint(out, **CONFIGS[config])
+def write_checkpoint(config: str, out: Path) -> Path:
+    """The engine benchmark's checkpoint for `config` (tiny or small), random float32 weights."""
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "scripts" / "bench_engine.py")
+    bench_engine = sys.modules["bench_engine"] = importlib.util.module_from_spec(spec)  # dataclasses need it
+    spec.loader.exec_module(bench_engine)
+    return bench_engine.write_checkpoint(config, out, "float32", with_weights=True)
 
 
 def tool_call(call_id: str, name: str, arguments: dict) -> dict:
@@ -110,7 +103,7 @@ def measure(model_dir: Path, prefix_cache: bool, context: int, every_tool: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--config", choices=["tiny", "small"], default="small", help="as in bench_engine.py")
     parser.add_argument("--model-dir", type=Path, help="an existing checkpoint instead of a generated one")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -119,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir or make_checkpoint(args.config, Path(scratch) / args.config)
+        model_dir = args.model_dir or write_checkpoint(args.config, Path(scratch) / args.config)
         runs = [measure(model_dir, cache, args.context, args.all_tools, args.repeats) for cache in (True, False)]
     print(json.dumps({"config": args.model_dir and str(args.model_dir) or args.config, "runs": runs}, indent=2))
     columns = ("step1 tokens", "step1 TTFT s", "step2 tokens", "cached", "step2 TTFT s", "step2/step1")
