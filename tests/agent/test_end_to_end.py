@@ -94,10 +94,8 @@ def test_fixes_a_failing_test_suite(repo, tmp_path):
     repository = git.Repo(repo)
     assert repository.index.diff("HEAD") == [] and repository.git.stash("list") == ""
 
-    # run_tests is checkpointed too, so the edit may be one or two undos back
-    for _ in range(2):
-        if "calc.py" in agent.undo():
-            break
+    # the last step ran the tests, which changed nothing: one undo reverts the edit itself
+    assert agent.undo() == ["calc.py"]
     assert (repo / "calc.py").read_text() == CALC
 
 
