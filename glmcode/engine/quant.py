@@ -1,0 +1,393 @@
+"""Weight-only int8 / int4 quantization for CPU inference.
+
+Two weight formats, both stored in a portable, packing-independent form:
+
+- int8, per output channel, symmetric: ``w[n, k] = values[n, k] * scales[n]``.
+- int4, per group of ``group_size`` inputs, asymmetric:
+  ``w[n, k] = (q[n, k] - 8) * scales[n, g] + zeros[n, g]`` with ``g = k // group_size`` and
+  ``q`` in 0..15, packed two per byte (even ``k`` in the low nibble).
+  The ``(q - 8) * s + z`` convention is the one ``aten._weight_int4pack_mm_for_cpu`` uses, so
+  the portable form maps onto it without any rescaling.
+
+The modules below turn the portable form into whatever the fastest available kernel wants when
+they are built (the aten packed-weight ops on CPU, a plain dequantize elsewhere), so a checkpoint
+written once runs on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP_SIZE = 128
+_INT4_ROW_ALIGN = 16  # the aten int4 CPU packing wants N divisible by 16
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """int8 values ``[N, K]`` and float32 per-row scales ``[N]``."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """Nibbles ``uint8 [N, K/2]``; bfloat16 ``scales`` and ``zeros`` ``[N, K/group_size]``."""
+
+    nibbles: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.nibbles.shape[0], self.nibbles.shape[1] * 2)
+
+
+QuantizedWeight = Int8Weight | Int4Weight
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """Which checkpoint tensors get which bit width.
+
+    ``expert_bits`` covers routed and shared experts; ``linear_bits`` every other projection
+    (attention, the dense MLP, lm_head, the MTP projection). Embeddings, norms and the router
+    stay as they are: they are small, or (the embedding) only gathered, never multiplied.
+    """
+
+    expert_bits: int = 4
+    linear_bits: int = 8
+    group_size: int = GROUP_SIZE
+
+    @classmethod
+    def named(cls, name: str) -> "QuantScheme":
+        """``"int4"``: int4 experts, int8 elsewhere. ``"int8"``: int8 everywhere."""
+        schemes = {"int4": cls(expert_bits=4, linear_bits=8), "int8": cls(expert_bits=8, linear_bits=8)}
+        if name not in schemes:
+            raise ValueError(f"unknown quantization {name!r}; use one of {sorted(schemes)}")
+        return schemes[name]
+
+    def bits_for(self, name: str, shape: tuple[int, ...]) -> int | None:
+        """The bit width for checkpoint tensor ``name``, or None to keep it unquantized."""
+        if len(shape) != 2 or not name.endswith(".weight"):
+            return None
+        if "embed_tokens" in name or name.endswith(".mlp.gate.weight"):
+            return None
+        return self.expert_bits if ".experts." in name or ".shared_experts." in name else self.linear_bits
+
+    def to_dict(self) -> dict:
+        return {"expert_bits": self.expert_bits, "linear_bits": self.linear_bits, "group_size": self.group_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-level quantize / dequantize
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    values = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(values=values, scales=scales)
+
+
+def dequantize_int8(q: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.values.float() * q.scales.float()[:, None]).to(dtype)
+
+
+def int4_group_size(in_features: int, preferred: int = GROUP_SIZE) -> int:
+    """The largest supported group size (<= preferred) that divides ``in_features``."""
+    for size in (256, 128, 64, 32):
+        if size <= preferred and in_features % size == 0:
+            return size
+    raise ValueError(f"int4 needs in_features divisible by 32, got {in_features}")
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int | None = None) -> Int4Weight:
+    rows, cols = weight.shape
+    group_size = group_size or int4_group_size(cols)
+    w = weight.float().reshape(rows, cols // group_size, group_size)
+    low, high = w.amin(dim=2), w.amax(dim=2)
+    # Round scale and zero to bfloat16 first, then pick q against the rounded values, so the
+    # stored triple reproduces the weight as well as bfloat16 scales allow.
+    scales = ((high - low) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+    zeros = (low + 8.0 * scales.float()).to(torch.bfloat16)
+    q = torch.round((w - zeros.float()[..., None]) / scales.float()[..., None] + 8.0)
+    q = q.clamp(0, 15).to(torch.uint8).reshape(rows, cols)
+    return Int4Weight(nibbles=pack_nibbles(q), scales=scales, zeros=zeros, group_size=group_size)
+
+
+def dequantize_int4(q: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    values = unpack_nibbles(q.nibbles).float()
+    rows, cols = values.shape
+    grouped = values.reshape(rows, cols // q.group_size, q.group_size)
+    w = (grouped - 8.0) * q.scales.float()[..., None] + q.zeros.float()[..., None]
+    return w.reshape(rows, cols).to(dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K]`` values in 0..15 to ``uint8 [N, K/2]``, even columns in the low nibble."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_int8(q, dtype) if isinstance(q, Int8Weight) else dequantize_int4(q, dtype)
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> QuantizedWeight:
+    if bits == 8:
+        return quantize_int8(weight)
+    if bits == 4:
+        return quantize_int4(weight, int4_group_size(weight.shape[1], group_size))
+    raise ValueError(f"unsupported bit width {bits} (use 4 or 8)")
+
+
+def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack quantized weights along the output dimension (e.g. gate and up into gate_up)."""
+    first = parts[0]
+    if isinstance(first, Int8Weight):
+        return Int8Weight(torch.cat([p.values for p in parts]), torch.cat([p.scales for p in parts]))
+    if any(p.group_size != first.group_size for p in parts):
+        raise ValueError("cannot concatenate int4 weights with different group sizes")
+    return Int4Weight(
+        nibbles=torch.cat([p.nibbles for p in parts]),
+        scales=torch.cat([p.scales for p in parts]),
+        zeros=torch.cat([p.zeros for p in parts]),
+        group_size=first.group_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels available on this machine
+
+
+def aten_int8_available(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def aten_int4_available(device: torch.device) -> bool:
+    aten = torch.ops.aten
+    return (
+        device.type == "cpu"
+        and hasattr(aten, "_weight_int4pack_mm_for_cpu")
+        and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear modules
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T`` with an int8 per-channel weight (``aten._weight_int8pack_mm`` on CPU)."""
+
+    def __init__(self, weight: Int8Weight, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = dtype
+        self.use_aten = aten_int8_available(device)
+        self.register_buffer("weight_int8", weight.values.to(device).contiguous())
+        self.register_buffer("scales", weight.scales.to(device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, in_dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.use_aten:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
+        else:
+            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
+        return y.reshape(*lead, self.out_features).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T`` with an int4 group-wise weight (``aten._weight_int4pack_mm_for_cpu``)."""
+
+    def __init__(self, weight: Int4Weight, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        device = torch.device(device)
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        self.compute_dtype = dtype
+        self.use_aten = aten_int4_available(device)
+        if self.use_aten:
+            packed, scales_and_zeros = _pack_int4_for_aten(weight, dtype)
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
+        else:
+            self.register_buffer("nibbles", weight.nibbles.to(device))
+            self.register_buffer("scales", weight.scales.to(device))
+            self.register_buffer("zeros", weight.zeros.to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, in_dtype = x.shape[:-1], x.dtype
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if self.use_aten:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros
+            )
+            y = y[:, : self.out_features]
+        else:
+            w = dequantize_int4(Int4Weight(self.nibbles, self.scales, self.zeros, self.group_size))
+            y = F.linear(x2, w.to(self.compute_dtype))
+        return y.reshape(*lead, self.out_features).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"int4 group_size={self.group_size}"
+        )
+
+
+def _pack_int4_for_aten(weight: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable int4 to the aten CPU layout: packed ``[N', K/2]`` and ``[K/g, N', 2]``.
+
+    Rows are padded with zeros up to a multiple of 16 (``N'``); the forward slices them off.
+    """
+    rows = weight.nibbles.shape[0]
+    pad = -rows % _INT4_ROW_ALIGN
+    values = unpack_nibbles(weight.nibbles).to(torch.int32)
+    scales, zeros = weight.scales, weight.zeros
+    if pad:
+        values = F.pad(values, (0, 0, 0, pad), value=8)
+        scales, zeros = F.pad(scales, (0, 0, 0, pad)), F.pad(zeros, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.contiguous(), 1)
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype).contiguous()
+    return packed, scales_and_zeros
+
+
+def quantized_linear(
+    weight: QuantizedWeight, *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Int8Linear | Int4Linear:
+    if isinstance(weight, Int8Weight):
+        return Int8Linear(weight, dtype=dtype, device=device)
+    return Int4Linear(weight, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts
+
+
+class QuantizedExperts(nn.Module):
+    """The routed experts of one MoE layer with quantized weights, one module per expert.
+
+    ``forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H]`` returns
+    ``sum_i topk_weights[t, i] * expert_{topk_ids[t, i]}(x[t])``. Only the experts that some
+    token selected run; each runs once on all of its tokens.
+    """
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        if len(gate_up) != len(down):
+            raise ValueError("gate_up and down need one module per expert")
+        self.gate_up = nn.ModuleList(gate_up)
+        self.down = nn.ModuleList(down)
+        self.num_experts = len(gate_up)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[index](x).chunk(2, dim=-1)
+        return self.down[index](F.silu(gate) * up)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self._forward_one_token(x, topk_ids[0].tolist(), topk_weights[0])
+        out = torch.zeros_like(x)
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // topk_ids.shape[1]
+        weights = topk_weights.reshape(-1)[order].to(x.dtype)
+        start = 0
+        for expert_index, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            y = self.expert(expert_index, x[rows]) * weights[start : start + count, None]
+            out.index_add_(0, rows, y)
+            start += count
+        return out
+
+    def _forward_one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
+        weights = weights.to(x.dtype)
+        out = self.expert(ids[0], x) * weights[0]
+        for slot in range(1, len(ids)):
+            out = out + self.expert(ids[slot], x) * weights[slot]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 latent KV cache
+
+
+def quantize_latent(latent: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize cached MLA latents ``[..., D]`` to int8 with two scales per token.
+
+    The first ``split`` values (the normalized latent ``c_kv``) and the rest (the roped key
+    ``k_pe``, not normalized) have different ranges, so each part gets its own symmetric scale.
+    Returns ``(values int8 [..., D], scales float32 [..., 2])``.
+    """
+    parts = (latent[..., :split].float(), latent[..., split:].float())
+    scales = torch.stack([p.abs().amax(dim=-1).clamp(min=1e-12) / 127.0 for p in parts], dim=-1)
+    values = torch.cat(
+        [torch.round(p / scales[..., i : i + 1]).clamp(-127, 127) for i, p in enumerate(parts)], dim=-1
+    )
+    return values.to(torch.int8), scales
+
+
+def dequantize_latent(
+    values: torch.Tensor, scales: torch.Tensor, split: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    latent = values[..., :split].to(dtype) * scales[..., 0:1].to(dtype)
+    rope = values[..., split:].to(dtype) * scales[..., 1:2].to(dtype)
+    return torch.cat([latent, rope], dim=-1)
+
+
+def int8_latent_attention(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    softmax_scale: float,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Absorbed MLA decode attention over an int8 latent cache, all heads at once.
+
+    ``q_latent [H, C]`` (query absorbed into the latent space), ``q_rope [H, R]``,
+    ``values int8 [L, C + R]`` and ``scales [L, 2]`` from :func:`quantize_latent`.
+    Returns ``o_latent [H, C]`` in ``q_latent``'s dtype. The per-token scales are folded into
+    the scores and probabilities, so the cache is only ever widened chunk by chunk.
+    """
+    compute = q_latent.dtype
+    width = q_latent.shape[-1]
+    scales = scales.float()
+    score_chunks = []
+    for start in range(0, values.shape[0], chunk):
+        block = values[start : start + chunk].to(compute)
+        s_lat = (q_latent @ block[:, :width].T).float()
+        s_rope = (q_rope.to(compute) @ block[:, width:].T).float()
+        sc = scales[start : start + chunk]
+        score_chunks.append(s_lat * sc[:, 0] + s_rope * sc[:, 1])
+    probs = torch.softmax(torch.cat(score_chunks, dim=-1) * softmax_scale, dim=-1)
+    weighted = probs * scales[:, 0]
+    out = torch.zeros(q_latent.shape[0], width, dtype=torch.float32, device=q_latent.device)
+    for start in range(0, values.shape[0], chunk):
+        block = values[start : start + chunk, :width].to(compute)
+        out += (weighted[:, start : start + chunk].to(compute) @ block).float()
+    return out.to(compute)
