@@ -1,0 +1,90 @@
+"""Our AVX-512 VNNI kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
+
+The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
+cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
+:func:`available` is False and the quantized modules fall back to the aten packed-weight ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TILE = 16
+_SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
+log = logging.getLogger(__name__)
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags and " avx512bw" in flags
+
+
+@functools.cache
+def available() -> bool:
+    """True once the extension is built and loaded (first call compiles, ~20 s, then cached)."""
+    if os.environ.get("GLMCODE_CPU_KERNELS", "1") == "0" or not _cpu_has_vnni():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="glmcode_cpu_quant", sources=[str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
+        log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
+        return False
+    return True
+
+
+def _pad_rows(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+    pad = -t.shape[0] % TILE
+    return F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad), value=value) if pad else t
+
+
+def _tiles_of_rows(per_row: torch.Tensor) -> torch.Tensor:
+    """``[N, G]`` per-row-and-group values to ``[N/16, G, 16]``."""
+    rows = _pad_rows(per_row)
+    return rows.reshape(-1, TILE, rows.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``values uint8 [N, K]`` (0..15) and bf16 ``[N, G]`` scales/zeros to the kernel layout."""
+    q = _pad_rows(values.to(torch.uint8), value=8)
+    tiles, k = q.shape[0] // TILE, q.shape[1]
+    q = q.reshape(tiles, TILE, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [T, K/8, 16, half, 4]
+    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(tiles, k // 8, 64).contiguous()
+    return packed, _tiles_of_rows(scales.to(torch.bfloat16)), _tiles_of_rows(zeros.to(torch.bfloat16))
+
+
+def pack_int8(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """``values int8 [N, K]`` and f32 ``[N]`` scales to the kernel layout (+ per-group sums)."""
+    w = _pad_rows(values.to(torch.int8))
+    tiles, k = w.shape[0] // TILE, w.shape[1]
+    packed = w.reshape(tiles, TILE, k // 4, 4).permute(0, 2, 1, 3).reshape(tiles, k // 4, 64).contiguous()
+    sums = w.to(torch.int32).reshape(w.shape[0], k // group, group).sum(-1, dtype=torch.int32)
+    padded_scales = F.pad(scales.float(), (0, w.shape[0] - scales.shape[0]))
+    return packed, padded_scales.contiguous(), _tiles_of_rows(sums)
+
+
+def int4_linear(x: torch.Tensor, packed, scales, zeros, group: int) -> torch.Tensor:
+    return torch.ops.glmcode_cpu.int4_linear(x, packed, scales, zeros, group)
+
+
+def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tensor:
+    return torch.ops.glmcode_cpu.int8_linear(x, packed, scales, sums, group)
+
+
+def activation_group(in_features: int) -> int:
+    """The activation quantization group for the int8 kernel: 128 inputs where they divide."""
+    for size in (128, 64, 32, 16, 8):
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"in_features must be a multiple of 8, got {in_features}")
