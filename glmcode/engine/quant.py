@@ -10,8 +10,9 @@ Two weight formats, both stored in a portable, packing-independent form:
   the portable form maps onto it without any rescaling.
 
 The modules below turn the portable form into whatever the fastest available kernel wants when
-they are built (the aten packed-weight ops on CPU, a plain dequantize elsewhere), so a checkpoint
-written once runs on any machine.
+they are built, so a checkpoint written once runs on any machine: our AVX-512 VNNI kernels
+(``kernels/cpu_quant``; they also quantize activations to int8 per group of 128), else the aten
+packed-weight ops on CPU, else a plain dequantize (other devices).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glmcode.engine.kernels import cpu_quant
 
 GROUP_SIZE = 128
 _INT4_ROW_ALIGN = 16  # the aten int4 CPU packing wants N divisible by 16
@@ -172,87 +175,99 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels available on this machine
+# Kernels: ours (AVX-512 VNNI), then the aten packed-weight ops, then a plain dequantize
 
 
-def aten_int8_available(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def aten_int4_available(device: torch.device) -> bool:
+def select_kernel(bits: int, device: torch.device) -> str:
+    """``"vnni"``, ``"aten"`` or ``"reference"``: the fastest kernel for ``bits`` on ``device``."""
+    if device.type != "cpu":
+        return "reference"
+    if cpu_quant.available():
+        return "vnni"
     aten = torch.ops.aten
-    return (
-        device.type == "cpu"
-        and hasattr(aten, "_weight_int4pack_mm_for_cpu")
-        and hasattr(aten, "_convert_weight_to_int4pack_for_cpu")
-    )
+    ops = ("_weight_int8pack_mm",) if bits == 8 else ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+    return "aten" if all(hasattr(aten, op) for op in ops) else "reference"
 
 
 # ---------------------------------------------------------------------------------------------
 # Linear modules
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ W.T`` with an int8 per-channel weight (``aten._weight_int8pack_mm`` on CPU)."""
+class _QuantizedLinear(nn.Module):
+    """Shared plumbing: flatten leading dims, compute in ``compute_dtype``, restore the dtype."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, kernel: str):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.compute_dtype = dtype
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, in_dtype = x.shape[:-1], x.dtype
+        y = self.matmul(x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous())
+        return y[:, : self.out_features].reshape(*lead, self.out_features).to(in_dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(_QuantizedLinear):
+    """``y = x @ W.T`` with an int8 per-channel weight."""
 
     def __init__(self, weight: Int8Weight, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
         device = torch.device(device)
-        self.out_features, self.in_features = weight.shape
-        self.compute_dtype = dtype
-        self.use_aten = aten_int8_available(device)
-        self.register_buffer("weight_int8", weight.values.to(device).contiguous())
-        self.register_buffer("scales", weight.scales.to(device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, in_dtype = x.shape[:-1], x.dtype
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.use_aten:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scales)
+        super().__init__(weight.shape, dtype, select_kernel(8, device))
+        values = weight.values.to(device)
+        if self.kernel == "vnni":
+            self.group = cpu_quant.activation_group(self.in_features)
+            packed, scales, sums = cpu_quant.pack_int8(values, weight.scales, self.group)
+            self.register_buffer("sums", sums)
         else:
-            y = F.linear(x2, self.weight_int8.to(self.compute_dtype)) * self.scales
-        return y.reshape(*lead, self.out_features).to(in_dtype)
+            packed, scales = values.contiguous(), weight.scales.to(device=device, dtype=dtype)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "vnni":
+            return cpu_quant.int8_linear(x, self.packed, self.scales, self.sums, self.group)
+        if self.kernel == "aten":
+            return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
+        return F.linear(x, self.packed.to(self.compute_dtype)) * self.scales
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, kernel={self.kernel}"
 
 
-class Int4Linear(nn.Module):
-    """``y = x @ W.T`` with an int4 group-wise weight (``aten._weight_int4pack_mm_for_cpu``)."""
+class Int4Linear(_QuantizedLinear):
+    """``y = x @ W.T`` with an int4 group-wise weight."""
 
     def __init__(self, weight: Int4Weight, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        super().__init__()
         device = torch.device(device)
-        self.out_features, self.in_features = weight.shape
+        super().__init__(weight.shape, dtype, select_kernel(4, device))
         self.group_size = weight.group_size
-        self.compute_dtype = dtype
-        self.use_aten = aten_int4_available(device)
-        if self.use_aten:
-            packed, scales_and_zeros = _pack_int4_for_aten(weight, dtype)
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_and_zeros", scales_and_zeros)
+        if self.kernel == "vnni":
+            packed, scales, zeros = cpu_quant.pack_int4(unpack_nibbles(weight.nibbles), weight.scales, weight.zeros)
+            self.register_buffer("zeros", zeros)
+        elif self.kernel == "aten":
+            packed, scales = _pack_int4_for_aten(weight, dtype)  # scales: [K/g, N, 2] with zeros
         else:
-            self.register_buffer("nibbles", weight.nibbles.to(device))
-            self.register_buffer("scales", weight.scales.to(device))
+            packed, scales = weight.nibbles.to(device), weight.scales.to(device)
             self.register_buffer("zeros", weight.zeros.to(device))
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, in_dtype = x.shape[:-1], x.dtype
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
-        if self.use_aten:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.packed, self.group_size, self.scales_and_zeros
-            )
-            y = y[:, : self.out_features]
-        else:
-            w = dequantize_int4(Int4Weight(self.nibbles, self.scales, self.zeros, self.group_size))
-            y = F.linear(x2, w.to(self.compute_dtype))
-        return y.reshape(*lead, self.out_features).to(in_dtype)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "vnni":
+            return cpu_quant.int4_linear(x, self.packed, self.scales, self.zeros, self.group_size)
+        if self.kernel == "aten":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
+        weight = Int4Weight(self.packed, self.scales, self.zeros, self.group_size)
+        return F.linear(x, dequantize_int4(weight, self.compute_dtype))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"int4 group_size={self.group_size}"
+            f"int4 group_size={self.group_size}, kernel={self.kernel}"
         )
 
 
