@@ -22,6 +22,7 @@ from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
+from glmcode.engine.quant_model import is_quantized_checkpoint, load_quantized_model
 from glmcode.engine.sampler import Sampler, SamplingParams
 from glmcode.engine.tokenizer import IncrementalDecoder, Tokenizer
 from glmcode.errors import ContextOverflow, UsageError
@@ -90,14 +91,17 @@ class LLM:
         prefill_chunk_tokens: int | None = None,
         progress: bool = True,
     ):
-        if quantization is not None:
-            raise UsageError(f"quantization {quantization!r} is not supported by this engine build")
         self.device = torch.device(device)
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
-        self.model: GlmMoeLite = build_model(self.config, self.dtype, self.device)
-        load_checkpoint(self.model, model_dir, progress=progress)
+        if quantization is not None or is_quantized_checkpoint(model_dir):
+            self.model: GlmMoeLite = load_quantized_model(
+                self.config, model_dir, dtype=self.dtype, device=self.device, quantization=quantization, progress=progress
+            )
+        else:
+            self.model = build_model(self.config, self.dtype, self.device)
+            load_checkpoint(self.model, model_dir, progress=progress)
 
         on_cpu = self.device.type == "cpu"
         self.block_size = block_size or (256 if on_cpu else 64)
