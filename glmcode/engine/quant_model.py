@@ -20,11 +20,14 @@ from glmcode.engine.config import ModelConfig
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.moe import Router
 from glmcode.engine.quant import (
+    Int4Weight,
+    Int8Weight,
     QuantizedExperts,
     QuantizedWeight,
     QuantScheme,
     concat_rows,
     dequantize,
+    int4_group_size,
     quantized_linear,
 )
 from glmcode.engine.quant_checkpoint import iter_checkpoint_weights, quantization_config
@@ -207,3 +210,60 @@ def _with_progress(items, enabled: bool, description: str):
         for item in items:
             yield item
             bar.advance(task)
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor of the main model (no MTP) and its shape, in the real layout."""
+    with torch.device("meta"):
+        model = GlmMoeLite(config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            prefix, stacked = name.rsplit(".", 1)
+            parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
+            rows = tensor.shape[1] // len(parts)
+            for e in range(tensor.shape[0]):
+                shapes |= {f"{prefix}.{e}.{part}.weight": (rows, tensor.shape[2]) for part in parts}
+        elif name.endswith("gate_up_proj.weight"):
+            prefix = name.removesuffix("gate_up_proj.weight")
+            half = (tensor.shape[0] // 2, tensor.shape[1])
+            shapes |= {prefix + "gate_proj.weight": half, prefix + "up_proj.weight": half}
+        else:
+            shapes[name] = tuple(tensor.shape)
+    return shapes
+
+
+def random_quantized_model(
+    config: ModelConfig, scheme: QuantScheme, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> GlmMoeLite:
+    """A model of ``config``'s real shapes with random weights made directly in quantized form.
+
+    For speed measurements: no float weights and no checkpoint on disk are ever needed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = GlmMoeLite(config)
+    placer = _Placer(model, dtype, torch.device("cpu"))
+    for name, shape in checkpoint_shapes(config).items():
+        bits = scheme.bits_for(name, shape)
+        placer.place(name, _random_tensor(shape, generator) if bits is None else _random_quantized(shape, bits, scheme, generator))
+    placer.finish()
+    return model.eval().requires_grad_(False)
+
+
+def _random_tensor(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator) * shape[-1] ** -0.5
+
+
+def _random_quantized(shape, bits: int, scheme: QuantScheme, generator: torch.Generator) -> QuantizedWeight:
+    rows, cols = shape
+    step = cols**-0.5 / 4  # a weight std of about 1 / sqrt(cols): activations stay in range
+    if bits == 8:
+        values = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=generator)
+        return Int8Weight(values, torch.full((rows,), step / 16))
+    group = int4_group_size(cols, scheme.group_size)
+    nibbles = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
+    scales = torch.full((rows, cols // group), step, dtype=torch.bfloat16)
+    return Int4Weight(nibbles, scales, torch.zeros_like(scales), group)

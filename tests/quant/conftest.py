@@ -85,3 +85,54 @@ def write_checkpoint(directory: Path, config: dict = SMALL, num_shards: int = 2)
 def float_checkpoint(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
     directory = tmp_path / "float"
     return directory, write_checkpoint(directory)
+
+
+def train_tiny_checkpoint(src: Path, dst: Path, *, steps: int = 40, seed: int = 0) -> Path:
+    """Briefly train a tiny checkpoint on the tokenizer's text and write it in the real layout.
+
+    Random weights make a chaotic network: every perturbation, however small, flips expert
+    choices downstream, so agreement under quantization says little. A few steps of training
+    give it the confident predictions real models have.
+    """
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from tests.conftest import load_tiny_checkpoint_writer
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = transformers.Glm4MoeLiteForCausalLM.from_pretrained(src, dtype=torch.float32).train()
+    ids = torch.tensor(Tokenizer.from_file(str(src / "tokenizer.json")).encode(load_tiny_checkpoint_writer().TRAINING_TEXT).ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (4,))
+        batch = torch.stack([ids[s : s + 65] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+            shutil.copy(path, dst / path.name)
+    save_file(_real_layout(model.state_dict()), str(dst / "model.safetensors"))
+    return dst
+
+
+def _real_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused expert tensors back to the checkpoint's per-expert names."""
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
+                out[f"{prefix}{e}.gate_proj.weight"], out[f"{prefix}{e}.up_proj.weight"] = gate.contiguous(), up.contiguous()
+        elif name.endswith("experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            out |= {f"{prefix}{e}.down_proj.weight": t.contiguous() for e, t in enumerate(tensor)}
+        else:
+            out[name] = tensor.contiguous()
+    return out

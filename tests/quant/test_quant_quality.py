@@ -1,0 +1,81 @@
+"""Quantized models end to end on tiny checkpoints: quantize, load, generate, agree with float32."""
+
+import pytest
+import torch
+
+from glmcode.engine import LLM, SamplingParams
+from glmcode.engine.quant import Int4Linear, Int8Linear, QuantizedExperts
+from glmcode.engine.quant_checkpoint import quantize_checkpoint
+from glmcode.errors import CheckpointError, UsageError
+from tests.conftest import load_tiny_checkpoint_writer
+
+from .conftest import train_tiny_checkpoint
+
+GREEDY = SamplingParams(max_tokens=256, temperature=0, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops; also makes the brief training deterministic
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quality")
+    random = load_tiny_checkpoint_writer().make_tiny_checkpoint(root / "random")
+    return train_tiny_checkpoint(random, root / "trained", steps=60, seed=0)
+
+
+def _top1_agreement(reference: LLM, quantized: LLM, token_ids: list[int], first: int) -> float:
+    positions = slice(first, first + 256)
+    expected = reference.score(token_ids)[positions, : reference.num_real_tokens].argmax(-1)
+    got = quantized.score(token_ids)[positions, : quantized.num_real_tokens].argmax(-1)
+    return (got == expected).float().mean().item()
+
+
+@pytest.mark.parametrize(("quantization", "threshold"), [("int8", 0.98), ("int4", 0.90)])
+def test_greedy_top1_agrees_with_float32(trained_checkpoint, tmp_path, quantization, threshold):
+    """The float32 model's greedy continuation, teacher-forced through the quantized model."""
+    reference = LLM(trained_checkpoint, progress=False)
+    prompt = reference.tokenizer.encode(load_tiny_checkpoint_writer().TRAINING_TEXT)[:8]
+    continuation = reference.generate(prompt, GREEDY).token_ids
+    assert len(continuation) == 256
+
+    bits = 4 if quantization == "int4" else 8
+    quantized_dir = quantize_checkpoint(trained_checkpoint, tmp_path / "q", bits=bits, progress=False)
+    quantized = LLM(quantized_dir, progress=False)
+    agreement = _top1_agreement(reference, quantized, prompt + continuation, len(prompt) - 1)
+    print(f"{quantization} top-1 agreement with float32: {agreement:.3f}")
+    assert agreement >= threshold, f"{quantization}: top-1 agreement {agreement:.3f} < {threshold}"
+
+
+def test_quantized_checkpoint_loads_with_quantized_modules_and_generates(tiny_checkpoint, tmp_path):
+    quantized_dir = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", bits=4, progress=False)
+    llm = LLM(quantized_dir, progress=False)
+    layer = llm.model.model.layers[1]
+    assert isinstance(layer.mlp.experts, QuantizedExperts)
+    assert isinstance(layer.mlp.experts.gate_up[0], Int4Linear)
+    assert isinstance(layer.mlp.shared_experts.gate_up_proj, Int4Linear)
+    assert isinstance(layer.self_attn.q_b_proj, Int8Linear)
+    assert isinstance(llm.model.lm_head, Int8Linear)
+    prompt = llm.tokenizer.encode("def fibonacci(n):")
+    completion = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[]))
+    assert len(completion.token_ids) == 12
+    # the same weights quantized at load give the same tokens
+    at_load = LLM(tiny_checkpoint, quantization="int4", progress=False)
+    assert at_load.generate(prompt, SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[])).token_ids == completion.token_ids
+
+
+def test_quantized_checkpoint_problems_are_clear_errors(tiny_checkpoint, tmp_path):
+    quantized_dir = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", bits=8, progress=False)
+    with pytest.raises(UsageError, match="already quantized with int8"):
+        LLM(quantized_dir, quantization="int4", progress=False)
+    with pytest.raises(UsageError, match="unknown quantization"):
+        LLM(tiny_checkpoint, quantization="int3", progress=False)
+    shard = sorted(quantized_dir.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        LLM(quantized_dir, progress=False)
