@@ -167,7 +167,7 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
 
 def test_scheme_classifies_checkpoint_tensors():
     scheme = QuantScheme.named("int4")
-    bits = lambda name, shape=(8, 8): scheme.bits_for(name, shape)  # noqa: E731
+    bits = lambda name, shape=(64, 64): scheme.bits_for(name, shape)  # noqa: E731
     assert bits("model.layers.3.mlp.experts.7.down_proj.weight") == 4
     assert bits("model.layers.3.mlp.shared_experts.up_proj.weight") == 4
     assert bits("model.layers.3.self_attn.q_b_proj.weight") == 8
@@ -177,7 +177,8 @@ def test_scheme_classifies_checkpoint_tensors():
     assert bits("model.layers.3.mlp.gate.weight") is None
     assert bits("model.layers.3.mlp.gate.e_score_correction_bias", (8,)) is None
     assert bits("model.layers.3.input_layernorm.weight", (8,)) is None
-    assert QuantScheme.named("int8").bits_for("model.layers.1.mlp.experts.0.up_proj.weight", (8, 8)) == 8
+    assert QuantScheme.named("int8").bits_for("model.layers.1.mlp.experts.0.up_proj.weight", (64, 64)) == 8
+    assert scheme.bits_for("model.layers.1.mlp.experts.0.down_proj.weight", (64, 48)) == 8  # 48 inputs: no int4 group
     with pytest.raises(ValueError):
         QuantScheme.named("int3")
 
