@@ -1,18 +1,24 @@
 """Multi-head latent attention (MLA) over the paged latent cache.
 
 Per token and layer the cache holds 576 values: the normalized 512-d latent c_kv and the roped
-64-d key k_pe that all heads share. Prefill expands the latent into per-head keys and values
-(compute-friendly); decode folds the key up-projection into the query and the value
-up-projection into the output, and attends over the cached latent directly (data-movement
-friendly: the cache is never re-expanded).
+64-d key k_pe that all heads share. Two equivalent ways to attend over it:
+
+- expanded: kv_b_proj turns each cached latent into per-head keys and values, then ordinary
+  multi-head attention. Cheapest for long prefill chunks, where the expansion is amortized.
+- absorbed: the key up-projection is folded into the query and the value up-projection into
+  the output, so queries attend over the cached latents directly and the cache is never
+  re-expanded. Used for decode, and for prefill chunks too short to amortize an expansion.
+
+Both walk the context in pieces with an online softmax, so memory stays bounded at any length.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from glmcode.engine.config import LATENT_NORM_EPS, ModelConfig
@@ -27,24 +33,35 @@ class KVSpan:
     length: int
 
 
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The new tokens of one sequence within a forward pass."""
+
+    rows: slice  # their rows in the pass
+    first_position: int  # position of the first of them
+    spans: list[KVSpan]  # cache slots of every position up to the last of them, in order
+
+
 @dataclass
 class AttentionBatch:
-    """What attention needs to know about the tokens in one forward pass.
+    positions: torch.Tensor  # [T] position of each new token
+    write_slots: torch.Tensor  # [T] cache slot each new token's latent goes to
+    sequences: list[SequenceSlice]
+    expanded: bool = False  # attend in the expanded form (a long prefill chunk of one sequence)
+    max_score_elements: int = 1 << 24  # bounds the [heads, queries, keys] scores of one piece
 
-    Prefill: the tokens are one chunk of one sequence, starting at `prefill_start`.
-    Decode: one new token per sequence. `contexts[i]` covers all positions of sequence i up to
-    and including its new tokens, in order.
+
+def expanded_is_cheaper(config: ModelConfig, num_queries: int) -> bool:
+    """Whether expanding the context beats absorbed attention for a chunk of num_queries tokens.
+
+    Expanding costs 2*N*(P+V)*L FLOPs per context token once; then each (query, key) pair costs
+    2*N*(P+R) + 2*N*V. Absorbed attention costs 2*N*(L+R) + 2*N*L per pair and no expansion.
     """
-
-    positions: torch.Tensor  # [T] position of each token
-    write_slots: torch.Tensor  # [T] cache slot each token's latent goes to
-    contexts: list[list[KVSpan]]
-    prefill_start: int | None = None
-    kv_piece_tokens: int = 4096  # prefill attends to the context in pieces of at most this size
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.prefill_start is not None
+    heads, latent = config.num_attention_heads, config.kv_lora_rank
+    expansion = 2 * heads * (config.qk_nope_head_dim + config.v_head_dim) * latent
+    expanded_pair = 2 * heads * (config.qk_head_dim + config.v_head_dim)
+    absorbed_pair = 2 * heads * (latent + config.qk_rope_head_dim + latent)
+    return num_queries * (absorbed_pair - expanded_pair) > expansion
 
 
 class MLAttention(nn.Module):
@@ -56,18 +73,32 @@ class MLAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.latent_dim = config.kv_lora_rank
         self.scale = config.softmax_scale
+        self.has_q_lora = config.q_lora_rank is not None
         hidden, heads = config.hidden_size, config.num_attention_heads
         q_out = heads * config.qk_head_dim
-        if config.q_lora_rank is None:
-            self.q_proj = linear(hidden, q_out)
-        else:
+        if self.has_q_lora:
             self.q_a_proj = linear(hidden, config.q_lora_rank)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = linear(config.q_lora_rank, q_out)
+        else:
+            self.q_proj = linear(hidden, q_out)
         self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = linear(config.kv_lora_rank, heads * (self.nope_dim + self.v_dim))
+        # The checkpoint's kv_b_proj [N * (P + V), L], kept as its two halves, each contiguous
+        # per head: the key up-projection W_UK and the value up-projection W_UV.
+        self.w_uk = nn.Parameter(torch.empty(heads, self.nope_dim, self.latent_dim))
+        self.w_uv = nn.Parameter(torch.empty(heads, self.v_dim, self.latent_dim))
         self.o_proj = linear(heads * self.v_dim, hidden)
+
+    @property
+    def kv_b_proj_shape(self) -> tuple[int, int]:
+        return (self.num_heads * (self.nope_dim + self.v_dim), self.latent_dim)
+
+    def load_kv_b_proj(self, weight: torch.Tensor) -> None:
+        """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
+        per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
+        self.w_uk.copy_(per_head[:, : self.nope_dim])
+        self.w_uv.copy_(per_head[:, self.nope_dim :])
 
     def forward(
         self,
@@ -79,10 +110,7 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, hidden]; kv_cache: this layer's [num_slots, 576]. Writes the new latents."""
         num_tokens = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], -1)
         q_pe = apply_rotary(q_pe, cos, sin)
 
@@ -91,40 +119,68 @@ class MLAttention(nn.Module):
         k_pe = apply_rotary(k_pe, cos, sin)
         kv_cache.index_copy_(0, batch.write_slots, torch.cat([latent, k_pe], -1))
 
-        if batch.is_prefill:
-            out = self._expanded_attention(q_nope, q_pe, kv_cache, batch)
-        else:
-            out = self._absorbed_attention(q_nope, q_pe, kv_cache, batch)
+        attend = self._expanded_attention if batch.expanded else self._absorbed_attention
+        out = attend(q_nope.transpose(0, 1), q_pe.transpose(0, 1), kv_cache, batch)  # [T, N, V]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
-    def _expanded_attention(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """Causal attention of one prefill chunk over its sequence's whole context.
+    def _expanded_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+        """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
+        (seq,) = batch.sequences
 
-        The context is expanded through kv_b_proj piece by piece and combined with an online
-        softmax, so activation memory stays bounded however long the context is.
-        """
-        (spans,) = batch.contexts
-        first_query = batch.prefill_start
-        query_pos = batch.positions[:, None]
-        q_nope_h = q_nope.transpose(0, 1)  # [N, T, P]
-        running_max = running_sum = acc = None
-        for start_pos, piece in _pieces(kv_cache, spans, batch.kv_piece_tokens):
-            length = piece.shape[0]
+        def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            k_nope, v = self.kv_b_proj(latent).view(length, self.num_heads, -1).split([self.nope_dim, self.v_dim], -1)
-            scores = torch.matmul(q_nope_h, k_nope.permute(1, 2, 0)).float()  # [N, T, S]
-            scores += torch.matmul(q_pe, k_pe.t()).transpose(0, 1).float()
-            scores *= self.scale
-            if start_pos + length - 1 > first_query:
-                key_pos = torch.arange(start_pos, start_pos + length, device=scores.device)
-                scores.masked_fill_(key_pos[None, :] > query_pos, float("-inf"))
+            k_nope = F.linear(latent, self.w_uk.flatten(0, 1)).view(-1, self.num_heads, self.nope_dim)
+            v = F.linear(latent, self.w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
+            scores = torch.matmul(q_nope, k_nope.permute(1, 2, 0)).float()  # [N, T, S]
+            scores += torch.matmul(q_pe, k_pe.t()).float()  # k_pe is shared by all heads
+            return scores, v.transpose(0, 1)  # [N, S, V]
 
+        out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+        return out.transpose(0, 1).to(q_nope.dtype)
+
+    def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+        """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
+        queries = torch.cat([torch.bmm(q_nope, self.w_uk), q_pe], -1)  # [N, T, L + R]
+        out_latent = torch.empty_like(queries[..., : self.latent_dim])
+        for seq in batch.sequences:
+            seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
+
+            def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
+                scores = torch.mm(piece, seq_queries.t()).t().float().contiguous()
+                return scores.view(self.num_heads, -1, piece.shape[0]), piece[:, : self.latent_dim]
+
+            out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+            out_latent[:, seq.rows] = out.to(out_latent.dtype)
+        return torch.bmm(out_latent, self.w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _attend(
+        self,
+        scores_and_values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        seq: SequenceSlice,
+        kv_cache: torch.Tensor,
+        max_score_elements: int,
+    ) -> torch.Tensor:
+        """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
+
+        scores_and_values(piece of cache) gives float32 scores [N, t, S] and values [.., S, D];
+        the pieces are combined with an online softmax. Returns float32 [N, t, D].
+        """
+        num_queries = seq.rows.stop - seq.rows.start
+        first = seq.first_position
+        query_pos = torch.arange(first, first + num_queries, device=kv_cache.device)[:, None]
+        piece_tokens = max(1, max_score_elements // (self.num_heads * num_queries))
+        running_max = running_sum = acc = None
+        for start, piece in _pieces(kv_cache, seq.spans, piece_tokens):
+            scores, values = scores_and_values(piece)
+            scores *= self.scale
+            if start + piece.shape[0] - 1 > first:  # some keys come after some queries
+                key_pos = torch.arange(start, start + piece.shape[0], device=scores.device)
+                scores.masked_fill_(key_pos > query_pos, float("-inf"))
             piece_max = scores.amax(-1, keepdim=True)
             new_max = piece_max if running_max is None else torch.maximum(running_max, piece_max)
             probs = torch.exp(scores - new_max)
-            piece_out = torch.matmul(probs.to(v.dtype), v.transpose(0, 1)).float()  # [N, T, V]
+            piece_out = torch.matmul(probs.to(values.dtype), values).float()
             if acc is None:
                 running_sum, acc = probs.sum(-1, keepdim=True), piece_out
             else:
@@ -132,31 +188,7 @@ class MLAttention(nn.Module):
                 running_sum = running_sum * rescale + probs.sum(-1, keepdim=True)
                 acc = acc * rescale + piece_out
             running_max = new_max
-        out = acc / running_sum
-        return out.transpose(0, 1).to(q_nope.dtype)  # [T, N, V]
-
-    def _absorbed_attention(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:
-        """One new token per sequence attends over that sequence's cached latents."""
-        # kv_b_proj rows are per head [nope | v]; views, not copies.
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv[:, : self.nope_dim], w_kv[:, self.nope_dim :]
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [N, B, L]
-        queries = torch.cat([q_latent, q_pe.transpose(0, 1)], -1)  # [N, B, L + R]
-        out_latent = torch.empty_like(q_latent)
-        for i, spans in enumerate(batch.contexts):
-            pieces = [kv_cache[span.slot : span.slot + span.length] for span in spans]
-            query = queries[:, i]  # [N, L + R]
-            scores = torch.cat([torch.mm(query, piece.t()) for piece in pieces], -1).float()
-            probs = torch.softmax(scores * self.scale, -1).to(query.dtype)
-            offset, result = 0, None
-            for piece in pieces:
-                part = torch.mm(probs[:, offset : offset + piece.shape[0]], piece[:, : self.latent_dim])
-                result = part if result is None else result + part
-                offset += piece.shape[0]
-            out_latent[:, i] = result
-        return torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [B, N, V]
+        return acc / running_sum
 
 
 def _pieces(kv_cache: torch.Tensor, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 
+from glmcode.engine.attention import MLAttention
 from glmcode.engine.model import GlmMoeLite
 from glmcode.errors import CheckpointError
 
@@ -29,12 +31,12 @@ _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass
-class _Targets:
-    """Checkpoint tensor name -> the (view of a) parameter it fills."""
+class _Slot:
+    """Where one checkpoint tensor goes."""
 
-    slots: dict[str, torch.Tensor] = field(default_factory=dict)
-    # fused name -> (whole stacked parameter, the per-expert names it stands for)
-    fused: dict[str, tuple[torch.Tensor, list[str]]] = field(default_factory=dict)
+    shape: list[int]
+    fill: Callable[[torch.Tensor], None]
+    covers: list[str]  # the names this tensor accounts for (several for fused experts)
 
 
 def find_weight_files(model_dir: str | Path) -> dict[str, Path]:
@@ -64,8 +66,8 @@ def load_checkpoint(
             continue  # the head shares the embedding; a stored copy is ignored
         by_file[path].append(name)
 
-    targets = _checkpoint_targets(model)
-    remaining = set(targets.slots)
+    slots = _checkpoint_slots(model)
+    remaining = {name for slot in slots.values() for name in slot.covers}
     with _progress_bar(progress) as bar:
         task = bar.add_task("Loading weights", total=sum(p.stat().st_size for p in by_file))
         for path in sorted(by_file):
@@ -74,7 +76,7 @@ def load_checkpoint(
                 for name in by_file[path]:
                     if name not in stored:
                         raise CheckpointError(f"{path.name}: tensor {name} is listed in the index but missing")
-                    nbytes = _load_tensor(shard, name, path, targets, remaining)
+                    nbytes = _load_tensor(shard, name, path, slots, remaining)
                     bar.advance(task, nbytes)
     if remaining:
         first = sorted(remaining)[0]
@@ -82,55 +84,65 @@ def load_checkpoint(
         raise CheckpointError(f"{Path(model_dir).name}: checkpoint is missing tensor {first}{more}")
 
 
-def _load_tensor(shard, name: str, path: Path, targets: _Targets, remaining: set[str]) -> int:
-    if name in targets.slots:
-        dest, covers = targets.slots[name], [name]
-    elif name in targets.fused:
-        dest, covers = targets.fused[name]
-    else:
+def _load_tensor(shard, name: str, path: Path, slots: dict[str, _Slot], remaining: set[str]) -> int:
+    slot = slots.get(name)
+    if slot is None:
         raise CheckpointError(f"{path.name}: unexpected tensor {name} (not part of this model)")
     shape = list(shard.get_slice(name).get_shape())
-    if shape != list(dest.shape):
-        raise CheckpointError(
-            f"{path.name}: tensor {name} has shape {shape}, expected {list(dest.shape)}"
-        )
-    if not remaining.issuperset(covers):
+    if shape != slot.shape:
+        raise CheckpointError(f"{path.name}: tensor {name} has shape {shape}, expected {slot.shape}")
+    if not remaining.issuperset(slot.covers):
         raise CheckpointError(f"{path.name}: tensor {name} is stored twice")
     try:
         tensor = shard.get_tensor(name)
     except Exception as exc:  # safetensors raises its own error type for corrupt data
         raise CheckpointError(f"{path.name}: cannot read tensor {name}: {exc}") from None
-    dest.copy_(tensor)
-    remaining.difference_update(covers)
+    slot.fill(tensor)
+    remaining.difference_update(slot.covers)
     return tensor.numel() * tensor.element_size()
 
 
-def _checkpoint_targets(model: GlmMoeLite) -> _Targets:
-    targets = _Targets()
+def _checkpoint_slots(model: GlmMoeLite) -> dict[str, _Slot]:
+    """Checkpoint tensor name -> slot, for every tensor the model needs.
+
+    Names follow the modules, except where the model stores weights differently: gate_proj and
+    up_proj share one gate_up_proj, routed experts are stacked, kv_b_proj is kept split.
+    """
+    slots: dict[str, _Slot] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MLAttention):
+            kv_b = f"{name}.kv_b_proj.weight"
+            slots[kv_b] = _Slot(list(module.kv_b_proj_shape), module.load_kv_b_proj, [kv_b])
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith(("self_attn.w_uk", "self_attn.w_uv")):
+            continue  # filled from kv_b_proj above
         if name.endswith("mlp.experts.gate_up_proj"):
-            _add_experts(targets, name, tensor, ("gate_proj", "up_proj"))
+            _add_experts(slots, name, tensor, ("gate_proj", "up_proj"))
         elif name.endswith("mlp.experts.down_proj"):
-            _add_experts(targets, name, tensor, ("down_proj",))
+            _add_experts(slots, name, tensor, ("down_proj",))
         elif name.endswith("gate_up_proj.weight"):
             prefix = name.removesuffix("gate_up_proj.weight")
-            gate, up = tensor.chunk(2, dim=0)
-            targets.slots[prefix + "gate_proj.weight"] = gate
-            targets.slots[prefix + "up_proj.weight"] = up
+            for part, view in zip(("gate_proj", "up_proj"), tensor.chunk(2, dim=0)):
+                slots[f"{prefix}{part}.weight"] = _view_slot(f"{prefix}{part}.weight", view)
         else:
-            targets.slots[name] = tensor
-    return targets
+            slots[name] = _view_slot(name, tensor)
+    return slots
 
 
-def _add_experts(targets: _Targets, name: str, stacked: torch.Tensor, parts: tuple[str, ...]) -> None:
+def _view_slot(name: str, view: torch.Tensor) -> _Slot:
+    return _Slot(list(view.shape), view.copy_, [name])
+
+
+def _add_experts(slots: dict[str, _Slot], name: str, stacked: torch.Tensor, parts: tuple[str, ...]) -> None:
+    """Per-expert slots into the stacked [E, ...] tensor, and one slot for the fused form."""
     prefix = name.rsplit(".", 1)[0]  # ...mlp.experts
     names = []
     for expert in range(stacked.shape[0]):
         for part, view in zip(parts, stacked[expert].chunk(len(parts), dim=0)):
             expert_name = f"{prefix}.{expert}.{part}.weight"
-            targets.slots[expert_name] = view
+            slots[expert_name] = _view_slot(expert_name, view)
             names.append(expert_name)
-    targets.fused[name] = (stacked, names)
+    slots[name] = _Slot(list(stacked.shape), stacked.copy_, names)
 
 
 def _is_mtp(name: str, num_layers: int) -> bool:

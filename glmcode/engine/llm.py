@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from glmcode.engine.attention import AttentionBatch
+from glmcode.engine.attention import AttentionBatch, SequenceSlice, expanded_is_cheaper
 from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
@@ -106,7 +106,8 @@ class LLM:
         on_cpu = self.device.type == "cpu"
         self.block_size = block_size or (256 if on_cpu else 64)
         self.prefill_chunk_tokens = prefill_chunk_tokens or (512 if on_cpu else 4096)
-        self.kv_piece_tokens = 4096  # prefill expands the cached context this many tokens at a time
+        # Attention scores of one context piece are kept under this many elements.
+        self.max_score_elements = 1 << 24
         self.max_num_seqs = max_num_seqs
         num_blocks = self._plan_num_blocks(kv_cache_memory)
         self.kv_cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.device)
@@ -246,9 +247,9 @@ class LLM:
             batch = AttentionBatch(
                 positions=torch.arange(start, end, device=self.device),
                 write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
-                contexts=[self.kv_cache.spans(seq, end)],
-                prefill_start=start,
-                kv_piece_tokens=self.kv_piece_tokens,
+                sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
+                expanded=expanded_is_cheaper(self.config, end - start),
+                max_score_elements=self.max_score_elements,
             )
             hidden = self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache.data)
             seq.num_computed = end
@@ -261,7 +262,10 @@ class LLM:
         batch = AttentionBatch(
             positions=self._tensor([len(s) - 1 for s in seqs]),
             write_slots=self._tensor([self.kv_cache.slots(s, len(s) - 1, len(s))[0] for s in seqs]),
-            contexts=[self.kv_cache.spans(s, len(s)) for s in seqs],
+            sequences=[
+                SequenceSlice(slice(i, i + 1), len(s) - 1, self.kv_cache.spans(s, len(s))) for i, s in enumerate(seqs)
+            ],
+            max_score_elements=self.max_score_elements,
         )
         hidden = self.model(self._tensor([s.token_ids[-1] for s in seqs]), batch, self.kv_cache.data)
         for seq in seqs:

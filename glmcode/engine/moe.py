@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.layers import GatedMLP, silu_and_mul
+from glmcode.engine.layers import GatedMLP, linear_forward, silu_and_mul
 
 
 class Router(nn.Module):
@@ -63,7 +63,8 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, width))
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj[index])), self.down_proj[index])
+        hidden = silu_and_mul(linear_forward(x, self.gate_up_proj[index]))
+        return linear_forward(hidden, self.down_proj[index])
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:

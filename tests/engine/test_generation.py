@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
+from glmcode.engine.attention import expanded_is_cheaper
 from glmcode.engine.config import ModelConfig
 from glmcode.engine.kv_cache import KVCache
 from glmcode.errors import ContextOverflow, UsageError
@@ -66,10 +67,14 @@ def test_absorbed_paged_decode_equals_prefill_logits(tiny_checkpoint, block_size
     torch.testing.assert_close(decoded, expected[6:], atol=1e-4, rtol=0)
 
 
-def test_chunked_prefill_in_small_pieces_equals_one_pass(tiny_checkpoint, llm):
+@pytest.mark.parametrize("chunk", [7, 100])
+def test_chunked_prefill_in_small_pieces_equals_one_pass(tiny_checkpoint, llm, chunk):
     tokens = prompt(llm, 3)
-    chunked = make_llm(tiny_checkpoint, prefill_chunk_tokens=7, block_size=4)
-    chunked.kv_piece_tokens = 5  # the cached context is expanded 5 tokens at a time
+    assert len(tokens) > chunk
+    # 7-token chunks attend in the absorbed form, 100-token chunks expand the context.
+    assert expanded_is_cheaper(llm.config, chunk) == (chunk == 100)
+    chunked = make_llm(tiny_checkpoint, prefill_chunk_tokens=chunk, block_size=4)
+    chunked.max_score_elements = 4 * chunk * 5  # 4 heads: the context goes 5 keys at a time
     fragment_free_list(chunked)
     torch.testing.assert_close(chunked.score(tokens), llm.score(tokens), atol=1e-4, rtol=0)
     assert chunked.generate(tokens, GREEDY).token_ids == llm.generate(tokens, GREEDY).token_ids
