@@ -1,8 +1,10 @@
 """CPU speed of the quantized engine at GLM-4.7-Flash's real shapes, with random weights.
 
-The weights are generated directly in quantized form (no 60 GB checkpoint), the KV cache is
-filled with random latents to the requested context (speed does not depend on values), and the
-model's own prefill and absorbed-decode paths are timed. Prints a table and a JSON line; the
+The weights are generated directly in quantized form (no 60 GB checkpoint): the LLM is built
+from a directory holding only config.json and a tokenizer, with its quantized-model loader
+swapped for the random one. Prefill is timed through LLM.generate; decode at context C through
+the engine's decode path on a cache whose first C slots hold random latents (as
+bench_engine.py does; speed does not depend on the values). Prints a table and JSON; the
 llama.cpp figures measured on the same 2-core machine are the baseline.
 
     PYTHONPATH=. python scripts/bench_cpu_quant.py --quantization int4 [--layers 4] [--contexts 512,4096]
@@ -11,17 +13,24 @@ llama.cpp figures measured on the same 2-core machine are the baseline.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import resource
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from glmcode.engine.attention import AttentionBatch, KVSpan
-from glmcode.engine.config import ModelConfig
-from glmcode.engine.quant import QuantScheme
-from glmcode.engine.quant_model import random_quantized_model
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from glmcode.engine import LLM, SamplingParams, llm as llm_module  # noqa: E402
+from glmcode.engine.quant import QuantScheme  # noqa: E402
+from glmcode.engine.quant_model import random_quantized_model  # noqa: E402
 
 FULL_CONFIG = {
     "model_type": "glm4_moe_lite",
@@ -63,40 +72,49 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def time_prefill(model, config: ModelConfig, tokens: int, chunk: int) -> float:
-    cache = torch.zeros(config.num_hidden_layers, tokens, config.kv_cache_dim, dtype=torch.bfloat16)
-    ids = torch.randint(0, config.vocab_size, (tokens,))
-    started = time.perf_counter()
-    for start in range(0, tokens, chunk):
-        end = min(tokens, start + chunk)
-        batch = AttentionBatch(
-            positions=torch.arange(start, end),
-            write_slots=torch.arange(start, end),
-            contexts=[[KVSpan(0, end)]],
-            prefill_start=start,
-        )
-        hidden = model(ids[start:end], batch, cache)
-    model.logits(hidden[-1:])
-    return tokens / (time.perf_counter() - started)
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
 
-def time_decode(model, config: ModelConfig, context: int, steps: int) -> float:
-    cache = (torch.randn(config.num_hidden_layers, context + steps + 1, config.kv_cache_dim) * 0.5).to(torch.bfloat16)
+def build_llm(config: dict, quantization: str, directory: Path, max_context: int) -> LLM:
+    """An LLM over random quantized weights; the directory holds only config and tokenizer."""
+    writer = _script("make_tiny_checkpoint")
+    writer.make_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (directory / "config.json").write_text(json.dumps(config))
+    scheme = QuantScheme.named(quantization)
+    llm_module.load_quantized_model = lambda model_config, *args, **kwargs: random_quantized_model(model_config, scheme)
+    kv_bytes = config["num_hidden_layers"] * (max_context + 512) * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 2
+    llm = LLM(directory, quantization=quantization, kv_cache_memory=kv_bytes, enable_prefix_caching=False, progress=False)
+    llm.kv_cache.data.normal_()
+    return llm
 
-    def step(position: int) -> None:
-        batch = AttentionBatch(
-            positions=torch.tensor([position]),
-            write_slots=torch.tensor([position]),
-            contexts=[[KVSpan(0, position + 1)]],
-        )
-        hidden = model(torch.randint(0, config.vocab_size, (1,)), batch, cache)
-        model.logits(hidden)
 
-    step(context)  # warm-up
-    started = time.perf_counter()
-    for i in range(1, steps + 1):
-        step(context + i)
-    return steps / (time.perf_counter() - started)
+def time_prefill(llm: LLM, tokens: int, repeats: int = 2) -> float:
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, llm.num_real_tokens, (tokens,), generator=gen).tolist()
+    llm.generate(prompt[:16], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+        seconds.append(llm.stats.prefill_seconds)
+    return tokens / min(seconds)
+
+
+def time_decode(llm: LLM, context: int, steps: int) -> float:
+    """Median tokens/s of single decode steps at `context` cached tokens."""
+    decoder = _script("bench_engine").GlmcodeDecoder(llm, context, torch.Generator().manual_seed(1))
+    decoder.step()  # warm-up
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        decoder.step()
+        times.append(time.perf_counter() - started)
+    decoder.close()
+    return 1.0 / statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,30 +124,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", default="512,4096,32768", help="decode context lengths")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",") if c]
 
-    config = ModelConfig.from_dict(FULL_CONFIG | {"num_hidden_layers": args.layers})
-    started = time.perf_counter()
-    with torch.inference_mode():
-        model = random_quantized_model(config, QuantScheme.named(args.quantization))
-    result: dict = {
-        "quantization": args.quantization,
-        "layers": args.layers,
-        "threads": args.threads,
-        "build_s": round(time.perf_counter() - started, 1),
-        "rss_after_build_gb": round(peak_rss_gb(), 2),
-    }
-    with torch.inference_mode():
+    config = FULL_CONFIG | {"num_hidden_layers": args.layers}
+    with tempfile.TemporaryDirectory(prefix="glmcode-bench-quant-") as tmp:
+        started = time.perf_counter()
+        llm = build_llm(config, args.quantization, Path(tmp), max(contexts + [args.prefill_tokens]) + args.decode_steps + 4)
+        result: dict = {
+            "quantization": args.quantization,
+            "layers": args.layers,
+            "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "build_s": round(time.perf_counter() - started, 1),
+            "rss_after_build_gb": round(peak_rss_gb(), 2),
+        }
         if args.prefill_tokens:
-            result[f"prefill_{args.prefill_tokens}"] = round(time_prefill(model, config, args.prefill_tokens, args.prefill_chunk), 2)
-        for context in [int(c) for c in args.contexts.split(",") if c]:
-            result[f"decode_{context}"] = round(time_decode(model, config, context, args.decode_steps), 2)
+            result[f"prefill_{args.prefill_tokens}"] = round(time_prefill(llm, args.prefill_tokens), 2)
+        for context in contexts:
+            result[f"decode_{context}"] = round(time_decode(llm, context, args.decode_steps), 2)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
     _print_table(result, scale=args.layers / FULL_CONFIG["num_hidden_layers"])
     print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -37,7 +37,7 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up
 _GATE_OR_UP = re.compile(r"^(.*)\.(gate_proj|up_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
-# Used by the absorbed decode as a weight tensor, not called as a module: kept dense at load.
+# Split by the attention into per-head W_UK / W_UV weight tensors: dequantized at load.
 _DENSE_AT_LOAD = (".kv_b_proj.weight",)
 
 
@@ -109,6 +109,8 @@ class _Placer:
                 raise CheckpointError(f"routed expert weight {name} is not quantized; quantize the checkpoint")
             if (pair := _GATE_OR_UP.match(name)) and self._has(pair.group(1) + ".gate_up_proj"):
                 self._add_pair_half(pair.group(1), pair.group(2), tensor)
+            elif name.endswith(_DENSE_AT_LOAD):
+                self._load_kv_b_proj(name.removesuffix(".kv_b_proj.weight"), tensor)
             else:
                 self._set_tensor(name, tensor)
         elif expert := _EXPERT.match(name):
@@ -162,6 +164,15 @@ class _Placer:
         )
         del self.pending_experts[prefix]
         self._set_module(prefix, experts)
+
+    def _load_kv_b_proj(self, attention_path: str, weight: torch.Tensor) -> None:
+        attention = self.model.get_submodule(attention_path)
+        if tuple(weight.shape) != tuple(attention.kv_b_proj_shape):
+            raise CheckpointError(f"{attention_path}.kv_b_proj has shape {list(weight.shape)}, expected {list(attention.kv_b_proj_shape)}")
+        for leaf in ("w_uk", "w_uv"):
+            empty = torch.empty(getattr(attention, leaf).shape, dtype=self.dtype, device=self.device)
+            setattr(attention, leaf, nn.Parameter(empty, requires_grad=False))
+        attention.load_kv_b_proj(weight.to(self.dtype))
 
     def _set_module(self, path: str, module: nn.Module) -> None:
         parent, _, leaf = path.rpartition(".")
@@ -228,6 +239,11 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             prefix = name.removesuffix("gate_up_proj.weight")
             half = (tensor.shape[0] // 2, tensor.shape[1])
             shapes |= {prefix + "gate_proj.weight": half, prefix + "up_proj.weight": half}
+        elif name.endswith("self_attn.w_uk"):
+            attention = name.removesuffix(".w_uk")
+            shapes[attention + ".kv_b_proj.weight"] = tuple(model.get_submodule(attention).kv_b_proj_shape)
+        elif name.endswith("self_attn.w_uv"):
+            continue  # the other half of kv_b_proj
         else:
             shapes[name] = tuple(tensor.shape)
     return shapes
