@@ -408,3 +408,38 @@ def int8_latent_attention(
         block = values[start : start + chunk, :width].to(compute)
         out += (weighted[:, start : start + chunk].to(compute) @ block).float()
     return out.to(compute)
+
+
+class Int8LatentCache:
+    """One layer's latent cache in int8 (two scales per token); reads come back dequantized.
+
+    Stands in for the engine's ``[slots, 576]`` tensor: attention writes with ``index_copy_``
+    and reads slices piece by piece, so only one piece is ever widened at a time. About half
+    the memory of a bfloat16 cache, for contexts that would not fit otherwise.
+    """
+
+    def __init__(self, slots: int, dim: int, split: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.values = torch.zeros(slots, dim, dtype=torch.int8, device=device)
+        self.scales = torch.zeros(slots, 2, dtype=torch.float32, device=device)
+        self.split, self.dtype = split, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def index_copy_(self, dim: int, index: torch.Tensor, latents: torch.Tensor) -> "Int8LatentCache":
+        values, scales = quantize_latent(latents, self.split)
+        self.values.index_copy_(dim, index, values)
+        self.scales.index_copy_(dim, index, scales)
+        return self
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return dequantize_latent(self.values[rows], self.scales[rows], self.split, self.dtype)
+
+    @staticmethod
+    def bytes_per_token(dim: int) -> int:
+        return dim + 2 * 4

@@ -79,3 +79,19 @@ def test_quantized_checkpoint_problems_are_clear_errors(tiny_checkpoint, tmp_pat
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated"):
         LLM(quantized_dir, progress=False)
+
+
+def test_int8_latent_cache_decodes_like_the_bfloat16_cache(trained_checkpoint):
+    """Same greedy tokens, through prefill, prefix reuse and decode, in about half the memory."""
+    full = LLM(trained_checkpoint, kv_cache_memory=1 << 18, block_size=16, progress=False)
+    small = LLM(trained_checkpoint, kv_cache_memory=1 << 18, block_size=16, kv_cache_dtype="int8", progress=False)
+    assert small.kv_cache.num_blocks > 1.9 * full.kv_cache.num_blocks
+    prompt = full.tokenizer.encode(load_tiny_checkpoint_writer().TRAINING_TEXT)[:40]
+    params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
+    expected = full.generate(prompt, params).token_ids
+    got = small.generate(prompt, params).token_ids
+    assert sum(a == b for a, b in zip(got, expected)) >= 0.9 * len(expected)
+    again = small.generate(prompt, params)  # served from the int8 prefix cache
+    assert again.token_ids == got and small.stats.cached_tokens >= 32
+    with pytest.raises(UsageError, match="kv_cache_dtype"):
+        LLM(trained_checkpoint, kv_cache_dtype="fp8", progress=False)
