@@ -248,7 +248,7 @@ class Int4Linear(_QuantizedLinear):
         super().__init__(weight.shape, dtype, select_kernel(4, device))
         self.group_size = weight.group_size
         if self.kernel == "vnni":
-            packed, scales, zeros = cpu_quant.pack_int4(unpack_nibbles(weight.nibbles), weight.scales, weight.zeros)
+            packed, scales, zeros = cpu_quant.pack_int4(weight.nibbles, weight.scales, weight.zeros)
             self.register_buffer("zeros", zeros)
         elif self.kernel == "aten":
             packed, scales = _pack_int4_for_aten(weight, dtype)  # scales: [K/g, N, 2] with zeros

@@ -239,9 +239,67 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return y;
 }
 
+// Portable nibbles [N, K/2] (even k in the low nibble) to the int4 tile layout; rows past N
+// (padding up to a multiple of 16) get q = 8, i.e. zero weights with zero scales.
+at::Tensor pack_int4_nibbles(const at::Tensor& nibbles_in) {
+  const at::Tensor nibbles = nibbles_in.contiguous();
+  TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.dim() == 2, "nibbles must be uint8 [N, K/2]");
+  const int64_t N = nibbles.size(0), half_k = nibbles.size(1);
+  TORCH_CHECK(half_k % 4 == 0, "K must be a multiple of 8");
+  const int64_t tiles = (N + kTile - 1) / kTile, blocks = half_k / 4;
+  at::Tensor packed = at::empty({tiles, blocks, 64}, nibbles.options());
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(nibbles.data_ptr<uint8_t>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int j = 0; j < kTile; ++j) {
+        const int64_t row = t * kTile + j;
+        for (int64_t b = 0; b < blocks; ++b) {
+          // v holds q[8b .. 8b+7] two per byte; the output word holds q[8b+i] | q[8b+4+i] << 4.
+          const uint32_t v = row < N ? src[row * blocks + b] : 0x88888888u;
+          dst[(t * blocks + b) * kTile + j] =
+              (v & 0xFu) | ((v << 4) & 0xF00u) | ((v << 8) & 0xF0000u) | ((v << 12) & 0xF000000u) |
+              ((v >> 12) & 0xF0u) | ((v >> 8) & 0xF000u) | ((v >> 4) & 0xF00000u) | (v & 0xF0000000u);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// int8 values [N, K] to the int8 tile layout, and the per-group sums [N/16, K/group, 16].
+std::vector<at::Tensor> pack_int8_values(const at::Tensor& values_in, int64_t group) {
+  const at::Tensor values = values_in.contiguous();
+  TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2, "values must be int8 [N, K]");
+  const int64_t N = values.size(0), K = values.size(1);
+  TORCH_CHECK(K % group == 0 && group % 4 == 0, "group must divide K and be a multiple of 4");
+  const int64_t tiles = (N + kTile - 1) / kTile, blocks = K / 4, G = K / group;
+  at::Tensor packed = at::zeros({tiles, blocks, 64}, values.options());
+  at::Tensor sums = at::zeros({tiles, G, kTile}, values.options().dtype(at::kInt));
+  const int8_t* src = values.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* sum = sums.data_ptr<int32_t>();
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int j = 0; j < kTile && t * kTile + j < N; ++j) {
+        const int8_t* row = src + (t * kTile + j) * K;
+        for (int64_t b = 0; b < blocks; ++b) std::memcpy(dst + (t * blocks + b) * 64 + j * 4, row + b * 4, 4);
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t total = 0;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) total += row[k];
+          sum[(t * G + g) * kTile + j] = total;
+        }
+      }
+    }
+  });
+  return {packed, sums};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glmcode_cpu, m) {
+  m.def("pack_int4_nibbles(Tensor nibbles) -> Tensor", &pack_int4_nibbles);
+  m.def("pack_int8_values(Tensor values, int group) -> Tensor[]", &pack_int8_values);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor", &int4_linear);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear);
 }

@@ -55,23 +55,17 @@ def _tiles_of_rows(per_row: torch.Tensor) -> torch.Tensor:
     return rows.reshape(-1, TILE, rows.shape[1]).transpose(1, 2).contiguous()
 
 
-def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``values uint8 [N, K]`` (0..15) and bf16 ``[N, G]`` scales/zeros to the kernel layout."""
-    q = _pad_rows(values.to(torch.uint8), value=8)
-    tiles, k = q.shape[0] // TILE, q.shape[1]
-    q = q.reshape(tiles, TILE, k // 8, 2, 4).permute(0, 2, 1, 3, 4)  # [T, K/8, 16, half, 4]
-    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(tiles, k // 8, 64).contiguous()
+def pack_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Portable nibbles ``uint8 [N, K/2]`` and bf16 ``[N, G]`` scales/zeros to the kernel layout."""
+    packed = torch.ops.glmcode_cpu.pack_int4_nibbles(nibbles)
     return packed, _tiles_of_rows(scales.to(torch.bfloat16)), _tiles_of_rows(zeros.to(torch.bfloat16))
 
 
 def pack_int8(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     """``values int8 [N, K]`` and f32 ``[N]`` scales to the kernel layout (+ per-group sums)."""
-    w = _pad_rows(values.to(torch.int8))
-    tiles, k = w.shape[0] // TILE, w.shape[1]
-    packed = w.reshape(tiles, TILE, k // 4, 4).permute(0, 2, 1, 3).reshape(tiles, k // 4, 64).contiguous()
-    sums = w.to(torch.int32).reshape(w.shape[0], k // group, group).sum(-1, dtype=torch.int32)
-    padded_scales = F.pad(scales.float(), (0, w.shape[0] - scales.shape[0]))
-    return packed, padded_scales.contiguous(), _tiles_of_rows(sums)
+    packed, sums = torch.ops.glmcode_cpu.pack_int8_values(values, group)
+    padded_scales = F.pad(scales.float(), (0, packed.shape[0] * TILE - scales.shape[0]))
+    return packed, padded_scales.contiguous(), sums
 
 
 def int4_linear(x: torch.Tensor, packed, scales, zeros, group: int) -> torch.Tensor:
