@@ -95,3 +95,28 @@ def test_int8_latent_cache_decodes_like_the_bfloat16_cache(trained_checkpoint):
     assert again.token_ids == got and small.stats.cached_tokens >= 32
     with pytest.raises(UsageError, match="kv_cache_dtype"):
         LLM(trained_checkpoint, kv_cache_dtype="fp8", progress=False)
+
+
+def test_cli_quantizes_a_checkpoint_that_then_loads_and_generates(tiny_checkpoint, tmp_path):
+    pytest.importorskip("glmcode.cli", reason="the CLI (branch cli) has not been merged yet")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    destination = tmp_path / "tiny-int4"
+    done = subprocess.run(
+        [sys.executable, "-m", "glmcode", "model", "quantize", str(tiny_checkpoint), str(destination), "--bits", "4"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(destination) in done.stdout
+    llm = LLM(destination, progress=False)
+    assert isinstance(llm.model.model.layers[1].mlp.experts, QuantizedExperts)
+    completion = llm.generate(llm.tokenizer.encode("import os"), SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[]))
+    assert len(completion.token_ids) == 5
+    again = subprocess.run(
+        [sys.executable, "-m", "glmcode", "model", "quantize", str(tiny_checkpoint), str(destination)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
