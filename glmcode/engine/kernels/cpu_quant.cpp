@@ -99,17 +99,24 @@ void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16*
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i dot[MB];
-    for (int r = 0; r < MB; ++r) dot[r] = _mm512_setzero_si512();
+    // Four independent accumulator chains per row: one chain would wait on VPDPBUSD latency.
+    __m512i dot[MB][4];
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
     const uint8_t* wg = w + g * (group / 8) * 64;
-    for (int64_t b = 0; b < group / 8; ++b) {
-      const __m512i v = _mm512_loadu_si512(wg + b * 64);
-      const __m512i lo = _mm512_and_si512(v, low_nibbles);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+    for (int64_t b = 0; b < group / 8; b += 2) {  // group is a multiple of 32: b pairs exist
+      const __m512i v0 = _mm512_loadu_si512(wg + b * 64);
+      const __m512i v1 = _mm512_loadu_si512(wg + (b + 1) * 64);
+      const __m512i lo0 = _mm512_and_si512(v0, low_nibbles);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low_nibbles);
+      const __m512i lo1 = _mm512_and_si512(v1, low_nibbles);
+      const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low_nibbles);
       for (int r = 0; r < MB; ++r) {
         const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 8;
-        dot[r] = _mm512_dpbusd_epi32(dot[r], lo, broadcast_word(xp));
-        dot[r] = _mm512_dpbusd_epi32(dot[r], hi, broadcast_word(xp + 4));
+        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo0, broadcast_word(xp));
+        dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi0, broadcast_word(xp + 4));
+        dot[r][2] = _mm512_dpbusd_epi32(dot[r][2], lo1, broadcast_word(xp + 8));
+        dot[r][3] = _mm512_dpbusd_epi32(dot[r][3], hi1, broadcast_word(xp + 12));
       }
     }
     const __m512 s = load_bf16(scales + g * kTile);
@@ -119,7 +126,8 @@ void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16*
       const float xs = x.scales[mg];
       const int32_t xsum = x.sums[mg];
       // group term = xs * (s * (dot - 8 * xsum) + z * xsum)
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], _mm512_set1_epi32(8 * xsum)));
+      const __m512i total = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, _mm512_set1_epi32(8 * xsum)));
       acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xs)), acc[r]);
       acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs * static_cast<float>(xsum)), acc[r]);
     }
@@ -135,23 +143,32 @@ void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const 
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512i dot[MB];
-    for (int r = 0; r < MB; ++r) dot[r] = _mm512_setzero_si512();
+    __m512i dot[MB][4];
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
     const int8_t* wg = w + g * (group / 4) * 64;
-    for (int64_t b = 0; b < group / 4; ++b) {
+    // x + 128 as unsigned: flipping the sign bit of each activation byte
+    auto step = [&](int64_t b, int chain) {
       const __m512i v = _mm512_loadu_si512(wg + b * 64);
       for (int r = 0; r < MB; ++r) {
         const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 4;
-        // x + 128 as unsigned: flipping the sign bit of each byte
-        const __m512i xu = _mm512_xor_si512(broadcast_word(xp), bias);
-        dot[r] = _mm512_dpbusd_epi32(dot[r], xu, v);
+        dot[r][chain] = _mm512_dpbusd_epi32(dot[r][chain], _mm512_xor_si512(broadcast_word(xp), bias), v);
       }
+    };
+    int64_t b = 0;
+    for (; b + 4 <= group / 4; b += 4) {
+      step(b, 0);
+      step(b + 1, 1);
+      step(b + 2, 2);
+      step(b + 3, 3);
     }
+    for (; b < group / 4; ++b) step(b, 0);
     const __m512i wsum128 = _mm512_slli_epi32(
         _mm512_loadu_si512(sums + g * kTile), 7);
     for (int r = 0; r < MB; ++r) {
       const float xs = x.scales[(m0 + r) * G + g];
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], wsum128));
+      const __m512i total = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, wsum128));
       acc[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(xs), acc[r]);
     }
   }
@@ -201,6 +218,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   check_input(x, K, group);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.size(2) == 64, "packed must be uint8 [N/16, K/8, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16, "scales/zeros must be bfloat16");
+  TORCH_CHECK(group % 32 == 0, "int4 groups must be a multiple of 32");
   const QuantizedRows q = quantize_input(x, group);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();

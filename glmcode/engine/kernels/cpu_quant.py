@@ -18,6 +18,9 @@ import torch.nn.functional as F
 TILE = 16
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
+# at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
+# libgomp it links is the one torch has already loaded (same soname), so there is one pool.
+_OPENMP = ["-fopenmp"]
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +40,13 @@ def available() -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="glmcode_cpu_quant", sources=[str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
+        load(
+            name="glmcode_cpu_quant",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS + _OPENMP,
+            extra_ldflags=_OPENMP,
+            is_python_module=False,
+        )
     except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
         log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
         return False
