@@ -119,7 +119,7 @@ def time_decode(llm: LLM, context: int, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quantization", default="int4", choices=["int4", "int8"])
+    parser.add_argument("--quantization", default="int4", choices=["int4", "int4-all", "int8"])
     parser.add_argument("--layers", type=int, default=FULL_CONFIG["num_hidden_layers"], help="fewer layers for a quick run")
     parser.add_argument("--contexts", default="512,4096,32768", help="decode context lengths")
     parser.add_argument("--decode-steps", type=int, default=8)

@@ -73,8 +73,13 @@ class QuantScheme:
 
     @classmethod
     def named(cls, name: str) -> "QuantScheme":
-        """``"int4"``: int4 experts, int8 elsewhere. ``"int8"``: int8 everywhere."""
-        schemes = {"int4": cls(expert_bits=4, linear_bits=8), "int8": cls(expert_bits=8, linear_bits=8)}
+        """``"int4"``: int4 experts, int8 elsewhere (quality first). ``"int4-all"``: int4
+        everywhere (speed first: a third fewer bytes per token). ``"int8"``: int8 everywhere."""
+        schemes = {
+            "int4": cls(expert_bits=4, linear_bits=8),
+            "int4-all": cls(expert_bits=4, linear_bits=4),
+            "int8": cls(expert_bits=8, linear_bits=8),
+        }
         if name not in schemes:
             raise ValueError(f"unknown quantization {name!r}; use one of {sorted(schemes)}")
         return schemes[name]

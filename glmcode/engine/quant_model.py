@@ -78,20 +78,25 @@ def load_quantized_model(
 
 
 def _scheme_for(model_dir, section: dict | None, quantization: str | None) -> QuantScheme:
+    requested = _named_scheme(quantization) if quantization is not None else None
     if section is None:
-        if quantization is None:
-            raise UsageError(f"{model_dir} is not quantized; pass a quantization (int4 or int8)")
-        try:
-            return QuantScheme.named(quantization)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        if requested is None:
+            raise UsageError(f"{model_dir} is not quantized; pass a quantization (int4, int4-all or int8)")
+        return requested
     stored = QuantScheme(section["expert_bits"], section["linear_bits"], section["group_size"])
-    if quantization is not None and QuantScheme.named(quantization).expert_bits != stored.expert_bits:
+    if requested is not None and (requested.expert_bits, requested.linear_bits) != (stored.expert_bits, stored.linear_bits):
         raise UsageError(
-            f"{model_dir} is already quantized with int{stored.expert_bits} experts; "
-            f"drop the quantization option or quantize the float checkpoint again"
+            f"{model_dir} is already quantized (int{stored.expert_bits} experts, int{stored.linear_bits} "
+            f"elsewhere), not as {quantization}; drop the quantization option or quantize the float checkpoint again"
         )
     return stored
+
+
+def _named_scheme(name: str) -> QuantScheme:
+    try:
+        return QuantScheme.named(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _Placer:

@@ -71,8 +71,11 @@ def test_quantized_checkpoint_loads_with_quantized_modules_and_generates(tiny_ch
 
 def test_quantized_checkpoint_problems_are_clear_errors(tiny_checkpoint, tmp_path):
     quantized_dir = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", bits=8, progress=False)
-    with pytest.raises(UsageError, match="already quantized with int8"):
+    with pytest.raises(UsageError, match="already quantized .int8 experts"):
         LLM(quantized_dir, quantization="int4", progress=False)
+    with pytest.raises(UsageError, match="unknown quantization"):
+        LLM(quantized_dir, quantization="int3", progress=False)
+    LLM(quantized_dir, quantization="int8", progress=False)  # matches what is stored
     with pytest.raises(UsageError, match="unknown quantization"):
         LLM(tiny_checkpoint, quantization="int3", progress=False)
     shard = sorted(quantized_dir.glob("model-*.safetensors"))[-1]
