@@ -307,29 +307,29 @@ def quantized_linear(
 # Routed experts
 
 
-class QuantizedExperts(nn.Module):
-    """The routed experts of one MoE layer with quantized weights, one module per expert.
+class _RoutedExperts(nn.Module):
+    """``forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H]``.
 
-    ``forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H]`` returns
-    ``sum_i topk_weights[t, i] * expert_{topk_ids[t, i]}(x[t])``. Only the experts that some
-    token selected run; each runs once on all of its tokens.
+    Returns ``sum_i topk_weights[t, i] * expert_{topk_ids[t, i]}(x[t])``. Only the experts
+    that some token selected run; each runs once on all of its tokens.
     """
 
-    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
-        super().__init__()
-        if len(gate_up) != len(down):
-            raise ValueError("gate_up and down need one module per expert")
-        self.gate_up = nn.ModuleList(gate_up)
-        self.down = nn.ModuleList(down)
-        self.num_experts = len(gate_up)
+    num_experts: int
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up[index](x).chunk(2, dim=-1)
-        return self.down[index](F.silu(gate) * up)
+        raise NotImplementedError
+
+    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        weights = weights.to(x.dtype)
+        out = None
+        for slot, index in enumerate(ids.tolist()):
+            y = self.expert(index, x) * weights[slot]
+            out = y if out is None else out + y
+        return out
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
-            return self._forward_one_token(x, topk_ids[0].tolist(), topk_weights[0])
+            return self.one_token(x, topk_ids[0], topk_weights[0])
         out = torch.zeros_like(x)
         flat_ids = topk_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
@@ -346,12 +346,69 @@ class QuantizedExperts(nn.Module):
             start += count
         return out
 
-    def _forward_one_token(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
-        weights = weights.to(x.dtype)
-        out = self.expert(ids[0], x) * weights[0]
-        for slot in range(1, len(ids)):
-            out = out + self.expert(ids[slot], x) * weights[slot]
-        return out
+
+class QuantizedExperts(_RoutedExperts):
+    """The routed experts of one MoE layer with quantized weights, one module per expert."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        if len(gate_up) != len(down):
+            raise ValueError("gate_up and down need one module per expert")
+        self.gate_up = nn.ModuleList(gate_up)
+        self.down = nn.ModuleList(down)
+        self.num_experts = len(gate_up)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up[index](x).chunk(2, dim=-1)
+        return self.down[index](F.silu(gate) * up)
+
+
+class StackedInt4Experts(_RoutedExperts):
+    """int4 routed experts stacked per layer for our VNNI kernels.
+
+    A decoded token runs through all of its experts in one kernel call (one activation
+    quantization, one parallel pass over every selected expert's tiles).
+    """
+
+    def __init__(self, gate_up: list[Int4Weight], down: list[Int4Weight], *, dtype: torch.dtype):
+        super().__init__()
+        self.num_experts = len(gate_up)
+        self.compute_dtype = dtype
+        self.hidden_size = gate_up[0].shape[1]
+        self.up_group, self.down_group = gate_up[0].group_size, down[0].group_size
+        for prefix, weights in (("up", gate_up), ("down", down)):
+            packs = [cpu_quant.pack_int4(w.nibbles, w.scales, w.zeros) for w in weights]
+            for i, part in enumerate(("packed", "scales", "zeros")):
+                self.register_buffer(f"{prefix}_{part}", torch.stack([p[i] for p in packs]))
+
+    def _linear(self, prefix: str, index: int, x: torch.Tensor, group: int) -> torch.Tensor:
+        packed, scales, zeros = (getattr(self, f"{prefix}_{part}")[index] for part in ("packed", "scales", "zeros"))
+        return cpu_quant.int4_linear(x, packed, scales, zeros, group)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self._linear("up", index, x.to(self.compute_dtype), self.up_group).chunk(2, dim=-1)
+        return self._linear("down", index, F.silu(gate) * up, self.down_group)[:, : self.hidden_size].to(x.dtype)
+
+    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.glmcode_cpu.int4_moe_token(
+            x.to(self.compute_dtype), ids, weights, self.up_packed, self.up_scales, self.up_zeros, self.up_group,
+            self.down_packed, self.down_scales, self.down_zeros, self.down_group,
+        )
+        return y[:, : self.hidden_size].to(x.dtype)
+
+
+def quantized_experts(
+    gate_up: list[QuantizedWeight], down: list[QuantizedWeight], *, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> _RoutedExperts:
+    """One layer's routed experts in the fastest form this machine runs them in."""
+    device = torch.device(device)
+    stackable = all(isinstance(w, Int4Weight) for w in gate_up + down) and select_kernel(4, device) == "vnni"
+    if stackable and len({w.group_size for w in gate_up}) == 1 and len({w.group_size for w in down}) == 1:
+        return StackedInt4Experts(gate_up, down, dtype=dtype)
+    return QuantizedExperts(
+        [quantized_linear(w, dtype=dtype, device=device) for w in gate_up],
+        [quantized_linear(w, dtype=dtype, device=device) for w in down],
+    )
 
 
 # ---------------------------------------------------------------------------------------------

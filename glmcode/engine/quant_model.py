@@ -2,7 +2,7 @@
 
 The model is created on the meta device (no memory), then every checkpoint weight is put in
 place as it is read: a quantized weight replaces its ``nn.Linear`` with an Int8Linear /
-Int4Linear, a layer's routed experts become one QuantizedExperts once all of them are read, and
+Int4Linear, a layer's routed experts become one experts module once all of them are read, and
 the unquantized tensors (embedding, norms, router) become ordinary parameters. The float model
 is never materialized, so a 60 GB bf16 checkpoint quantizes at load on a 24 GB machine.
 """
@@ -22,12 +22,12 @@ from glmcode.engine.moe import Router
 from glmcode.engine.quant import (
     Int4Weight,
     Int8Weight,
-    QuantizedExperts,
     QuantizedWeight,
     QuantScheme,
     concat_rows,
     dequantize,
     int4_group_size,
+    quantized_experts,
     quantized_linear,
 )
 from glmcode.engine.quant_checkpoint import iter_checkpoint_weights, quantization_config
@@ -163,10 +163,8 @@ class _Placer:
         if len(parts) < 3 * num_experts:
             return
         gate_up = [concat_rows([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(num_experts)]
-        experts = QuantizedExperts(
-            [quantized_linear(w, dtype=self.dtype, device=self.device) for w in gate_up],
-            [quantized_linear(parts[(e, "down_proj")], dtype=self.dtype, device=self.device) for e in range(num_experts)],
-        )
+        down = [parts[(e, "down_proj")] for e in range(num_experts)]
+        experts = quantized_experts(gate_up, down, dtype=self.dtype, device=self.device)
         del self.pending_experts[prefix]
         self._set_module(prefix, experts)
 

@@ -139,10 +139,9 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
     down = [torch.randn(hidden, inter) / inter**0.5 for _ in range(num_experts)]
     q_gate_up = [quant.quantize(w, bits) for w in gate_up]
     q_down = [quant.quantize(w, bits) for w in down]
-    experts = QuantizedExperts(
-        [quant.quantized_linear(q, dtype=torch.float32) for q in q_gate_up],
-        [quant.quantized_linear(q, dtype=torch.float32) for q in q_down],
-    )
+    experts = quant.quantized_experts(q_gate_up, q_down, dtype=torch.float32)
+    stacked = kernel == "vnni" and bits == 4
+    assert isinstance(experts, quant.StackedInt4Experts if stacked else QuantizedExperts)
     x = torch.randn(7, hidden)
     ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(7)])
     weights = torch.rand(7, top_k)

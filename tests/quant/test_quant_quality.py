@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
-from glmcode.engine.quant import Int4Linear, Int8Linear, QuantizedExperts
+from glmcode.engine.kernels import cpu_quant
+from glmcode.engine.quant import Int4Linear, Int8Linear, QuantizedExperts, StackedInt4Experts
 from glmcode.engine.quant_checkpoint import quantize_checkpoint
 from glmcode.errors import CheckpointError, UsageError
 from tests.conftest import load_tiny_checkpoint_writer
@@ -56,8 +57,10 @@ def test_quantized_checkpoint_loads_with_quantized_modules_and_generates(tiny_ch
     quantized_dir = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", bits=4, progress=False)
     llm = LLM(quantized_dir, progress=False)
     layer = llm.model.model.layers[1]
-    assert isinstance(layer.mlp.experts, QuantizedExperts)
-    assert isinstance(layer.mlp.experts.gate_up[0], Int4Linear)
+    if cpu_quant.available():
+        assert isinstance(layer.mlp.experts, StackedInt4Experts)
+    else:
+        assert isinstance(layer.mlp.experts.gate_up[0], Int4Linear)
     assert isinstance(layer.mlp.shared_experts.gate_up_proj, Int4Linear)
     assert isinstance(layer.self_attn.q_b_proj, Int8Linear)
     assert isinstance(llm.model.lm_head, Int8Linear)
@@ -115,7 +118,7 @@ def test_cli_quantizes_a_checkpoint_that_then_loads_and_generates(tiny_checkpoin
     assert done.returncode == 0, done.stderr
     assert str(destination) in done.stdout
     llm = LLM(destination, progress=False)
-    assert isinstance(llm.model.model.layers[1].mlp.experts, QuantizedExperts)
+    assert isinstance(llm.model.model.layers[1].mlp.experts, (StackedInt4Experts, QuantizedExperts))
     completion = llm.generate(llm.tokenizer.encode("import os"), SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[]))
     assert len(completion.token_ids) == 5
     again = subprocess.run(

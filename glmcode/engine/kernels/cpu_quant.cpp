@@ -257,6 +257,68 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   return y;
 }
 
+// One token through k routed experts with int4 weights stacked per layer, in one call:
+// gate_up for all k experts, silu(gate) * up, down for all k, then the weighted sum.
+// gate_up: packed [E, N1/16, H/8, 64], scales/zeros [E, N1/16, H/g1, 16] (N1 = 2 * I);
+// down:    packed [E, H/16, I/8, 64], scales/zeros [E, H/16, I/g2, 16].
+at::Tensor int4_moe_token(const at::Tensor& x_in, const at::Tensor& expert_ids, const at::Tensor& expert_weights,
+                          const at::Tensor& up_packed, const at::Tensor& up_scales, const at::Tensor& up_zeros,
+                          int64_t up_group, const at::Tensor& down_packed, const at::Tensor& down_scales,
+                          const at::Tensor& down_zeros, int64_t down_group) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
+  const at::Tensor route = expert_weights.to(at::kFloat).contiguous();
+  const int64_t k = ids.numel(), H = x.size(1);
+  const int64_t up_tiles = up_packed.size(1), N1 = up_tiles * kTile, I = N1 / 2;
+  const int64_t down_tiles = down_packed.size(1), Kd = down_packed.size(2) * 8;
+  check_input(x, up_packed.size(2) * 8, up_group);
+  TORCH_CHECK(x.size(0) == 1, "int4_moe_token takes one token");
+  TORCH_CHECK(Kd == I && down_tiles * kTile == H, "down_proj shape does not match gate_up_proj");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t up_G = H / up_group, down_G = I / down_group;
+
+  // gate_up of every selected expert, one job per (expert, tile)
+  const QuantizedRows qx = quantize_input(x, up_group);
+  std::vector<float> gate_up(k * N1);
+  at::parallel_for(0, k * up_tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t e = id[job / up_tiles], t = job % up_tiles;
+      const int64_t tile_bytes = (H / 8) * 64, tile_groups = up_G * kTile;
+      int4_tile<1>(up_packed.data_ptr<uint8_t>() + (e * up_tiles + t) * tile_bytes,
+                   up_scales.data_ptr<at::BFloat16>() + (e * up_tiles + t) * tile_groups,
+                   up_zeros.data_ptr<at::BFloat16>() + (e * up_tiles + t) * tile_groups, qx, 0, H, up_group,
+                   gate_up.data() + (job / up_tiles) * N1, N1, t);
+    }
+  });
+  std::vector<float> hidden(k * I);
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gate_up[r * N1 + i], u = gate_up[r * N1 + I + i];
+      hidden[r * I + i] = g / (1.f + std::exp(-g)) * u;
+    }
+  }
+  QuantizedRows qh;
+  quantize_rows(hidden.data(), k, I, down_group, qh);
+
+  std::vector<float> down(k * H);
+  at::parallel_for(0, k * down_tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / down_tiles, e = id[r], t = job % down_tiles;
+      const int64_t tile_bytes = (I / 8) * 64, tile_groups = down_G * kTile;
+      int4_tile<1>(down_packed.data_ptr<uint8_t>() + (e * down_tiles + t) * tile_bytes,
+                   down_scales.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups,
+                   down_zeros.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups, qh, r, I, down_group,
+                   down.data(), H, t);
+    }
+  });
+  at::Tensor out = at::zeros({1, H}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float* w = route.data_ptr<float>();
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t h = 0; h < H; ++h) o[h] += w[r] * down[r * H + h];
+  return out.to(x.scalar_type());
+}
+
 // Portable nibbles [N, K/2] (even k in the low nibble) to the int4 tile layout; rows past N
 // (padding up to a multiple of 16) get q = 8, i.e. zero weights with zero scales.
 at::Tensor pack_int4_nibbles(const at::Tensor& nibbles_in) {
@@ -317,6 +379,9 @@ std::vector<at::Tensor> pack_int8_values(const at::Tensor& values_in, int64_t gr
 
 TORCH_LIBRARY(glmcode_cpu, m) {
   m.def("pack_int4_nibbles(Tensor nibbles) -> Tensor", &pack_int4_nibbles);
+  m.def("int4_moe_token(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor up_packed, Tensor up_scales, "
+        "Tensor up_zeros, int up_group, Tensor down_packed, Tensor down_scales, Tensor down_zeros, int down_group) "
+        "-> Tensor", &int4_moe_token);
   m.def("pack_int8_values(Tensor values, int group) -> Tensor[]", &pack_int8_values);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor", &int4_linear);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear);
