@@ -390,7 +390,7 @@ class StackedInt4Experts(_RoutedExperts):
         return self._linear("down", index, F.silu(gate) * up, self.down_group)[:, : self.hidden_size].to(x.dtype)
 
     def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.glmcode_cpu.int4_moe_token(
+        y = cpu_quant.ops().int4_moe_token(
             x.to(self.compute_dtype), ids, weights, self.up_packed, self.up_scales, self.up_zeros, self.up_group,
             self.down_packed, self.down_scales, self.down_zeros, self.down_group,
         )

@@ -53,6 +53,13 @@ def available() -> bool:
     return True
 
 
+def ops():
+    """The extension's ops (``torch.ops.glmcode_cpu``); builds it on first use."""
+    if not available():
+        raise RuntimeError("glmcode CPU kernels are not available on this machine")
+    return torch.ops.glmcode_cpu
+
+
 def _pad_rows(t: torch.Tensor, value: float = 0) -> torch.Tensor:
     pad = -t.shape[0] % TILE
     return F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad), value=value) if pad else t
@@ -66,23 +73,23 @@ def _tiles_of_rows(per_row: torch.Tensor) -> torch.Tensor:
 
 def pack_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Portable nibbles ``uint8 [N, K/2]`` and bf16 ``[N, G]`` scales/zeros to the kernel layout."""
-    packed = torch.ops.glmcode_cpu.pack_int4_nibbles(nibbles)
+    packed = ops().pack_int4_nibbles(nibbles)
     return packed, _tiles_of_rows(scales.to(torch.bfloat16)), _tiles_of_rows(zeros.to(torch.bfloat16))
 
 
 def pack_int8(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
     """``values int8 [N, K]`` and f32 ``[N]`` scales to the kernel layout (+ per-group sums)."""
-    packed, sums = torch.ops.glmcode_cpu.pack_int8_values(values, group)
+    packed, sums = ops().pack_int8_values(values, group)
     padded_scales = F.pad(scales.float(), (0, packed.shape[0] * TILE - scales.shape[0]))
     return packed, padded_scales.contiguous(), sums
 
 
 def int4_linear(x: torch.Tensor, packed, scales, zeros, group: int) -> torch.Tensor:
-    return torch.ops.glmcode_cpu.int4_linear(x, packed, scales, zeros, group)
+    return ops().int4_linear(x, packed, scales, zeros, group)
 
 
 def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tensor:
-    return torch.ops.glmcode_cpu.int8_linear(x, packed, scales, sums, group)
+    return ops().int8_linear(x, packed, scales, sums, group)
 
 
 def activation_group(in_features: int) -> int:
