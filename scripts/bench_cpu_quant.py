@@ -117,6 +117,57 @@ def time_decode(llm: LLM, context: int, steps: int) -> float:
     return 1.0 / statistics.median(times)
 
 
+def compare_kernels(repeats: int = 30) -> dict:
+    """Median microseconds per call, aten packed-weight ops vs ours, at the model's shapes."""
+    from glmcode.engine import quant
+
+    gen = torch.Generator().manual_seed(0)
+
+    def int4(rows: int, cols: int) -> quant.Int4Weight:
+        nibbles = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+        scales = torch.full((rows, cols // 128), 1e-3, dtype=torch.bfloat16)
+        return quant.Int4Weight(nibbles, scales, torch.zeros_like(scales), 128)
+
+    def int8(rows: int, cols: int) -> quant.Int8Weight:
+        return quant.Int8Weight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen), torch.full((rows,), 1e-3))
+
+    def median_us(fn, calls: int) -> float:
+        fn(0)
+        times = []
+        for i in range(calls):
+            started = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - started)
+        return round(statistics.median(times) * 1e6, 1)
+
+    experts = 16  # cycled, so the weights come from memory, not cache
+    gate_up, down = [int4(3072, 2048) for _ in range(experts)], [int4(2048, 1536) for _ in range(experts)]
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    ids = [torch.randperm(experts, generator=gen)[:4] for _ in range(repeats)]
+    route = torch.rand(4)
+    lm_head = int8(154880, 2048)
+    o_proj4, o_proj8 = int4(2048, 5120), int8(2048, 5120)
+    xo = torch.randn(1, 5120, dtype=torch.bfloat16)
+    result = {}
+    for kernel in ("aten", "vnni"):
+        if kernel == "vnni" and quant.select_kernel(4, torch.device("cpu")) != "vnni":
+            break
+        original = quant.select_kernel
+        quant.select_kernel = lambda bits, device, kernel=kernel: kernel
+        try:
+            moe = quant.quantized_experts(gate_up, down, dtype=torch.bfloat16)
+            head, o4, o8 = (quant.quantized_linear(w, dtype=torch.bfloat16) for w in (lm_head, o_proj4, o_proj8))
+        finally:
+            quant.select_kernel = original
+        result[kernel] = {
+            "moe_4_experts_1_token": median_us(lambda i: moe(x, ids[i % repeats][None], route[None]), repeats),
+            "lm_head_int8": median_us(lambda i: head(x), max(5, repeats // 5)),
+            "o_proj_int8": median_us(lambda i: o8(xo), repeats),
+            "o_proj_int4": median_us(lambda i: o4(xo), repeats),
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantization", default="int4", choices=["int4", "int4-all", "int8"])
@@ -126,8 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--compare-kernels", action="store_true", help="only time aten ops vs ours per call")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.compare_kernels:
+        result = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "median_us": compare_kernels()}
+        print(json.dumps(result))
+        return result
     contexts = [int(c) for c in args.contexts.split(",") if c]
 
     config = FULL_CONFIG | {"num_hidden_layers": args.layers}
