@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import glmcode.engine.llm as llm_module  # noqa: E402
 from glmcode.engine import LLM, SamplingParams  # noqa: E402
 
 SMALL = {  # the real per-layer shapes with fewer layers, experts and vocabulary
@@ -95,7 +96,32 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-# ----- glmcode -----
+# ----- the two engines behind one small interface -----
+
+
+class GlmcodeEngine:
+    def __init__(self, path: Path, args, max_context: int):
+        self.result = EngineResult("glmcode")
+        self.device = args.device
+        start_mb = reset_peak_memory(args.device)
+        memory = kv_bytes(path, max_context, args.dtype)
+        self.llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=memory,
+                       enable_prefix_caching=False, progress=False)  # fmt: skip
+        self.llm.kv_cache.data.normal_()  # decode contexts are random latents
+        self.vocab = self.llm.num_real_tokens
+        self.result.weights_mb = weights_mb(self.llm.model)
+        self.prefill(list(range(32)))  # warm-up
+        decoder = self.decoder(max_context - args.decode_steps - 2, torch.Generator().manual_seed(0))
+        decoder.step()  # the largest context, so that peak memory covers it
+        decoder.close()
+        self.result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
+
+    def prefill(self, prompt: list[int]) -> float:
+        self.llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
+        return self.llm.stats.prefill_seconds
+
+    def decoder(self, context: int, gen: torch.Generator) -> GlmcodeDecoder:
+        return GlmcodeDecoder(self.llm, context, gen)
 
 
 class GlmcodeDecoder:
@@ -119,40 +145,39 @@ class GlmcodeDecoder:
         self.llm.blocks.free_sequence(self.request.seq)
 
 
-def load_glmcode(path: Path, args, max_context: int) -> tuple[LLM, EngineResult]:
-    result = EngineResult("glmcode")
-    start_mb = reset_peak_memory(args.device)
-    llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=kv_bytes(path, max_context, args.dtype),
-              enable_prefix_caching=False, progress=False)  # fmt: skip
-    llm.kv_cache.data.normal_()
-    result.weights_mb = sum(p.numel() * p.element_size() for p in llm.model.parameters()) / 2**20
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, llm.num_real_tokens, (args.prefill_tokens,), generator=gen).tolist()
-    llm.generate(prompt[:32], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    times = []
-    for _ in range(args.prefill_repeats):
-        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
-        times.append(llm.stats.prefill_seconds)
-    result.prefill_tokens_per_s = args.prefill_tokens / min(times)
-    decoder = GlmcodeDecoder(llm, max_context - args.decode_steps - 2, gen)
-    decoder.step()
-    decoder.close()
-    result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
-    return llm, result
+class TransformersEngine:
+    def __init__(self, path: Path, args, max_context: int):
+        from transformers import Glm4MoeLiteForCausalLM
+        from transformers.utils import logging
 
+        logging.set_verbosity_error()
+        self.result = EngineResult("transformers")
+        self.device = args.device
+        start_mb = reset_peak_memory(args.device)
+        self.model = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+        self.model = self.model.to(args.device).eval()
+        self.vocab = self.model.config.vocab_size
+        self.result.weights_mb = weights_mb(self.model)
+        self.prefill(list(range(32)))  # warm-up
+        decoder = self.decoder(max_context - args.hf_decode_steps - 2, torch.Generator().manual_seed(0))
+        decoder.step()
+        decoder.close()
+        self.result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
 
-def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
-    config = json.loads((path / "config.json").read_text())
-    element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    per_token = config["num_hidden_layers"] * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * element
-    return (tokens + 512) * per_token
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int]) -> float:
+        from transformers import DynamicCache
 
+        ids = torch.tensor([prompt], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        return timed(lambda: self.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1), self.device)
 
-# ----- transformers -----
+    def decoder(self, context: int, gen: torch.Generator) -> TransformersDecoder:
+        return TransformersDecoder(self.model, context, gen, self.device)
 
 
 class TransformersDecoder:
-    """Decode steps through forward() with a DynamicCache prefilled with `context` random latents."""
+    """Decode steps through forward() with a DynamicCache holding `context` random latents."""
 
     def __init__(self, model, context: int, gen: torch.Generator, device: str):
         from transformers import DynamicCache
@@ -160,10 +185,9 @@ class TransformersDecoder:
         self.model, self.gen, self.device, self.position = model, gen, device, context
         config = model.config
         self.cache = DynamicCache(config=config)
-        dtype = model.dtype
         for layer in range(config.num_hidden_layers):
-            latent = torch.randn(1, 1, context, config.kv_lora_rank, dtype=dtype, device=device)
-            k_rot = torch.randn(1, 1, context, config.qk_rope_head_dim, dtype=dtype, device=device)
+            latent = torch.randn(1, 1, context, config.kv_lora_rank, dtype=model.dtype, device=device)
+            k_rot = torch.randn(1, 1, context, config.qk_rope_head_dim, dtype=model.dtype, device=device)
             self.cache.update(latent, k_rot, layer)
 
     @torch.inference_mode()
@@ -177,43 +201,43 @@ class TransformersDecoder:
         del self.cache
 
 
-def load_transformers(path: Path, args, max_context: int):
-    from transformers import DynamicCache, Glm4MoeLiteForCausalLM
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    result = EngineResult("transformers")
-    start_mb = reset_peak_memory(args.device)
-    model = Glm4MoeLiteForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    result.weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill_tokens), generator=gen).to(args.device)
-
-    @torch.inference_mode()
-    def prefill(ids):
-        model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
-
-    prefill(prompt[:, :32])  # warm-up
-    times = [timed(lambda: prefill(prompt), args.device) for _ in range(args.prefill_repeats)]
-    result.prefill_tokens_per_s = args.prefill_tokens / min(times)
-    decoder = TransformersDecoder(model, max_context - args.hf_decode_steps - 2, gen, args.device)
-    decoder.step()
-    decoder.close()
-    result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
-    return model, result
+def weights_mb(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def measure_decode(engines: list[tuple[EngineResult, object, int]], contexts: list[int], args) -> None:
-    """Per context, alternate single steps of the engines so that both see the same machine load.
+def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
+    config = json.loads((path / "config.json").read_text())
+    element = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    per_token = config["num_hidden_layers"] * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * element
+    return (tokens + 512) * per_token
 
-    engines: (result, make_decoder(context), timed steps). The first step of each is a warm-up.
-    """
+
+# ----- measurements: the engines take turns, so that both see the same machine load -----
+
+
+def measure_prefill(engines: list, args) -> None:
+    gen = torch.Generator().manual_seed(2)
+    times: dict[str, list[float]] = {e.result.name: [] for e in engines}
+    for _ in range(args.prefill_repeats):
+        prompt = torch.randint(0, min(e.vocab for e in engines), (args.prefill_tokens,), generator=gen).tolist()
+        for engine in engines:
+            times[engine.result.name].append(engine.prefill(prompt))
+    for engine in engines:
+        engine.result.prefill_tokens_per_s = args.prefill_tokens / min(times[engine.result.name])
+        print(f"  {engine.result.name:<13} prefill {args.prefill_tokens}: "
+              f"{engine.result.prefill_tokens_per_s:8.1f} tok/s", flush=True)  # fmt: skip
+
+
+def measure_decode(engines: list, contexts: list[int], args) -> None:
+    """Per context, alternate single decode steps of the engines; the first step is a warm-up."""
+    gen = torch.Generator().manual_seed(1)
+    steps = {"glmcode": args.decode_steps, "transformers": args.hf_decode_steps}
     for context in contexts:
-        decoders = [(result, make(context), steps) for result, make, steps in engines]
+        decoders = [(e.result, e.decoder(context, gen), steps[e.result.name]) for e in engines]
         times: dict[str, list[float]] = {result.name: [] for result, _, _ in decoders}
-        for index in range(max(steps for _, _, steps in decoders) + 1):
-            for result, decoder, steps in decoders:
-                if index <= steps:
+        for index in range(max(n for _, _, n in decoders) + 1):
+            for result, decoder, n in decoders:
+                if index <= n:
                     times[result.name].append(timed(decoder.step, args.device))
         for result, decoder, _ in decoders:
             decoder.close()
@@ -225,11 +249,19 @@ def measure_decode(engines: list[tuple[EngineResult, object, int]], contexts: li
 # ----- main -----
 
 
-def write_checkpoint(config_name: str, out: Path, dtype: str) -> Path:
+def write_checkpoint(config_name: str, out: Path, dtype: str, with_weights: bool) -> Path:
     spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
     writer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writer)
-    return writer.make_tiny_checkpoint(out, num_shards=2, dtype=getattr(torch, dtype), **CONFIGS[config_name])
+    return writer.make_tiny_checkpoint(
+        out, num_shards=2, dtype=getattr(torch, dtype), with_weights=with_weights, **CONFIGS[config_name]
+    )
+
+
+def fill_random(model, model_dir, *, progress: bool = True) -> None:
+    """Stands in for the checkpoint loader when the weights were never written (--config full)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.normal_(0, 0.02)
 
 
 def print_table(results: list[EngineResult], contexts: list[int]) -> None:
@@ -259,9 +291,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
     parser.add_argument("--contexts", default="512,4096,16384", help="decode context lengths")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--prefill-repeats", type=int, default=2)
-    parser.add_argument("--decode-steps", type=int, default=12, help="timed glmcode decode steps per context")
-    parser.add_argument("--hf-decode-steps", type=int, default=3, help="timed transformers decode steps")
+    parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument("--decode-steps", type=int, default=16, help="timed glmcode decode steps per context")
+    parser.add_argument("--hf-decode-steps", type=int, default=4, help="timed transformers decode steps")
     parser.add_argument("--skip-hf", action="store_true", help="glmcode only (e.g. --config full)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
@@ -273,16 +305,19 @@ def main() -> None:
     max_context = max(contexts) + max(args.decode_steps, args.hf_decode_steps) + 4
     with tempfile.TemporaryDirectory(prefix="glmcode-bench-") as tmp:
         started = time.perf_counter()
-        path = write_checkpoint(args.config, Path(tmp), args.dtype)
+        # The real-size model (60 GB of bf16) is never written: its weights are filled in place.
+        in_place = args.config == "full"
+        path = write_checkpoint(args.config, Path(tmp), args.dtype, with_weights=not in_place)
+        if in_place:
+            llm_module.load_checkpoint = fill_random
+            args.skip_hf = True  # transformers would need its own copy of the weights
         print(f"random {args.config} checkpoint written in {time.perf_counter() - started:.0f}s", flush=True)
-        gen = torch.Generator().manual_seed(1)
-        llm, ours = load_glmcode(path, args, max_context)
-        engines = [(ours, lambda c: GlmcodeDecoder(llm, c, gen), args.decode_steps)]
+        engines = [GlmcodeEngine(path, args, max_context)]
         if not args.skip_hf:
-            model, hf = load_transformers(path, args, max_context)
-            engines.append((hf, lambda c: TransformersDecoder(model, c, gen, args.device), args.hf_decode_steps))
-        results = [result for result, _, _ in engines]
+            engines.append(TransformersEngine(path, args, max_context))
+        measure_prefill(engines, args)
         measure_decode(engines, contexts, args)
+        results = [engine.result for engine in engines]
 
     print_table(results, contexts)
     report = {

@@ -113,9 +113,13 @@ def make_tiny_checkpoint(
     num_shards: int = 3,
     dtype: torch.dtype = torch.float32,
     config_form: str = "real",
+    with_weights: bool = True,
     **overrides: Any,
 ) -> Path:
-    """Write the checkpoint into out_dir and return it. `overrides` change config fields."""
+    """Write the checkpoint into out_dir and return it. `overrides` change config fields.
+
+    with_weights=False writes only config and tokenizer (for shapes too big to write to disk).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
@@ -126,8 +130,9 @@ def make_tiny_checkpoint(
         json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                     "pad_token": "<|endoftext|>", "add_bos_token": False}, indent=2) + "\n"
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    _write_shards(out, _random_tensors(config, generator, dtype), num_shards)
+    if with_weights:
+        generator = torch.Generator().manual_seed(seed)
+        _write_shards(out, _random_tensors(config, generator, dtype), num_shards)
     return out
 
 

@@ -9,7 +9,8 @@ Per token and layer the cache holds 576 values: the normalized 512-d latent c_kv
   the output, so queries attend over the cached latents directly and the cache is never
   re-expanded. Used for decode, and for prefill chunks too short to amortize an expansion.
 
-Both walk the context in pieces with an online softmax, so memory stays bounded at any length.
+Both walk the context in pieces (each softmaxed on its own, then merged exactly), so memory
+stays bounded at any length.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class MLAttention(nn.Module):
             self.q_proj = linear(hidden, q_out)
         self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
-        # The checkpoint's kv_b_proj [N * (P + V), L], kept as its two halves, each contiguous
-        # per head: the key up-projection W_UK and the value up-projection W_UV.
-        self.w_uk = nn.Parameter(torch.empty(heads, self.nope_dim, self.latent_dim))
+        # The checkpoint's kv_b_proj [N * (P + V), L] is kept as its two halves, each contiguous
+        # per head and laid out so that decode multiplies them as the left operand (the fast
+        # matrix-vector orientation on CPU): W_UK transposed [N, L, P] and W_UV [N, V, L].
+        self.w_uk_t = nn.Parameter(torch.empty(heads, self.latent_dim, self.nope_dim))
         self.w_uv = nn.Parameter(torch.empty(heads, self.v_dim, self.latent_dim))
         self.o_proj = linear(heads * self.v_dim, hidden)
 
@@ -97,7 +99,7 @@ class MLAttention(nn.Module):
     def load_kv_b_proj(self, weight: torch.Tensor) -> None:
         """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
         per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        self.w_uk.copy_(per_head[:, : self.nope_dim])
+        self.w_uk_t.copy_(per_head[:, : self.nope_dim].transpose(1, 2))
         self.w_uv.copy_(per_head[:, self.nope_dim :])
 
     def forward(
@@ -126,33 +128,35 @@ class MLAttention(nn.Module):
     def _expanded_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
         (seq,) = batch.sequences
+        queries = torch.cat([q_nope, q_pe], -1) * self.scale  # [N, T, P + R]
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            k_nope = F.linear(latent, self.w_uk.flatten(0, 1)).view(-1, self.num_heads, self.nope_dim)
+            k_nope = torch.matmul(latent, self.w_uk_t)  # [N, S, P]
             v = F.linear(latent, self.w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
-            scores = torch.matmul(q_nope, k_nope.permute(1, 2, 0)).float()  # [N, T, S]
-            scores += torch.matmul(q_pe, k_pe.t()).float()  # k_pe is shared by all heads
+            k_pe = k_pe.expand(self.num_heads, -1, -1)  # one rope key shared by all heads
+            scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
             return scores, v.transpose(0, 1)  # [N, S, V]
 
         out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
-        return out.transpose(0, 1).to(q_nope.dtype)
+        return out.transpose(0, 1).to(queries.dtype)
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        queries = torch.cat([torch.bmm(q_nope, self.w_uk), q_pe], -1)  # [N, T, L + R]
+        q_latent = torch.bmm(self.w_uk_t, q_nope.transpose(1, 2)).transpose(1, 2)  # [N, T, L]
+        queries = torch.cat([q_latent, q_pe], -1) * self.scale  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : self.latent_dim])
         for seq in batch.sequences:
             seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
 
             def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
-                scores = torch.mm(piece, seq_queries.t()).t().float().contiguous()
+                scores = torch.mm(piece, seq_queries.t()).t().contiguous()
                 return scores.view(self.num_heads, -1, piece.shape[0]), piece[:, : self.latent_dim]
 
             out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return torch.bmm(out_latent, self.w_uv.transpose(1, 2)).transpose(0, 1)
+        return torch.bmm(self.w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, N, V]
 
     def _attend(
         self,
@@ -163,32 +167,31 @@ class MLAttention(nn.Module):
     ) -> torch.Tensor:
         """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
 
-        scores_and_values(piece of cache) gives float32 scores [N, t, S] and values [.., S, D];
-        the pieces are combined with an online softmax. Returns float32 [N, t, D].
+        scores_and_values(piece of cache) gives scaled scores [N, t, S] and values [.., S, D].
+        Each piece gets its own softmax (in float32); the pieces' outputs are then weighted by
+        their share of the total softmax mass, which is exact. Returns [N, t, D].
         """
         num_queries = seq.rows.stop - seq.rows.start
         first = seq.first_position
         query_pos = torch.arange(first, first + num_queries, device=kv_cache.device)[:, None]
         piece_tokens = max(1, max_score_elements // (self.num_heads * num_queries))
-        running_max = running_sum = acc = None
-        for start, piece in _pieces(kv_cache, seq.spans, piece_tokens):
+        pieces = list(_pieces(kv_cache, seq.spans, piece_tokens))
+        outputs, log_masses = [], []
+        for start, piece in pieces:
             scores, values = scores_and_values(piece)
-            scores *= self.scale
             if start + piece.shape[0] - 1 > first:  # some keys come after some queries
                 key_pos = torch.arange(start, start + piece.shape[0], device=scores.device)
                 scores.masked_fill_(key_pos > query_pos, float("-inf"))
-            piece_max = scores.amax(-1, keepdim=True)
-            new_max = piece_max if running_max is None else torch.maximum(running_max, piece_max)
-            probs = torch.exp(scores - new_max)
-            piece_out = torch.matmul(probs.to(values.dtype), values).float()
-            if acc is None:
-                running_sum, acc = probs.sum(-1, keepdim=True), piece_out
-            else:
-                rescale = torch.exp(running_max - new_max)
-                running_sum = running_sum * rescale + probs.sum(-1, keepdim=True)
-                acc = acc * rescale + piece_out
-            running_max = new_max
-        return acc / running_sum
+            probs = torch.softmax(scores, -1, dtype=torch.float32)
+            if start > first:  # rows of queries before this piece are fully masked: 0/0
+                probs.nan_to_num_(0.0)
+            outputs.append(torch.matmul(probs.to(values.dtype), values))
+            if len(pieces) > 1:
+                log_masses.append(torch.logsumexp(scores.float(), -1, keepdim=True))
+        if len(pieces) == 1:
+            return outputs[0]
+        shares = torch.softmax(torch.stack(log_masses), dim=0)  # [pieces, N, t, 1]
+        return sum(share * out.float() for share, out in zip(shares, outputs))
 
 
 def _pieces(kv_cache: torch.Tensor, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -56,7 +56,9 @@ class KVCache:
                 for _ in range(config.num_hidden_layers)
             ]
         else:
-            self.data = torch.empty(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
+            # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
+            # last block must hold finite values (0 * NaN would poison the attention output).
+            self.data = torch.zeros(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, int8: bool = False) -> int:
@@ -71,10 +73,17 @@ class KVCache:
         size, table = self.block_size, seq.block_table
         return [table[pos // size] * size + pos % size for pos in range(start, end)]
 
-    def spans(self, seq: Sequence, end: int) -> list[KVSpan]:
-        """Positions [0, end) of a sequence as runs of consecutive slots (few when blocks are)."""
-        spans: list[KVSpan] = []
+    def spans(self, seq: Sequence, end: int, whole_blocks: bool = False) -> list[KVSpan]:
+        """Positions [0, end) of a sequence as runs of consecutive slots (few when blocks are).
+
+        whole_blocks: extend the last run to the end of its block. Attention masks the extra
+        slots, and the matrix shapes then change once per block instead of once per token
+        (on CPU each new shape costs a kernel compilation of several milliseconds).
+        """
         size = self.block_size
+        if whole_blocks:
+            end = (end + size - 1) // size * size
+        spans: list[KVSpan] = []
         for index in range((end + size - 1) // size):
             slot = seq.block_table[index] * size
             length = min(size, end - index * size)

@@ -267,7 +267,8 @@ class LLM:
             positions=self._tensor([len(s) - 1 for s in seqs]),
             write_slots=self._tensor([self.kv_cache.slots(s, len(s) - 1, len(s))[0] for s in seqs]),
             sequences=[
-                SequenceSlice(slice(i, i + 1), len(s) - 1, self.kv_cache.spans(s, len(s))) for i, s in enumerate(seqs)
+                SequenceSlice(slice(i, i + 1), len(s) - 1, self.kv_cache.spans(s, len(s), whole_blocks=True))
+                for i, s in enumerate(seqs)
             ],
             max_score_elements=self.max_score_elements,
         )
