@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from glmcode.engine.attention import MLAttention
 from glmcode.engine.config import ModelConfig
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.moe import Router
@@ -172,8 +173,9 @@ class _Placer:
         attention = self.model.get_submodule(attention_path)
         if tuple(weight.shape) != tuple(attention.kv_b_proj_shape):
             raise CheckpointError(f"{attention_path}.kv_b_proj has shape {list(weight.shape)}, expected {list(attention.kv_b_proj_shape)}")
-        for leaf in ("w_uk", "w_uv"):
-            empty = torch.empty(getattr(attention, leaf).shape, dtype=self.dtype, device=self.device)
+        # The attention's own parameters (not its submodules') are the kv_b_proj halves.
+        for leaf, param in list(attention.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=self.dtype, device=self.device)
             setattr(attention, leaf, nn.Parameter(empty, requires_grad=False))
         attention.load_kv_b_proj(weight.to(self.dtype))
 
@@ -231,7 +233,17 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = GlmMoeLite(config)
     shapes: dict[str, tuple[int, ...]] = {}
+    kv_b_halves = {
+        f"{path}.{leaf}": path
+        for path, module in model.named_modules()
+        if isinstance(module, MLAttention)
+        for leaf, _ in module.named_parameters(recurse=False)
+    }
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in kv_b_halves:
+            attention = kv_b_halves[name]
+            shapes[attention + ".kv_b_proj.weight"] = tuple(model.get_submodule(attention).kv_b_proj_shape)
+            continue
         if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
             prefix, stacked = name.rsplit(".", 1)
             parts = ("gate_proj", "up_proj") if stacked == "gate_up_proj" else ("down_proj",)
@@ -242,11 +254,6 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             prefix = name.removesuffix("gate_up_proj.weight")
             half = (tensor.shape[0] // 2, tensor.shape[1])
             shapes |= {prefix + "gate_proj.weight": half, prefix + "up_proj.weight": half}
-        elif name.endswith("self_attn.w_uk"):
-            attention = name.removesuffix(".w_uk")
-            shapes[attention + ".kv_b_proj.weight"] = tuple(model.get_submodule(attention).kv_b_proj_shape)
-        elif name.endswith("self_attn.w_uv"):
-            continue  # the other half of kv_b_proj
         else:
             shapes[name] = tuple(tensor.shape)
     return shapes
