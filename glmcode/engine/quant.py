@@ -438,40 +438,6 @@ def dequantize_latent(
     return torch.cat([latent, rope], dim=-1)
 
 
-def int8_latent_attention(
-    q_latent: torch.Tensor,
-    q_rope: torch.Tensor,
-    values: torch.Tensor,
-    scales: torch.Tensor,
-    softmax_scale: float,
-    chunk: int = 4096,
-) -> torch.Tensor:
-    """Absorbed MLA decode attention over an int8 latent cache, all heads at once.
-
-    ``q_latent [H, C]`` (query absorbed into the latent space), ``q_rope [H, R]``,
-    ``values int8 [L, C + R]`` and ``scales [L, 2]`` from :func:`quantize_latent`.
-    Returns ``o_latent [H, C]`` in ``q_latent``'s dtype. The per-token scales are folded into
-    the scores and probabilities, so the cache is only ever widened chunk by chunk.
-    """
-    compute = q_latent.dtype
-    width = q_latent.shape[-1]
-    scales = scales.float()
-    score_chunks = []
-    for start in range(0, values.shape[0], chunk):
-        block = values[start : start + chunk].to(compute)
-        s_lat = (q_latent @ block[:, :width].T).float()
-        s_rope = (q_rope.to(compute) @ block[:, width:].T).float()
-        sc = scales[start : start + chunk]
-        score_chunks.append(s_lat * sc[:, 0] + s_rope * sc[:, 1])
-    probs = torch.softmax(torch.cat(score_chunks, dim=-1) * softmax_scale, dim=-1)
-    weighted = probs * scales[:, 0]
-    out = torch.zeros(q_latent.shape[0], width, dtype=torch.float32, device=q_latent.device)
-    for start in range(0, values.shape[0], chunk):
-        block = values[start : start + chunk, :width].to(compute)
-        out += (weighted[:, start : start + chunk].to(compute) @ block).float()
-    return out.to(compute)
-
-
 class Int8LatentCache:
     """One layer's latent cache in int8 (two scales per token); reads come back dequantized.
 
