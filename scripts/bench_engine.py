@@ -294,6 +294,23 @@ def print_table(results: list[EngineResult], contexts: list[int]) -> None:
     print(f"\nglmcode ms/token at {contexts[-1]} vs {contexts[0]}: {slowdown:.2f}x")
 
 
+def run_cpu_quant(args) -> None:
+    """The quantized CPU bench (owned by the quantization code), with this script's flags.
+
+    It always uses the real per-layer shapes (64 experts, full vocabulary); --config picks only
+    the number of layers: full 47, small 4, tiny 1.
+    """
+    spec = importlib.util.spec_from_file_location("bench_cpu_quant", ROOT / "scripts" / "bench_cpu_quant.py")
+    module = sys.modules["bench_cpu_quant"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layers = {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
+    forwarded = ["--quantization", args.quantization, "--layers", str(layers), "--contexts", args.contexts,
+                 "--decode-steps", str(args.decode_steps), "--prefill-tokens", str(args.prefill_tokens)]  # fmt: skip
+    forwarded += ["--threads", str(args.threads)] if args.threads else []
+    forwarded += ["--json", str(args.json)] if args.json else []
+    module.main(forwarded)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="glmcode engine vs HF transformers")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
@@ -308,7 +325,12 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true", help="glmcode only (e.g. --config full)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
+    parser.add_argument("--quantization", choices=["int4", "int4-all", "int8"], default=None,
+                        help="CPU quantized weights, random in quantized form: runs scripts/bench_cpu_quant.py")
     args = parser.parse_args()
+    if args.quantization:
+        run_cpu_quant(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]

@@ -22,6 +22,7 @@ from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
+from glmcode.engine.quant_model import is_quantized_checkpoint, load_quantized_model
 from glmcode.engine.sampler import Sampler, SamplingParams
 from glmcode.engine.tokenizer import IncrementalDecoder, Tokenizer
 from glmcode.errors import ContextOverflow, UsageError
@@ -84,20 +85,24 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         quantization: str | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str | None = None,
         block_size: int | None = None,
         max_num_seqs: int = 8,
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
         progress: bool = True,
     ):
-        if quantization is not None:
-            raise UsageError(f"quantization {quantization!r} is not supported by this engine build")
         self.device = torch.device(device)
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
-        self.model: GlmMoeLite = build_model(self.config, self.dtype, self.device)
-        load_checkpoint(self.model, model_dir, progress=progress)
+        if quantization is not None or is_quantized_checkpoint(model_dir):
+            self.model: GlmMoeLite = load_quantized_model(
+                self.config, model_dir, dtype=self.dtype, device=self.device, quantization=quantization, progress=progress
+            )
+        else:
+            self.model = build_model(self.config, self.dtype, self.device)
+            load_checkpoint(self.model, model_dir, progress=progress)
 
         on_cpu = self.device.type == "cpu"
         self.block_size = block_size or (256 if on_cpu else 64)
@@ -105,8 +110,11 @@ class LLM:
         # Attention scores of one context piece are kept under this many elements.
         self.max_score_elements = 1 << 24
         self.max_num_seqs = max_num_seqs
+        if kv_cache_dtype not in (None, "int8"):
+            raise UsageError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; use int8 or leave it unset")
+        self.kv_int8 = kv_cache_dtype == "int8"
         num_blocks = self._plan_num_blocks(kv_cache_memory)
-        self.kv_cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(self.config, num_blocks, self.block_size, self.dtype, self.device, int8=self.kv_int8)
         self.blocks = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.max_context = min(self.config.max_position_embeddings, num_blocks * self.block_size)
         self.num_real_tokens = min(self.tokenizer.vocab_size, self.config.vocab_size)
@@ -314,7 +322,7 @@ class LLM:
 
     def _plan_num_blocks(self, kv_cache_memory: int | None) -> int:
         """Blocks for the whole model context, or as many as the memory budget allows."""
-        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.dtype, int8=self.kv_int8)
         full_context = self.config.max_position_embeddings + self.block_size - 1
         wanted = (full_context + self.block_size - 1) // self.block_size
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_kv_memory()
