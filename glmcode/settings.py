@@ -28,13 +28,17 @@ SECRET_KEYS = frozenset({"api_key"})
 NOT_FROM_ENV = frozenset({"api_key"})
 
 
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
 def config_home(env: Mapping[str, str] = os.environ) -> Path:
-    return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "glmcode"
+    return Path(env.get("XDG_CONFIG_HOME") or _home(env) / ".config") / "glmcode"
 
 
 def data_home(env: Mapping[str, str] = os.environ) -> Path:
     """Sessions, REPL history and downloaded weights live here."""
-    return Path(env.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "glmcode"
+    return Path(env.get("XDG_DATA_HOME") or _home(env) / ".local" / "share") / "glmcode"
 
 
 def default_model_dir(env: Mapping[str, str] = os.environ) -> Path:
