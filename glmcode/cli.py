@@ -29,12 +29,12 @@ from glmcode import __version__
 from glmcode.console import ApprovalPrompt, RunReport, RunStats, make_renderer
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.launch import (
+    ErrorRecordingBackend,
     backend_label,
     build_agent,
     changes_diff,
     ctrl_c_cancels,
     describe_failure,
-    detect_test_command,
     exit_code_for,
     model_label,
     open_backend,
@@ -156,7 +156,7 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     renderer = make_renderer(flags.output_format, stats, show_thinking=settings.show_thinking)
     started = time.monotonic()
     try:
-        backend = open_backend(settings, replay=flags.replay, show_progress=sys.stderr.isatty())
+        backend = ErrorRecordingBackend(open_backend(settings, replay=flags.replay, show_progress=sys.stderr.isatty()))
     except GlmcodeError as error:
         _report_early_failure(renderer, error, started)
         raise
@@ -178,11 +178,11 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
         if verify:
             diff = changes_diff(parts.agent, repo)
             if status == "done":
-                tests = run_tests(settings.test_command or detect_test_command(repo), repo)
+                tests = run_tests(settings.test_command, repo)
                 if tests["command"] is not None and not tests["passed"]:
                     status = "tests_failed"
         report = RunReport(
-            status=status, exit_code=exit_code_for(status, result.error), result=result.final_text or "",
+            status=status, exit_code=exit_code_for(status, backend.last_error), result=result.final_text or "",
             turns=result.turns, duration_ms=int((time.monotonic() - started) * 1000),
             usage=usage_dict(result.usage), session_id=getattr(session, "id", None),
             error=describe_failure(result) if status != "tests_failed" else "the tests still fail",

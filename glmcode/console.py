@@ -128,7 +128,7 @@ class RunStats:
         parts = [self.model, f"ctx {_kilo(self.context_used)}{window}"]
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:.1f} tok/s")
-        if self.last_prompt_tokens:
+        if self.cached_tokens:
             share = 100 * self.last_prompt_cached / self.last_prompt_tokens
             parts.append(f"cache {_kilo(self.last_prompt_cached)} ({share:.0f}%)")
         return " · ".join(parts)
@@ -194,10 +194,12 @@ def _one_line(text: str, limit: int) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def looks_like_diff(text: str) -> bool:
-    return bool(re.search(r"^@@ .* @@", text, re.MULTILINE)) and bool(
-        re.search(r"^(---|\+\+\+) ", text, re.MULTILINE)
-    )
+def extract_diff(text: str) -> str | None:
+    """The unified diff inside a tool's output or a preview (from its first `--- ` line), if any."""
+    start = re.search(r"^--- ", text, re.MULTILINE)
+    if start is None or not re.search(r"^@@ .* @@", text[start.start():], re.MULTILINE):
+        return None
+    return text[start.start():]
 
 
 # --- renderers -------------------------------------------------------------------------------
@@ -260,7 +262,8 @@ class TerminalRenderer(Renderer):
             self._live = None
         if self._block == "reasoning" and not self.show_thinking and self._text.strip():
             words = len(self._text.split())
-            self.console.print(Text(f"✻ Thought for {words} words (/think to expand)", style="dim italic"))
+            self.console.print(Text(f"✻ Thought for {words} word{'s' if words != 1 else ''} (/think to expand)",
+                                    style="dim italic"))
         self._block, self._text = None, ""
 
     def _flush_markdown(self, final: bool) -> None:
@@ -299,9 +302,9 @@ class TerminalRenderer(Renderer):
         failed = event.denied or getattr(event.result, "is_error", False)
         line = Text("  ⎿ " + tool_result_line(event.result, event.denied), style="red" if failed else "dim")
         self.console.print(line)
-        output = getattr(event.result, "output", "") or ""
-        if not failed and looks_like_diff(output):
-            self.print_diff(output)
+        diff = extract_diff(getattr(event.result, "output", "") or "")
+        if not failed and diff:
+            self.print_diff(diff)
 
     def on_ToolCallError(self, event: Any) -> None:
         self.pause()
@@ -576,8 +579,9 @@ class ApprovalPrompt:
         title = Text("? ", style="bold yellow") + Text(tool_call_line(request.tool_name, request.arguments), style="bold")
         self.console.print(title)
         preview = request.preview or ""
-        if looks_like_diff(preview):
-            self.console.print(Syntax(preview.rstrip("\n"), "diff", theme="ansi_dark", background_color="default"))
+        diff = extract_diff(preview)
+        if diff:
+            self.console.print(Syntax(diff.rstrip("\n"), "diff", theme="ansi_dark", background_color="default"))
         elif preview:
             self.console.print(Text("  $ " + preview, style="bold"))
 

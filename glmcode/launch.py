@@ -8,11 +8,9 @@ its own prompt and what it does with the result. Exit codes for a finished run a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +177,37 @@ def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Ite
         signal.signal(signal.SIGINT, previous)
 
 
+class ErrorRecordingBackend:
+    """A backend wrapper that remembers the last GlmcodeError the backend raised.
+
+    The agent turns backend errors into RunResult(status="error", error=<text>); keeping the
+    exception lets the exit code say what kind of failure it was (3 for auth or an unreachable
+    server, 4 for a context overflow).
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.last_error: GlmcodeError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        try:
+            events = self.backend.stream(*args, **kwargs)
+        except GlmcodeError as error:
+            self.last_error = error
+            raise
+        return self._watch(events)
+
+    def _watch(self, events: Iterator[Any]) -> Iterator[Any]:
+        try:
+            yield from events
+        except GlmcodeError as error:
+            self.last_error = error
+            raise
+
+
 def usage_dict(usage: Any) -> dict[str, int]:
     if isinstance(usage, dict):
         return {key: int(usage.get(key, 0)) for key in ("prompt_tokens", "completion_tokens", "cached_tokens")}
@@ -187,40 +216,21 @@ def usage_dict(usage: Any) -> dict[str, int]:
 
 # --- verifying a fix -------------------------------------------------------------------------------
 
-_TEST_MARKERS = (
-    (("pytest.ini", "conftest.py", "tests", "test"), "python -m pytest -q"),
-    (("package.json",), "npm test"),
-    (("Cargo.toml",), "cargo test"),
-    (("go.mod",), "go test ./..."),
-)
+def run_tests(command: str | None, repo: Path, timeout: float = 1800.0) -> dict[str, Any]:
+    """Run the test command (configured, else detected) in the repo.
 
+    {"command", "passed", "exit_code", "output"}: output is the last 40 lines.
+    """
+    from glmcode.tools.shell import detect_test_command, run_process
 
-def detect_test_command(repo: Path) -> str | None:
-    """A reasonable test command for the repo when none is configured."""
-    for markers, command in _TEST_MARKERS:
-        if any((repo / marker).exists() for marker in markers):
-            return command
-    pyproject = repo / "pyproject.toml"
-    if pyproject.is_file() and "pytest" in pyproject.read_text(encoding="utf-8", errors="replace"):
-        return "python -m pytest -q"
-    return None
-
-
-def run_tests(command: str | None, repo: Path, timeout: float = 900.0) -> dict[str, Any]:
-    """Run the test command in the repo: {"command", "passed", "exit_code", "output"} (output's tail)."""
+    command = command or detect_test_command(repo)
     if command is None:
         return {"command": None, "passed": False, "exit_code": None, "output": ""}
-    started = time.monotonic()
-    try:
-        completed = subprocess.run(command, shell=True, cwd=repo, capture_output=True, text=True,
-                                   timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-    except subprocess.TimeoutExpired:
-        return {"command": command, "passed": False, "exit_code": None,
-                "output": f"timed out after {timeout:.0f}s"}
-    output = (completed.stdout + completed.stderr).strip()
-    tail = "\n".join(output.splitlines()[-40:])
-    return {"command": command, "passed": completed.returncode == 0, "exit_code": completed.returncode,
-            "output": tail, "seconds": round(time.monotonic() - started, 1)}
+    outcome = run_process(command, repo, timeout)
+    tail = "\n".join(outcome.output.strip().splitlines()[-40:])
+    if outcome.timed_out:
+        tail += f"\n(timed out after {timeout:.0f}s)"
+    return {"command": command, "passed": outcome.exit_code == 0, "exit_code": outcome.exit_code, "output": tail}
 
 
 def changes_diff(agent: Any, repo: Path) -> str:
