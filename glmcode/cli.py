@@ -405,7 +405,7 @@ def _describe_checkpoint(model_dir: Path, config: dict[str, Any], problems: list
     size = total_size or sum((model_dir / name).stat().st_size for name in shards)
     keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "vocab_size", "max_position_embeddings",
-            "torch_dtype", "dtype", "quantization")
+            "torch_dtype", "dtype", "quantization_config")
     info: dict[str, Any] = {"path": str(model_dir)}
     info.update({key: config[key] for key in keys if key in config})
     info["weights"] = f"{size / 1e9:.2f} GB in {len(shards)} safetensors file(s)"
@@ -437,23 +437,16 @@ def model_quantize(
     destination: Annotated[Path, typer.Argument(help="Directory to write the quantized checkpoint to.")],
     bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
 ) -> None:
-    """Write a weight-only int4/int8 copy of a checkpoint (streams layer by layer)."""
-    from glmcode.errors import CheckpointError
-
+    """Write a weight-only int4/int8 copy of a checkpoint (streams tensor by tensor, bounded memory)."""
     if bits not in (4, 8):
         raise UsageError(f"--bits must be 4 or 8, not {bits}")
-    problems = checkpoint_problems(source)
-    if problems:
-        raise CheckpointError(f"{source} is not a usable checkpoint: {'; '.join(problems)}")
-    if destination.exists() and any(destination.iterdir()):
-        raise UsageError(f"{destination} exists and is not empty; pick a new directory")
     try:
-        from glmcode.engine.quant import quantize_checkpoint
+        from glmcode.engine.quant_checkpoint import quantize_checkpoint
     except ImportError:
-        raise GlmcodeError("checkpoint quantization is not available in this build (glmcode.engine.quant "
-                           "has no quantize_checkpoint); load with --quantization int4|int8 instead") from None
-    quantize_checkpoint(source, destination, bits=bits)
-    print(f"wrote int{bits} checkpoint to {destination}")
+        raise GlmcodeError("checkpoint quantization is not available in this build "
+                           "(glmcode.engine.quant_checkpoint is missing)") from None
+    written = quantize_checkpoint(source, destination, bits=bits, progress=sys.stderr.isatty())
+    print(f"wrote an int{bits} checkpoint to {written}; use it with --model {written}")
 
 
 # --- config -----------------------------------------------------------------------------------------

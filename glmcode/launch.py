@@ -55,7 +55,17 @@ def load_replay_script(path: Path) -> list[str]:
 
 
 def open_backend(settings: Settings, *, replay: Path | None = None, show_progress: bool = False) -> Any:
-    """The backend the settings ask for: a replay script (tests), the remote API, or local weights."""
+    """The backend the settings ask for: a replay script (tests), the remote API, or local weights.
+
+    `context_tokens` caps the context window the agent plans with (and compacts against).
+    """
+    backend = _open_backend(settings, replay, show_progress)
+    if settings.context_tokens is not None and settings.context_tokens < backend.context_window:
+        backend.context_window = settings.context_tokens
+    return backend
+
+
+def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) -> Any:
     if replay is not None:
         from glmcode.backends.replay import ReplayBackend
 
