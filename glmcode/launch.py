@@ -168,14 +168,19 @@ def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: di
 
 @contextmanager
 def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Iterator[None]:
-    """While running: the first Ctrl-C sets `cancel` (generation stops at the next token),
-    a second one raises KeyboardInterrupt (the caller exits)."""
+    """While running: the first Ctrl-C sets `cancel` (generation stops at the next token); a
+    second one raises Interrupted when the block ends, and KeyboardInterrupt at once to break out
+    of whatever is blocking (the agent turns that into a cancelled run)."""
+    presses = 0
 
     def handle(signum: int, frame: Any) -> None:
-        if cancel.is_set():
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            cancel.set()
+            on_first()
+        else:
             raise KeyboardInterrupt
-        cancel.set()
-        on_first()
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -185,6 +190,8 @@ def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Ite
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+    if presses > 1:
+        raise Interrupted("interrupted")
 
 
 class ErrorRecordingBackend:

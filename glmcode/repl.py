@@ -129,6 +129,11 @@ class Repl:
     console: Console
     read_input: Callable[[], str]
     _done: bool = field(default=False, init=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def stop_current(self) -> None:
+        """Stop the answer in progress (Ctrl-C at an approval prompt)."""
+        self._cancel.set()
 
     def loop(self) -> int:
         """Read and answer until the user leaves; returns the exit code."""
@@ -158,10 +163,10 @@ class Repl:
         message, attached = expand_attachments(text, self.repo)
         if attached:
             self.console.print(Text(f"attached: {', '.join(attached)}", style="dim"))
-        cancel = threading.Event()
+        self._cancel = threading.Event()
         stop_note = lambda: self.console.print(Text("\nstopping… (Ctrl-C again to leave)", style="yellow"))
-        with ctrl_c_cancels(cancel, on_first=stop_note):
-            result = self.parts.agent.run(message, cancel=cancel)
+        with ctrl_c_cancels(self._cancel, on_first=stop_note):
+            result = self.parts.agent.run(message, cancel=self._cancel)
         self.renderer.pause()
         problem = describe_failure(result)
         if problem and result.status != "cancelled":
@@ -267,7 +272,8 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
     try:
         stats.context_window = getattr(backend, "context_window", None)
         session = open_session(settings, repo, resume=resume, meta={"command": "chat"})
-        ask = (lambda request: True) if yes else ApprovalPrompt(renderer, console, lambda text: ask_line(text))
+        approval_prompt = ApprovalPrompt(renderer, console, lambda text: ask_line(text))
+        ask = (lambda request: True) if yes else approval_prompt
         parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=renderer.event,
                             session=session)
         history = data_home() / "history"
@@ -284,6 +290,7 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
         console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
         repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
                     read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "))
+        approval_prompt.on_interrupt = repl.stop_current
         return repl.loop()
     finally:
         backend.close()
