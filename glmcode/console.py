@@ -222,6 +222,9 @@ class Renderer:
     def pause(self) -> None:
         """Close any live region before someone else writes to the terminal (a prompt)."""
 
+    def preview_shown(self, diff: str) -> None:
+        """An approval prompt showed this diff; the tool's result need not show it again."""
+
     def finish(self, report: RunReport) -> None:
         pass
 
@@ -237,6 +240,7 @@ class TerminalRenderer(Renderer):
         self._block: str | None = None  # "reasoning" | "content"
         self._text = ""
         self._live: Live | None = None
+        self._previewed_diff: str | None = None
 
     # blocks of streamed text
 
@@ -303,8 +307,9 @@ class TerminalRenderer(Renderer):
         line = Text("  ⎿ " + tool_result_line(event.result, event.denied), style="red" if failed else "dim")
         self.console.print(line)
         diff = extract_diff(getattr(event.result, "output", "") or "")
-        if not failed and diff:
+        if not failed and diff and diff.strip() != self._previewed_diff:
             self.print_diff(diff)
+        self._previewed_diff = None
 
     def on_ToolCallError(self, event: Any) -> None:
         self.pause()
@@ -325,6 +330,9 @@ class TerminalRenderer(Renderer):
 
     def on_Finish(self, event: Any) -> None:
         self.pause()
+
+    def preview_shown(self, diff: str) -> None:
+        self._previewed_diff = diff.strip()
 
     def print_diff(self, diff: str) -> None:
         self.console.print(Syntax(diff.rstrip("\n"), "diff", theme="ansi_dark", background_color="default"))
@@ -559,10 +567,12 @@ class ApprovalPrompt:
         if key in self._always:
             return True
         self.renderer.pause()
-        self._show(request)
+        self._show_preview(request.preview or "")
+        self.renderer.preview_shown(extract_diff(request.preview or "") or "")
+        question = f"Allow {request.tool_name}? [y]es / [n]o / [a]lways this session: "
         while True:
             try:
-                answer = self.read_line("Allow? [y]es / [n]o / [a]lways this session: ").strip().lower()
+                answer = self.read_line(question).strip().lower()
             except (KeyboardInterrupt, EOFError):
                 if self.on_interrupt:
                     self.on_interrupt()
@@ -575,10 +585,8 @@ class ApprovalPrompt:
                 self._always.add(key)
                 return True
 
-    def _show(self, request: Any) -> None:
-        title = Text("? ", style="bold yellow") + Text(tool_call_line(request.tool_name, request.arguments), style="bold")
-        self.console.print(title)
-        preview = request.preview or ""
+    def _show_preview(self, preview: str) -> None:
+        """The diff or the command line; the tool's own line is already on screen (ToolStarted)."""
         diff = extract_diff(preview)
         if diff:
             self.console.print(Syntax(diff.rstrip("\n"), "diff", theme="ansi_dark", background_color="default"))

@@ -55,7 +55,7 @@ def test_approval_prompt_shows_the_diff_and_remembers_always() -> None:
     diff = "--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-old\n+new\n"
     edit = approval.ApprovalRequest("edit_file", {"path": "x.py"}, diff)
     assert prompt(edit) is True, "an unclear answer asks again, then yes"
-    assert "+new" in shown.getvalue() and "edit_file x.py" in shown.getvalue()
+    assert "+new" in shown.getvalue()
     command = approval.ApprovalRequest("run_command", {"command": "make test"}, "make test")
     assert prompt(command) is False
     assert prompt(command) is True  # "a": always

@@ -32,7 +32,7 @@ def test_a_chat_session_streams_asks_before_editing_and_can_diff_and_undo(home: 
         child.sendline("please fix add in @calc.py")
         child.expect("attached: calc.py")
         child.expect("read_file calc.py")
-        child.expect(r"Allow\? \[y\]es / \[n\]o / \[a\]lways this session")
+        child.expect(r"Allow edit_file\? \[y\]es / \[n\]o / \[a\]lways this session")
         assert "+    return a + b" in child.before, "the approval prompt shows the diff"
         child.sendline("y")
         child.expect("now returns the sum")
