@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 if TYPE_CHECKING:
@@ -25,6 +26,10 @@ class Tool:
     parameters: dict[str, Any]
     kind: ToolKind
     run: Callable[["Workspace", dict[str, Any]], ToolResult]
+    # What an approval prompt shows: the diff an edit would make, or the command line to run.
+    preview: Callable[["Workspace", dict[str, Any]], str | None] = lambda workspace, arguments: None
+    # Files an edit will change, to checkpoint first; None means "anything" (a command).
+    touched_paths: Callable[["Workspace", dict[str, Any]], list[Path] | None] = lambda workspace, arguments: None
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI-style function spec the model sees."""
