@@ -17,9 +17,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -42,8 +43,8 @@ from glmcode.launch import (
     run_tests,
     usage_dict,
 )
-from glmcode.weights import checkpoint_problems, pull_checkpoint
 from glmcode.settings import REMOTE_PRESETS, default_model_dir, load_settings, repo_config_path, user_config_path
+from glmcode.weights import checkpoint_problems, pull_checkpoint
 
 OUTPUT_FORMATS = ("text", "json", "stream-json")
 
@@ -63,22 +64,22 @@ app.add_typer(config_app, name="config")
 
 _MODEL = "Model"
 _AGENT = "Agent"
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="GLM-4.7-Flash checkpoint directory (env GLMCODE_MODEL).", rich_help_panel=_MODEL)]
-RemoteOpt = Annotated[Optional[str], typer.Option("--remote", metavar="[zhipu|zai|URL]", help="Use a hosted model: bare --remote = zhipu; or zai; or an OpenAI-compatible base URL.", rich_help_panel=_MODEL)]
-RemoteModelOpt = Annotated[Optional[str], typer.Option("--remote-model", help="Model name for --remote (default glm-4.7-flash).", rich_help_panel=_MODEL)]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_MODEL)]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16.", rich_help_panel=_MODEL)]
-QuantOpt = Annotated[Optional[str], typer.Option("--quantization", "-q", help="int4 or int8 weight-only quantization.", rich_help_panel=_MODEL)]
-ApprovalOpt = Annotated[Optional[str], typer.Option("--approval", "-a", help="plan, ask, auto-edit or yolo.", rich_help_panel=_AGENT)]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="GLM-4.7-Flash checkpoint directory (env GLMCODE_MODEL).", rich_help_panel=_MODEL)]
+RemoteOpt = Annotated[str | None, typer.Option("--remote", metavar="[zhipu|zai|URL]", help="Use a hosted model: bare --remote = zhipu; or zai; or an OpenAI-compatible base URL.", rich_help_panel=_MODEL)]
+RemoteModelOpt = Annotated[str | None, typer.Option("--remote-model", help="Model name for --remote (default glm-4.7-flash).", rich_help_panel=_MODEL)]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_MODEL)]
+DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.", rich_help_panel=_MODEL)]
+QuantOpt = Annotated[str | None, typer.Option("--quantization", "-q", help="int4 or int8 weight-only quantization.", rich_help_panel=_MODEL)]
+ApprovalOpt = Annotated[str | None, typer.Option("--approval", "-a", help="plan, ask, auto-edit or yolo.", rich_help_panel=_AGENT)]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Approve everything the approval mode would ask about.", rich_help_panel=_AGENT)]
 NoThinkOpt = Annotated[bool, typer.Option("--no-think", help="Answer without thinking first.", rich_help_panel=_AGENT)]
 ShowThinkingOpt = Annotated[bool, typer.Option("--show-thinking", help="Show the model's thinking in full.", rich_help_panel=_AGENT)]
-MaxTurnsOpt = Annotated[Optional[int], typer.Option("--max-turns", min=1, help="Most agent steps for this request.", rich_help_panel=_AGENT)]
-ResumeOpt = Annotated[Optional[str], typer.Option("--resume", "-r", metavar="ID", help="Continue the saved session ID.", rich_help_panel=_AGENT)]
+MaxTurnsOpt = Annotated[int | None, typer.Option("--max-turns", min=1, help="Most agent steps for this request.", rich_help_panel=_AGENT)]
+ResumeOpt = Annotated[str | None, typer.Option("--resume", "-r", metavar="ID", help="Continue the saved session ID.", rich_help_panel=_AGENT)]
 ContinueOpt = Annotated[bool, typer.Option("--continue", "-c", help="Continue the last session in this repo.", rich_help_panel=_AGENT)]
-RepoOpt = Annotated[Optional[Path], typer.Option("--repo", file_okay=False, exists=True, help="Repository to work in (default: the git root around the current directory).")]
+RepoOpt = Annotated[Path | None, typer.Option("--repo", file_okay=False, exists=True, help="Repository to work in (default: the git root around the current directory).")]
 FormatOpt = Annotated[str, typer.Option("--output-format", "-o", help="text, json (one object at the end) or stream-json (one event per line).")]
-ReplayOpt = Annotated[Optional[Path], typer.Option("--replay", hidden=True, envvar="GLMCODE_REPLAY", help="Developer: play a scripted JSON list of completions instead of a model.")]
+ReplayOpt = Annotated[Path | None, typer.Option("--replay", hidden=True, envvar="GLMCODE_REPLAY", help="Developer: play a scripted JSON list of completions instead of a model.")]
 
 
 @dataclass
@@ -279,7 +280,7 @@ def fix(
     approval: ApprovalOpt = None, yes: YesOpt = False, no_think: NoThinkOpt = False,
     show_thinking: ShowThinkingOpt = False, max_turns: MaxTurnsOpt = None,
     resume: ResumeOpt = None, continue_last: ContinueOpt = False, repo: RepoOpt = None,
-    test_command: Annotated[Optional[str], typer.Option("--test-command", help="How to verify the fix (default: detected).")] = None,
+    test_command: Annotated[str | None, typer.Option("--test-command", help="How to verify the fix (default: detected).")] = None,
     output_format: FormatOpt = "text", replay: ReplayOpt = None,
 ) -> None:
     """Fix an issue end to end, run the tests to verify, print a summary and the diff (exit 5 if tests fail)."""
@@ -368,7 +369,7 @@ def sessions(repo: RepoOpt = None, all_repos: Annotated[bool, typer.Option("--al
 @model_app.command("info")
 @interruptible
 def model_info(
-    path: Annotated[Optional[Path], typer.Argument(help="Checkpoint directory (default: the configured model).")] = None,
+    path: Annotated[Path | None, typer.Argument(help="Checkpoint directory (default: the configured model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe a checkpoint: architecture, sizes, shards, precision, and whether it is complete."""
@@ -419,9 +420,9 @@ HF_REPO_ID = "zai-org/GLM-4.7-Flash"
 @model_app.command("pull")
 @interruptible
 def model_pull(
-    target: Annotated[Optional[Path], typer.Option("--dir", help="Where to put the weights (default: the data dir).")] = None,
+    target: Annotated[Path | None, typer.Option("--dir", help="Where to put the weights (default: the data dir).")] = None,
     repo_id: Annotated[str, typer.Option("--repo-id", help="Hugging Face repository.")] = HF_REPO_ID,
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
 ) -> None:
     """Download the weights from Hugging Face (resumes; needs the `pull` extra)."""
     path = pull_checkpoint(repo_id, target or default_model_dir(), revision=revision)

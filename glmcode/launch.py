@@ -11,10 +11,11 @@ import json
 import signal
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from glmcode.errors import BackendUnavailable, GlmcodeError, Interrupted, UsageError
 from glmcode.settings import Settings
@@ -136,7 +137,7 @@ def build_agent(
     on_event: Callable[[Any], None],
     session: Any,
 ) -> AgentParts:
-    from glmcode.agent.approval import Approver, ApprovalMode, CommandRules
+    from glmcode.agent.approval import ApprovalMode, Approver, CommandRules
     from glmcode.agent.loop import Agent, AgentConfig
     from glmcode.backends.base import Sampling, Thinking
     from glmcode.tools.registry import all_tools, read_only_tools
@@ -256,7 +257,8 @@ def changes_diff(agent: Any, repo: Path) -> str:
     if checkpoints is not None and hasattr(checkpoints, "diff"):
         return checkpoints.diff()
     try:
-        completed = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=60)
+        completed = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=60,
+                                   check=False)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return completed.stdout if completed.returncode == 0 else ""

@@ -71,7 +71,7 @@ def pull_checkpoint(repo_id: str, target: Path, *, revision: str | None = None) 
         raise Interrupted("download interrupted; run `glmcode model pull` again to resume") from None
     except GlmcodeError:
         raise
-    except Exception as error:  # network, auth, offline mode: all end the same way for the user
+    except Exception as error:  # noqa: BLE001 - network, auth, offline mode: all end the same way
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise BackendUnavailable(
             f"cannot download {repo_id} from Hugging Face ({reason}). Check the network (and that "

@@ -44,7 +44,7 @@ class Cli:
         return subprocess.run(
             [sys.executable, "-m", "glmcode", *args],
             input=input, capture_output=True, text=True, timeout=timeout,
-            cwd=cwd or self.cwd, env=clean_env(self.home, **(env or {})),
+            cwd=cwd or self.cwd, env=clean_env(self.home, **(env or {})), check=False,
         )
 
 
@@ -60,6 +60,21 @@ def workdir(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     return path
+
+
+BUGGY = "def add(a, b):\n    return a - b\n"
+TESTS = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+
+
+@pytest.fixture
+def repo(workdir: Path) -> Path:
+    """A git repository with a bug (add subtracts) and a test that catches it."""
+    (workdir / "calc.py").write_text(BUGGY)
+    (workdir / "test_calc.py").write_text(TESTS)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=workdir, check=True)
+    return workdir
 
 
 @pytest.fixture

@@ -32,9 +32,8 @@ BACKEND_EVENTS = [
 
 
 def _report(**changes: object) -> RunReport:
-    fields = dict(status="done", exit_code=0, result="Hello, world.", turns=1, duration_ms=1234,
-                  usage={"prompt_tokens": 1200, "completion_tokens": 40, "cached_tokens": 1000},
-                  session_id="s1")
+    fields = {"status": "done", "exit_code": 0, "result": "Hello, world.", "turns": 1, "duration_ms": 1234,
+              "usage": {"prompt_tokens": 1200, "completion_tokens": 40, "cached_tokens": 1000}, "session_id": "s1"}
     fields.update(changes)
     return RunReport(**fields)
 

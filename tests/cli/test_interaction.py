@@ -17,12 +17,11 @@ from glmcode.launch import ctrl_c_cancels
 def test_first_ctrl_c_cancels_the_run_and_the_second_interrupts() -> None:
     cancel = threading.Event()
     notes: list[str] = []
-    with pytest.raises(Interrupted):
-        with ctrl_c_cancels(cancel, on_first=lambda: notes.append("stopping")):
+    with pytest.raises(Interrupted), ctrl_c_cancels(cancel, on_first=lambda: notes.append("stopping")):
+        signal.raise_signal(signal.SIGINT)
+        assert cancel.is_set() and notes == ["stopping"]
+        with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-            assert cancel.is_set() and notes == ["stopping"]
-            with pytest.raises(KeyboardInterrupt):
-                signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("glmcode.agent.loop", reason="needs the agent branch merged")
 pexpect = pytest.importorskip("pexpect")
 
-from .conftest import clean_env  # noqa: E402
-from .test_runs import BUGGY, DONE, EDIT, READ, repo  # noqa: E402,F401  (repo is a fixture)
+from .conftest import BUGGY, clean_env
+from .test_runs import DONE, EDIT, READ
 
 
-def spawn_chat(home: Path, repo: Path, script: list[str], tmp_path: Path, *extra: str) -> "pexpect.spawn":
+def spawn_chat(home: Path, repo: Path, script: list[str], tmp_path: Path, *extra: str) -> pexpect.spawn:
     script_path = tmp_path / "chat-script.json"
     script_path.write_text(json.dumps(script))
     env = clean_env(home, PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="120", LINES="40")

@@ -14,12 +14,9 @@ import pytest
 
 pytest.importorskip("glmcode.agent.loop", reason="needs the agent branch merged")
 
-from glmcode.console import validate_event  # noqa: E402
+from glmcode.console import validate_event
 
-from .conftest import ANSI_ESCAPE, Cli, assert_one_line_error, clean_env  # noqa: E402
-
-BUGGY = "def add(a, b):\n    return a - b\n"
-TESTS = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+from .conftest import ANSI_ESCAPE, BUGGY, Cli, assert_one_line_error, clean_env
 
 
 def tool_call(name: str, **arguments: str) -> str:
@@ -32,16 +29,6 @@ EDIT = "The sign is wrong.</think>" + tool_call("edit_file", path="calc.py", old
                                                   new_string="return a + b")
 DONE = "Fixed.</think>`add` now returns the sum of its arguments."
 FIX_SCRIPT = [READ, EDIT, DONE]
-
-
-@pytest.fixture
-def repo(workdir: Path) -> Path:
-    (workdir / "calc.py").write_text(BUGGY)
-    (workdir / "test_calc.py").write_text(TESTS)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"]):
-        subprocess.run(command, cwd=workdir, check=True)
-    return workdir
 
 
 @pytest.fixture
