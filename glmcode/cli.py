@@ -157,7 +157,7 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     renderer = make_renderer(flags.output_format, stats, show_thinking=settings.show_thinking)
     started = time.monotonic()
     try:
-        backend = ErrorRecordingBackend(open_backend(settings, replay=flags.replay, show_progress=sys.stderr.isatty()))
+        backend = ErrorRecordingBackend(open_backend(settings, replay=flags.replay, show_progress=sys.stdout.isatty()))
     except GlmcodeError as error:
         _report_early_failure(renderer, error, started)
         raise

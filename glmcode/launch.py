@@ -268,9 +268,6 @@ def describe_failure(result: Any) -> str | None:
     """One line for a run that did not finish cleanly."""
     if result.status == "done":
         return None
-    error = getattr(result, "error", None)
-    if isinstance(error, GlmcodeError):
-        return str(error)
-    if error:
-        return str(error)
+    if result.error:
+        return str(result.error)
     return {"limit": "stopped: a limit was reached (see --max-turns)", "cancelled": "interrupted"}.get(result.status)

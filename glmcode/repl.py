@@ -288,6 +288,8 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
             bottom_toolbar=lambda: f" {stats.status_line()} · mode {parts.approver.mode.value} · /help",
         )
         console.print(Text(f"glmcode · {stats.model} via {backend_label(settings, replay)} · {repo}", style="bold"))
+        if resume is not None:
+            console.print(Text(f"resumed session {session.id} ({len(parts.agent.messages)} messages)", style="dim"))
         console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
         repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
                     read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "))
