@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glmcode import __version__
-from glmcode.console import ApprovalPrompt, RunReport, RunStats, make_renderer
+from glmcode.console import ApprovalPrompt, JsonRenderer, RunReport, RunStats, make_renderer
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.launch import (
     ErrorRecordingBackend,
@@ -43,7 +43,14 @@ from glmcode.launch import (
     run_tests,
     usage_dict,
 )
-from glmcode.settings import REMOTE_PRESETS, default_model_dir, load_settings, repo_config_path, user_config_path
+from glmcode.settings import (
+    REMOTE_PRESETS,
+    Settings,
+    default_model_dir,
+    load_settings,
+    repo_config_path,
+    user_config_path,
+)
 from glmcode.weights import checkpoint_problems, pull_checkpoint
 
 OUTPUT_FORMATS = ("text", "json", "stream-json")
@@ -64,23 +71,39 @@ app.add_typer(config_app, name="config")
 
 _MODEL = "Model"
 _AGENT = "Agent"
-ModelOpt = Annotated[str | None, typer.Option("--model", help="GLM-4.7-Flash checkpoint directory (env GLMCODE_MODEL).", rich_help_panel=_MODEL)]
-RemoteOpt = Annotated[str | None, typer.Option("--remote", metavar="[zhipu|zai|URL]", help="Use a hosted model: bare --remote = zhipu; or zai; or an OpenAI-compatible base URL.", rich_help_panel=_MODEL)]
-RemoteModelOpt = Annotated[str | None, typer.Option("--remote-model", help="Model name for --remote (default glm-4.7-flash).", rich_help_panel=_MODEL)]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=_MODEL)]
-DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.", rich_help_panel=_MODEL)]
-QuantOpt = Annotated[str | None, typer.Option("--quantization", "-q", help="int4 or int8 weight-only quantization.", rich_help_panel=_MODEL)]
-ApprovalOpt = Annotated[str | None, typer.Option("--approval", "-a", help="plan, ask, auto-edit or yolo.", rich_help_panel=_AGENT)]
-YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Approve everything the approval mode would ask about.", rich_help_panel=_AGENT)]
-NoThinkOpt = Annotated[bool, typer.Option("--no-think", help="Answer without thinking first.", rich_help_panel=_AGENT)]
-ShowThinkingOpt = Annotated[bool, typer.Option("--show-thinking", help="Show the model's thinking in full.", rich_help_panel=_AGENT)]
-MaxTurnsOpt = Annotated[int | None, typer.Option("--max-turns", min=1, help="Most agent steps for this request.", rich_help_panel=_AGENT)]
-ResumeOpt = Annotated[str | None, typer.Option("--resume", "-r", metavar="ID", help="Continue the saved session ID.", rich_help_panel=_AGENT)]
-ContinueOpt = Annotated[bool, typer.Option("--continue", "-c", help="Continue the last session in this repo.", rich_help_panel=_AGENT)]
-RepoOpt = Annotated[Path | None, typer.Option("--repo", file_okay=False, exists=True, help="Repository to work in (default: the git root around the current directory).")]
-FormatOpt = Annotated[str, typer.Option("--output-format", "-o", help="text, json (one object at the end) or stream-json (one event per line).")]
-ReplayOpt = Annotated[Path | None, typer.Option("--replay", hidden=True, envvar="GLMCODE_REPLAY", help="Developer: play a scripted JSON list of completions instead of a model.")]
 
+
+def _model_option(*names: str, help: str, **extra: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=_MODEL, **extra)
+
+
+def _agent_option(*names: str, help: str, **extra: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=_AGENT, **extra)
+
+
+ModelOpt = Annotated[str | None, _model_option("--model", help="Checkpoint directory (env GLMCODE_MODEL).")]
+RemoteOpt = Annotated[str | None, _model_option(
+    "--remote", metavar="[zhipu|zai|URL]",
+    help="Use a hosted model: bare --remote = zhipu; or zai; or an OpenAI-compatible base URL.")]
+RemoteModelOpt = Annotated[str | None, _model_option("--remote-model", help="Model name for --remote.")]
+DeviceOpt = Annotated[str | None, _model_option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str | None, _model_option("--dtype", help="float32, bfloat16 or float16.")]
+QuantOpt = Annotated[str | None, _model_option("--quantization", "-q", help="int4 or int8 weight-only quantization.")]
+ApprovalOpt = Annotated[str | None, _agent_option("--approval", "-a", help="plan, ask, auto-edit or yolo.")]
+YesOpt = Annotated[bool, _agent_option("--yes", "-y", help="Approve everything the approval mode would ask about.")]
+NoThinkOpt = Annotated[bool, _agent_option("--no-think", help="Answer without thinking first.")]
+ShowThinkingOpt = Annotated[bool, _agent_option("--show-thinking", help="Show the model's thinking in full.")]
+MaxTurnsOpt = Annotated[int | None, _agent_option("--max-turns", min=1, help="Most agent steps for this request.")]
+ResumeOpt = Annotated[str | None, _agent_option("--resume", "-r", metavar="ID", help="Continue the saved session ID.")]
+ContinueOpt = Annotated[bool, _agent_option("--continue", "-c", help="Continue the last session in this repo.")]
+RepoOpt = Annotated[Path | None, typer.Option(
+    "--repo", file_okay=False, exists=True,
+    help="Repository to work in (default: the git root around the current directory).")]
+FormatOpt = Annotated[str, typer.Option(
+    "--output-format", "-o", help="text, json (one object at the end) or stream-json (one event per line).")]
+ReplayOpt = Annotated[Path | None, typer.Option(
+    "--replay", hidden=True, envvar="GLMCODE_REPLAY",
+    help="Developer: play a scripted JSON list of completions instead of a model.")]
 
 @dataclass
 class RunFlags:
@@ -158,41 +181,50 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     started = time.monotonic()
     try:
         backend = ErrorRecordingBackend(open_backend(settings, replay=flags.replay, show_progress=sys.stdout.isatty()))
-    except GlmcodeError as error:
-        _report_early_failure(renderer, error, started)
+        try:
+            report = _run_agent(flags, settings, repo, backend, renderer, prompt, command, read_only, verify)
+        finally:
+            backend.close()
+    except GlmcodeError as error:  # the run could not start; JSON consumers still get a result
+        if isinstance(renderer, JsonRenderer):
+            renderer.finish(RunReport(status="error", exit_code=error.exit_code, result="", turns=0,
+                                      duration_ms=_since(started), usage=usage_dict({}), error=str(error)))
         raise
-    try:
-        stats.context_window = getattr(backend, "context_window", None)
-        session = open_session(settings, repo, resume=flags.resume_id(), meta={"command": command})
-        cancel = threading.Event()
-        interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
-        ask = _approval_callback(flags.yes, interactive, renderer, cancel)
-        parts = build_agent(settings, backend, repo, read_only=read_only, ask=ask,
-                            on_event=renderer.event, session=session)
-        renderer.start({"session_id": getattr(session, "id", None), "model": stats.model,
-                        "backend": backend_label(settings, flags.replay), "repo": str(repo),
-                        "approval": "plan" if read_only else settings.approval,
-                        "tools": [tool.name for tool in parts.tools], "version": __version__})
-        with ctrl_c_cancels(cancel, on_first=lambda: print("\nstopping… (Ctrl-C again to quit)", file=sys.stderr)):
-            result = parts.agent.run(prompt, cancel=cancel)
-        status, tests, diff = result.status, None, None
-        if verify:
-            diff = changes_diff(parts.agent, repo)
-            if status == "done":
-                tests = run_tests(settings.test_command, repo)
-                if tests["command"] is not None and not tests["passed"]:
-                    status = "tests_failed"
-        report = RunReport(
-            status=status, exit_code=exit_code_for(status, backend.last_error), result=result.final_text or "",
-            turns=result.turns, duration_ms=int((time.monotonic() - started) * 1000),
-            usage=usage_dict(result.usage), session_id=getattr(session, "id", None),
-            error=describe_failure(result) if status != "tests_failed" else "the tests still fail",
-            tests=tests, diff=diff,
-        )
-        renderer.finish(report)
-        return report.exit_code
-    finally:
-        backend.close()
+    report.duration_ms = _since(started)
+    renderer.finish(report)
+    return report.exit_code
+
+
+def _since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: ErrorRecordingBackend, renderer: Any,
+               prompt: str, command: str, read_only: bool, verify: bool) -> RunReport:
+    stats = renderer.stats
+    stats.context_window = getattr(backend, "context_window", None)
+    session = open_session(settings, repo, resume=flags.resume_id(), meta={"command": command})
+    cancel = threading.Event()
+    interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
+    ask = _approval_callback(flags.yes, interactive, renderer, cancel)
+    parts = build_agent(settings, backend, repo, read_only=read_only, ask=ask, on_event=renderer.event,
+                        session=session)
+    renderer.start({"session_id": session.id, "model": stats.model, "backend": backend_label(settings, flags.replay),
+                    "repo": str(repo), "approval": "plan" if read_only else settings.approval,
+                    "tools": [tool.name for tool in parts.tools], "version": __version__})
+    with ctrl_c_cancels(cancel, on_first=lambda: print("\nstopping… (Ctrl-C again to quit)", file=sys.stderr)):
+        result = parts.agent.run(prompt, cancel=cancel)
+    status, error = result.status, describe_failure(result)
+    tests = diff = None
+    if verify:
+        diff = changes_diff(parts.agent, repo)
+        if status == "done":
+            tests = run_tests(settings.test_command, repo)
+            if tests["command"] is not None and not tests["passed"]:
+                status, error = "tests_failed", "the tests still fail"
+    return RunReport(status=status, exit_code=exit_code_for(status, backend.last_error),
+                     result=result.final_text or "", turns=result.turns, duration_ms=0,
+                     usage=usage_dict(result.usage), session_id=session.id, error=error, tests=tests, diff=diff)
 
 
 def _approval_callback(yes: bool, interactive: bool, renderer: Any, cancel: threading.Event) -> Any:
@@ -202,16 +234,6 @@ def _approval_callback(yes: bool, interactive: bool, renderer: Any, cancel: thre
     if interactive:
         return ApprovalPrompt(renderer, Console(), input, on_interrupt=cancel.set)
     return None
-
-
-def _report_early_failure(renderer: Any, error: GlmcodeError, started: float) -> None:
-    """JSON consumers still get a result record when the run could not start."""
-    from glmcode.console import JsonRenderer
-
-    if isinstance(renderer, JsonRenderer):
-        renderer.finish(RunReport(status="error", exit_code=error.exit_code, result="", turns=0,
-                                  duration_ms=int((time.monotonic() - started) * 1000),
-                                  usage=usage_dict({}), error=str(error)))
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -280,7 +302,9 @@ def fix(
     approval: ApprovalOpt = None, yes: YesOpt = False, no_think: NoThinkOpt = False,
     show_thinking: ShowThinkingOpt = False, max_turns: MaxTurnsOpt = None,
     resume: ResumeOpt = None, continue_last: ContinueOpt = False, repo: RepoOpt = None,
-    test_command: Annotated[str | None, typer.Option("--test-command", help="How to verify the fix (default: detected).")] = None,
+    test_command: Annotated[
+        str | None, typer.Option("--test-command", help="How to verify the fix (default: detected).")
+    ] = None,
     output_format: FormatOpt = "text", replay: ReplayOpt = None,
 ) -> None:
     """Fix an issue end to end, run the tests to verify, print a summary and the diff (exit 5 if tests fail)."""
@@ -351,7 +375,10 @@ def doctor(
 
 @app.command()
 @interruptible
-def sessions(repo: RepoOpt = None, all_repos: Annotated[bool, typer.Option("--all", help="Sessions of every repo.")] = False) -> None:
+def sessions(
+    repo: RepoOpt = None,
+    all_repos: Annotated[bool, typer.Option("--all", help="Sessions of every repo.")] = False,
+) -> None:
     """List saved sessions (newest first), for --resume ID."""
     from glmcode.agent.session import SessionStore
 
@@ -420,7 +447,9 @@ HF_REPO_ID = "zai-org/GLM-4.7-Flash"
 @model_app.command("pull")
 @interruptible
 def model_pull(
-    target: Annotated[Path | None, typer.Option("--dir", help="Where to put the weights (default: the data dir).")] = None,
+    target: Annotated[
+        Path | None, typer.Option("--dir", help="Where to put the weights (default: the data dir).")
+    ] = None,
     repo_id: Annotated[str, typer.Option("--repo-id", help="Hugging Face repository.")] = HF_REPO_ID,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
 ) -> None:

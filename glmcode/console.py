@@ -326,8 +326,8 @@ class TerminalRenderer(Renderer):
 
     def on_Compacted(self, event: Any) -> None:
         self.pause()
-        self.console.print(Text(f"context compacted: {_kilo(event.before_tokens)} → {_kilo(event.after_tokens)} tokens",
-                                style="dim"))
+        before, after = _kilo(event.before_tokens), _kilo(event.after_tokens)
+        self.console.print(Text(f"context compacted: {before} → {after} tokens", style="dim"))
 
     def on_Finish(self, event: Any) -> None:
         self.pause()
@@ -521,7 +521,8 @@ class JsonRenderer(Renderer):
 
     def on_Compacted(self, event: Any) -> None:
         self._close_block()
-        self._emit({"type": "notice", "message": f"context compacted: {event.before_tokens} -> {event.after_tokens} tokens"})
+        message = f"context compacted: {event.before_tokens} -> {event.after_tokens} tokens"
+        self._emit({"type": "notice", "message": message})
 
     def on_Finish(self, event: Any) -> None:
         self._close_block()

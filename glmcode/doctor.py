@@ -62,7 +62,8 @@ def check_torch() -> tuple[list[Check], int | None]:
     try:
         import torch
     except ImportError:
-        return [Check("fail", "torch is not installed", "pip install torch (CPU build: pip install torch --index-url https://download.pytorch.org/whl/cpu)")], None
+        fix = "pip install torch (the CPU build: --index-url https://download.pytorch.org/whl/cpu)"
+        return [Check("fail", "torch is not installed", fix)], None
     checks = [Check("ok", f"torch {torch.__version__}")]
     if not torch.cuda.is_available():
         checks.append(Check("warn", "no CUDA GPU: the local engine runs on the CPU (a few tokens/s)",
@@ -92,8 +93,8 @@ def check_precisions(ram_available: int | None, gpu_memory: int | None) -> list[
         if needed <= memory:
             checks.append(Check("ok", f"{precision}{flag} fits in {where}: needs ~{_gb(needed)} of {_gb(memory)}"))
         else:
-            checks.append(Check("warn", f"{precision} does not fit in {where}: needs ~{_gb(needed)}, {_gb(memory)} there",
-                                "pick a smaller precision or use --remote"))
+            found = f"{precision} does not fit in {where}: needs ~{_gb(needed)}, {_gb(memory)} there"
+            checks.append(Check("warn", found, "pick a smaller precision or use --remote"))
     return checks
 
 
@@ -129,7 +130,8 @@ def check_optional_tools() -> list[Check]:
     if importlib.util.find_spec("huggingface_hub"):
         checks.append(Check("ok", "huggingface_hub installed (`glmcode model pull` works)"))
     else:
-        checks.append(Check("warn", "huggingface_hub not installed", 'pip install "glmcode[pull]" to use `glmcode model pull`'))
+        fix = 'pip install "glmcode[pull]" to use `glmcode model pull`'
+        checks.append(Check("warn", "huggingface_hub not installed", fix))
     return checks
 
 

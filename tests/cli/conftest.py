@@ -103,8 +103,9 @@ def write_checkpoint(directory: Path) -> Path:
               "torch_dtype": "bfloat16"}
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "tokenizer.json").write_text("{}")
-    save_file({"model.embed_tokens.weight": numpy.zeros((128, 64), dtype=numpy.float32)}, str(directory / "model-00001-of-00001.safetensors"))
+    shard = "model-00001-of-00001.safetensors"
+    save_file({"model.embed_tokens.weight": numpy.zeros((128, 64), dtype=numpy.float32)}, str(directory / shard))
     index = {"metadata": {"total_size": 128 * 64 * 4},
-             "weight_map": {"model.embed_tokens.weight": "model-00001-of-00001.safetensors"}}
+             "weight_map": {"model.embed_tokens.weight": shard}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return directory

@@ -25,7 +25,7 @@ def spawn_chat(home: Path, repo: Path, script: list[str], tmp_path: Path, *extra
     return child
 
 
-def test_a_chat_session_streams_asks_before_editing_and_can_diff_and_undo(home: Path, repo: Path, tmp_path: Path) -> None:
+def test_chat_streams_asks_before_editing_and_can_diff_and_undo(home: Path, repo: Path, tmp_path: Path) -> None:
     child = spawn_chat(home, repo, [READ, EDIT, DONE], tmp_path)
     try:
         child.expect("›")
