@@ -1,0 +1,164 @@
+"""Triton kernels for the small per-token ops: RMSNorm (with the residual add), rope, SiLU*mul.
+
+Each replaces a handful of PyTorch launches (casts, pow, mean, rsqrt, mul...) by one; at batch 1
+decode that launch count, not the bytes, is what costs. One program per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr,
+    dim, eps,
+    stride_x, stride_r, stride_o, stride_s,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + row * stride_s + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference does
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
+    num_heads,
+    stride_q_t, stride_q_h, stride_k_t, stride_cs,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DEINTERLEAVE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pairs = tl.arange(0, HALF)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + position * stride_cs + pairs)
+    sin = tl.load(cos_sin_ptr + position * stride_cs + HALF + pairs)
+    if DEINTERLEAVE:
+        even_out, odd_out = pairs, HALF + pairs
+    else:
+        even_out, odd_out = 2 * pairs, 2 * pairs + 1
+
+    heads = tl.arange(0, BLOCK_H)
+    q_rows = q_ptr + token * stride_q_t + heads[:, None] * stride_q_h
+    head_mask = (heads < num_heads)[:, None]
+    q_even = tl.load(q_rows + 2 * pairs[None, :], mask=head_mask, other=0.0).to(tl.float32)
+    q_odd = tl.load(q_rows + 2 * pairs[None, :] + 1, mask=head_mask, other=0.0).to(tl.float32)
+    k_row = k_ptr + token * stride_k_t
+    k_even = tl.load(k_row + 2 * pairs).to(tl.float32)
+    k_odd = tl.load(k_row + 2 * pairs + 1).to(tl.float32)
+    tl.debug_barrier()  # in place: every element is read before any is overwritten
+
+    q_type = q_ptr.dtype.element_ty
+    tl.store(q_rows + even_out[None, :], (q_even * cos[None, :] - q_odd * sin[None, :]).to(q_type), mask=head_mask)
+    tl.store(q_rows + odd_out[None, :], (q_odd * cos[None, :] + q_even * sin[None, :]).to(q_type), mask=head_mask)
+    k_type = k_ptr.dtype.element_ty
+    tl.store(k_row + even_out, (k_even * cos - k_odd * sin).to(k_type))
+    tl.store(k_row + odd_out, (k_odd * cos + k_even * sin).to(k_type))
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gate_up_ptr, out_ptr,
+    inter_size,
+    stride_in, stride_out,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter_size
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + inter_size + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        raise ValueError("the last dim must be contiguous")
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm(x, residual, weight, eps):
+    x_rows = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    summed = torch.empty_like(out) if residual is not None else out
+    residual_rows = _rows(residual) if residual is not None else x_rows
+    out_rows, summed_rows = out.view(-1, x.shape[-1]), summed.view(-1, x.shape[-1])
+    dim = x.shape[-1]
+    _rms_norm_kernel[(x_rows.shape[0],)](
+        x_rows, residual_rows, weight, out_rows, summed_rows,
+        dim, eps,
+        x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0), summed_rows.stride(0),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_D=triton.next_power_of_2(dim),
+        num_warps=4 if dim <= 2048 else 8,
+    )
+    return out, summed
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton version of reference.rms_norm_reference (x [..., D], weight [D])."""
+    return _norm(x, None, weight, eps)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of reference.add_rms_norm_reference: (rms_norm(x + residual), x + residual)."""
+    return _norm(x, residual, weight, eps)
+
+
+def rope_interleaved_(
+    q_pe: torch.Tensor,
+    k_pe: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    deinterleave: bool = False,
+) -> None:
+    """Rotate q_pe [T, N, R] and k_pe [T, R] in place (strided views are fine; last dim contiguous).
+
+    Same rotation and layouts as reference.rope_interleaved_reference; cos_sin from
+    reference.rope_cos_sin (float32 [max_positions, R]).
+    """
+    num_tokens, num_heads, rope_dim = q_pe.shape
+    if q_pe.stride(-1) != 1 or k_pe.stride(-1) != 1 or cos_sin.stride(-1) != 1:
+        raise ValueError("q_pe, k_pe and cos_sin must be contiguous in their last dim")
+    if num_tokens == 0:
+        return
+    _rope_kernel[(num_tokens,)](
+        q_pe, k_pe, positions, cos_sin,
+        num_heads,
+        q_pe.stride(0), q_pe.stride(1), k_pe.stride(0), cos_sin.stride(0),
+        HALF=rope_dim // 2,
+        BLOCK_H=triton.next_power_of_2(num_heads),
+        DEINTERLEAVE=deinterleave,
+        num_warps=4,
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """Triton version of reference.silu_mul_reference: [..., 2I] -> silu(gate) * up, [..., I]."""
+    rows = _rows(gate_up)
+    inter_size = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], inter_size, dtype=gate_up.dtype, device=gate_up.device)
+    out_rows = out.view(-1, inter_size)
+    block = min(1024, triton.next_power_of_2(inter_size))
+    _silu_mul_kernel[(rows.shape[0], triton.cdiv(inter_size, block))](
+        rows, out_rows, inter_size, rows.stride(0), out_rows.stride(0), BLOCK=block, num_warps=4,
+    )
+    return out

@@ -1,0 +1,485 @@
+"""The prepared device check: GPU kernels against their PyTorch references, then their speed.
+
+On an H100/H200 (torch + triton; about 3 minutes, most of it Triton compiles):
+    PYTHONPATH=. python scripts/gpu_check.py --out "$OUT/gpu_check.json"
+CPU smoke run of the same code with tiny shapes, in Triton's interpreter (about 15 s):
+    PYTHONPATH=. python scripts/gpu_check.py --device cpu
+
+Prints one JSON document: device, versions, `checks` (max error against the reference and a
+pass flag per case; the exit status is 1 if any fails), `timings` (milliseconds per call,
+eager and replayed from a CUDA graph, with the reference in the same run and the effective
+bandwidth) and `engine` (the bf16 engine on this device against the float32 CPU engine on a
+tiny checkpoint: greedy tokens for 32 steps and logits; skipped while the engine is absent).
+Sections: --sections checks,mla,moe,ops,engine (the default) and, opt-in, bench: the engine's
+full-size benchmark, `scripts/bench_engine.py --config full --device cuda`, against transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Shapes:
+    heads: int
+    latent: int
+    rope: int
+    block_size: int
+    mla_cases: tuple[tuple[int, int], ...]  # (batch, context) timed
+    experts: int
+    hidden: int
+    inter: int
+    top_k: int
+    moe_batches: tuple[int, ...]
+    prefill_tokens: int
+    iters: int  # calls per timing sample
+    samples: int  # timing samples; the median is reported
+
+
+REAL = Shapes(
+    heads=20, latent=512, rope=64, block_size=64,
+    mla_cases=((1, 512), (1, 8192), (1, 32768), (1, 131072), (8, 8192), (32, 8192)),
+    experts=64, hidden=2048, inter=1536, top_k=4, moe_batches=(1, 8, 32), prefill_tokens=4096, iters=20, samples=5,
+)
+TINY = Shapes(
+    heads=5, latent=32, rope=16, block_size=4,
+    mla_cases=((1, 24), (2, 40)),
+    experts=6, hidden=64, inter=32, top_k=2, moe_batches=(1, 3), prefill_tokens=20, iters=1, samples=1,
+)
+
+BF16_TOLERANCE = 3e-2
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--sections", default="checks,mla,moe,ops,engine",
+                        help="comma-separated subset of checks,mla,moe,ops,engine,bench")
+    parser.add_argument("--bench-args", default="--contexts 512,8192,32768,131072",
+                        help="extra arguments for scripts/bench_engine.py (bench section)")
+    parser.add_argument("--out", help="also write the JSON here")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+    import torch
+    import triton
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available; use --device cpu for the smoke run", file=sys.stderr)
+        return 2
+    shapes = REAL if device.type == "cuda" else TINY
+    bench = Bench(torch, device, shapes)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "shapes": asdict(shapes),
+        "checks": [],
+        "timings": {},
+    }
+    sections = set(args.sections.split(","))
+    started = time.perf_counter()
+    if "checks" in sections:
+        report["checks"] = guarded(bench.run_checks, report, "checks") or []
+    for section, key, run in (("mla", "mla_decode", bench.time_mla), ("moe", "fused_moe", bench.time_moe),
+                              ("ops", "small_ops", bench.time_small_ops)):
+        if section in sections:
+            report["timings"][key] = guarded(run, report, section)
+    if "engine" in sections:
+        report["engine"] = guarded(lambda: engine_check(device), report, "engine")
+    if "bench" in sections:
+        report["bench"] = guarded(lambda: engine_bench(args.bench_args), report, "bench")
+    engine_checks = (report.get("engine") or {}).get("checks", [])
+    report["all_checks_pass"] = not report.get("errors") and all(
+        check["ok"] for check in report["checks"] + engine_checks)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    return 0 if report["all_checks_pass"] else 1
+
+
+def engine_check(device) -> dict:
+    """The engine in bf16 on `device` against the float32 CPU engine on a tiny random checkpoint."""
+    import torch
+
+    maker = ROOT / "scripts" / "make_tiny_checkpoint.py"
+    try:
+        from glmcode.engine import LLM, SamplingParams
+    except ImportError as error:
+        return {"skipped": f"the engine is not importable: {error}"}
+    if not maker.exists():
+        return {"skipped": f"{maker} is missing"}
+    with tempfile.TemporaryDirectory() as checkpoint:
+        subprocess.run([sys.executable, str(maker), checkpoint, "--seed", "0"], check=True, capture_output=True)
+        reference = LLM(checkpoint, device="cpu", dtype="float32", progress=False)
+        candidate = LLM(checkpoint, device=device.type, dtype="bfloat16", progress=False)
+        prompt = reference.tokenizer.encode("def fibonacci(n: int) -> int:\n    if n < 2:")
+        params = SamplingParams(max_tokens=32, temperature=0, stop_token_ids=[])
+        want = reference.generate(prompt, params).token_ids
+        got = candidate.generate(prompt, params).token_ids
+        want_logits = reference.score(prompt + want).float()
+        got_logits = candidate.score(prompt + want).float()
+    mismatch = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+    error = (got_logits - want_logits).abs().max().item()
+    scale = want_logits.abs().max().item()
+    top1 = (got_logits.argmax(-1) == want_logits.argmax(-1)).float().mean().item()
+    return {
+        "prompt_tokens": len(prompt),
+        "checks": [
+            {"name": "engine greedy 32 tokens, bf16 vs fp32 CPU", "ok": got == want, "first_mismatch": mismatch},
+            {"name": "engine logits, bf16 vs fp32 CPU", "max_abs_err": error, "ref_max_abs": scale,
+             "top1_agreement": top1, "ok": bool(torch.isfinite(got_logits).all()) and error <= BF16_TOLERANCE * max(scale, 1.0)},
+        ],
+    }
+
+
+def engine_bench(extra_args: str) -> dict:
+    """Run the engine's full-size benchmark (glmcode vs transformers) and keep its JSON."""
+    script = ROOT / "scripts" / "bench_engine.py"
+    if not script.exists():
+        return {"skipped": f"{script} is missing"}
+    with tempfile.TemporaryDirectory() as out_dir:
+        out = Path(out_dir) / "bench.json"
+        command = [sys.executable, str(script), "--config", "full", "--device", "cuda", "--json", str(out),
+                   *extra_args.split()]
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        result = {"command": " ".join(command[1:]), "returncode": completed.returncode,
+                  "output_tail": (completed.stdout + completed.stderr)[-4000:]}
+        if out.exists():
+            result["results"] = json.loads(out.read_text())
+    return result
+
+
+def guarded(run, report: dict, section: str):
+    """Run one section; an exception is recorded and the remaining sections still run."""
+    try:
+        return run()
+    except Exception:
+        report.setdefault("errors", {})[section] = traceback.format_exc()[-3000:]
+        return None
+
+
+class Bench:
+    """Random inputs of the chosen shapes, the correctness cases and the timers."""
+
+    def __init__(self, torch, device, shapes: Shapes):
+        from glmcode.engine.kernels import reference, triton_fused, triton_mla, triton_moe
+
+        self.torch, self.device, self.shapes = torch, device, shapes
+        self.ref, self.mla, self.moe, self.fused = reference, triton_mla, triton_moe, triton_fused
+        self.dtype = torch.bfloat16
+        self.gen = torch.Generator(device="cpu").manual_seed(0)  # small index tensors
+        self.device_gen = torch.Generator(device=device).manual_seed(0)  # large random tensors
+        self._expert_weights = None
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def randn(self, *shape, scale=1.0, dtype=None):
+        values = self.torch.randn(*shape, generator=self.device_gen, device=self.device) * scale
+        return values.to(dtype or self.dtype)
+
+    def expert_weights(self):
+        """w13, w2 for the routed experts plus the shared one (index E); made once (1.2 GB real)."""
+        if self._expert_weights is None:
+            s = self.shapes
+            self._expert_weights = (
+                self.randn(s.experts + 1, 2 * s.inter, s.hidden, scale=s.hidden**-0.5),
+                self.randn(s.experts + 1, s.hidden, s.inter, scale=s.inter**-0.5),
+            )
+        return self._expert_weights
+
+    def mla_inputs(self, seq_lens: list[int], block_size: int):
+        torch, s = self.torch, self.shapes
+        blocks_per_seq = max(-(-n // block_size) for n in seq_lens)
+        num_blocks = len(seq_lens) * blocks_per_seq + 1
+        tables = torch.randperm(num_blocks, generator=self.gen)[: len(seq_lens) * blocks_per_seq]
+        return (
+            self.randn(len(seq_lens), s.heads, s.latent),
+            self.randn(len(seq_lens), s.heads, s.rope),
+            self.randn(num_blocks, block_size, s.latent + s.rope),
+            tables.view(len(seq_lens), blocks_per_seq).to(device=self.device, dtype=torch.int32),
+            torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+        )
+
+    def moe_inputs(self, tokens: int):
+        """Tokens routed to top_k distinct experts, plus the shared expert with weight 1."""
+        torch, s = self.torch, self.shapes
+        w13, w2 = self.expert_weights()
+        ids = torch.stack([torch.randperm(s.experts, generator=self.gen)[: s.top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, s.top_k, generator=self.gen) + 0.1
+        ids, weights = ids.to(self.device, torch.int32), weights.to(self.device)
+        ids, weights = self.ref.with_shared_expert(ids, weights, s.experts)
+        return self.randn(tokens, s.hidden), w13, w2, ids, weights
+
+    # ---- correctness -------------------------------------------------------------------------
+
+    def compare(self, name: str, got, want, tolerance: float = BF16_TOLERANCE) -> dict:
+        error = (got.float() - want.float()).abs().max().item()
+        scale = max(want.float().abs().max().item(), 1.0)
+        ok = bool(self.torch.isfinite(got).all()) and error <= tolerance * scale
+        return {"name": name, "max_abs_err": error, "ref_max_abs": scale, "ok": ok}
+
+    def run_checks(self) -> list[dict]:
+        s = self.shapes
+        checks = []
+        for block_size in sorted({s.block_size, 16 if self.device.type == "cuda" else 1}):
+            seq_lens = [1, 3 * block_size + 1, 300 if self.device.type == "cuda" else 13]
+            inputs = self.mla_inputs(seq_lens, block_size)
+            want = self.ref.mla_decode_reference(*inputs, 256**-0.5)
+            for splits in (None, 1, 4):
+                got = self.mla.mla_decode(*inputs, 256**-0.5, num_splits=splits)
+                checks.append(self.compare(f"mla_decode bs={block_size} splits={splits}", got, want))
+        checks += self.fp8_checks()
+        for tokens in s.moe_batches:
+            x, w13, w2, ids, weights = self.moe_inputs(tokens)
+            want = self.ref.fused_moe_reference(x, w13, w2, ids, weights)
+            aligned = self.moe.moe_align(ids, w13.shape[0], 16)
+            want_aligned = self.ref.moe_align_reference(ids, w13.shape[0], 16)
+            same = all(self.torch.equal(a, b) for a, b in zip(aligned, want_aligned))
+            checks.append({"name": f"moe_align T={tokens}", "ok": same})
+            checks.append(self.compare(f"fused_moe T={tokens} (+shared)", self.moe.fused_moe(x, w13, w2, ids, weights), want))
+        if self.ref.grouped_mm_available(self.device):
+            x, w13, w2, ids, weights = self.moe_inputs(s.prefill_tokens)
+            want = self.ref.fused_moe_reference(x, w13, w2, ids, weights)
+            checks.append(self.compare(f"grouped_moe T={s.prefill_tokens}", self.ref.grouped_moe(x, w13, w2, ids, weights), want))
+            checks.append(self.compare(f"fused_moe T={s.prefill_tokens}", self.moe.fused_moe(x, w13, w2, ids, weights), want))
+        checks += self.small_op_checks()
+        if self.device.type == "cuda":
+            checks += self.graph_checks()
+        return checks
+
+    def fp8_checks(self) -> list[dict]:
+        torch = self.torch
+        q_nope, q_pe, cache, tables, lens = self.mla_inputs([5, 77], self.shapes.block_size)
+        rows = cache.reshape(-1, cache.shape[-1])
+        quantized, scales = self.ref.quantize_fp8_per_token(rows)
+        per_token = (quantized.view(cache.shape), scales.view(cache.shape[:2]))
+        tensor_scale = torch.tensor([rows.float().abs().max().item() / 448.0], device=self.device)
+        per_tensor = (self.ref.quantize_fp8_per_tensor(rows, tensor_scale.item()).view(cache.shape), tensor_scale)
+        checks = []
+        for name, (fp8_cache, kv_scale) in (("per_token", per_token), ("per_tensor", per_tensor)):
+            want = self.ref.mla_decode_reference(q_nope, q_pe, fp8_cache, tables, lens, 0.0625, kv_scale)
+            got = self.mla.mla_decode(q_nope, q_pe, fp8_cache, tables, lens, 0.0625, kv_scale, num_splits=2)
+            checks.append(self.compare(f"mla_decode fp8 {name}", got, want))
+        return checks
+
+    def small_op_checks(self) -> list[dict]:
+        s, ref, fused = self.shapes, self.ref, self.fused
+        x, residual, weight = self.randn(3, s.hidden), self.randn(3, s.hidden), self.randn(s.hidden)
+        checks = [
+            self.compare("rms_norm", fused.rms_norm(x, weight, 1e-5), ref.rms_norm_reference(x, weight, 1e-5)),
+            self.compare("add_rms_norm", fused.add_rms_norm(x, residual, weight, 1e-5)[0],
+                         ref.add_rms_norm_reference(x, residual, weight, 1e-5)[0]),
+        ]
+        gate_up = self.randn(3, 2 * s.inter)
+        checks.append(self.compare("silu_mul", fused.silu_mul(gate_up), ref.silu_mul_reference(gate_up)))
+        table = ref.rope_cos_sin(4096, s.rope, 1e6, device=self.device)
+        positions = self.torch.tensor([0, 5, 4000], device=self.device)
+        for deinterleave in (False, True):
+            q = self.randn(3, s.heads, 192 + s.rope)
+            kv_a = self.randn(3, s.latent + s.rope)
+            want_q = ref.rope_interleaved_reference(q[..., 192:], positions, table, deinterleave)
+            want_k = ref.rope_interleaved_reference(kv_a[:, s.latent:], positions, table, deinterleave)
+            fused.rope_interleaved_(q[..., 192:], kv_a[:, s.latent:], positions, table, deinterleave)
+            checks.append(self.compare(f"rope q deinterleave={deinterleave}", q[..., 192:], want_q))
+            checks.append(self.compare(f"rope k deinterleave={deinterleave}", kv_a[:, s.latent:], want_k))
+        return checks
+
+    def graph_checks(self) -> list[dict]:
+        """Capture once, then replay with new lengths / routing written into the static inputs."""
+        torch = self.torch
+        q_nope, q_pe, cache, tables, lens = self.mla_inputs([700, 4000], 64)
+        replay = self.capture(lambda: self.mla.mla_decode(q_nope, q_pe, cache, tables, lens, 0.0625))
+        lens.copy_(torch.tensor([4000, 33], dtype=torch.int32))
+        tables.copy_(tables.flip(0))
+        checks = [self.compare("mla_decode CUDA graph replay", replay(),
+                               self.ref.mla_decode_reference(q_nope, q_pe, cache, tables, lens, 0.0625))]
+        x, w13, w2, ids, weights = self.moe_inputs(8)
+        replay = self.capture(lambda: self.moe.fused_moe(x, w13, w2, ids, weights))
+        ids.copy_(ids.flip(0))
+        x.copy_(self.randn(*x.shape))
+        checks.append(self.compare("fused_moe CUDA graph replay", replay(),
+                                   self.ref.fused_moe_reference(x, w13, w2, ids, weights)))
+        checks.append(self.graphed_step_check())
+        return checks
+
+    def graphed_step_check(self) -> dict:
+        """GraphedStep: a batch of 3 replayed in the bucket of 4 equals the eager reference."""
+        from glmcode.engine.kernels.cuda_graphs import GraphedStep
+
+        q_nope, q_pe, cache, tables, lens = self.mla_inputs([300] * 8, 64)
+
+        def step(inputs):
+            return self.mla.mla_decode(inputs["q_nope"], inputs["q_pe"], cache, inputs["block_tables"],
+                                       inputs["seq_lens"], 0.0625)
+
+        runner = GraphedStep(step, {"q_nope": q_nope, "q_pe": q_pe, "block_tables": tables, "seq_lens": lens},
+                             pad_values={"seq_lens": 0}, buckets=(1, 4, 8))
+        runner.capture()
+        batch = {"q_nope": q_nope[:3], "q_pe": q_pe[:3], "block_tables": tables[5:8, :3],
+                 "seq_lens": self.torch.tensor([1, 100, 190], dtype=self.torch.int32, device=self.device)}
+        want = self.ref.mla_decode_reference(batch["q_nope"], batch["q_pe"], cache, batch["block_tables"],
+                                             batch["seq_lens"], 0.0625)
+        return self.compare("GraphedStep bucket 4, batch 3", runner(batch), want)
+
+    # ---- timing ------------------------------------------------------------------------------
+
+    def capture(self, fn):
+        """Warm fn up (Triton compiles), capture it in a CUDA graph; returns a replay function."""
+        torch = self.torch
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = fn()
+
+        def replay():
+            graph.replay()
+            return output
+
+        return replay
+
+    def time_ms(self, fn) -> float:
+        """Median milliseconds per call after a warm-up call."""
+        torch, iters = self.torch, self.shapes.iters
+        fn()
+        samples = []
+        for _ in range(self.shapes.samples):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end) / iters)
+            else:
+                began = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                samples.append((time.perf_counter() - began) * 1e3 / iters)
+        return round(statistics.median(samples), 4)
+
+    def timed_variants(self, eager, reference, bytes_moved: int) -> dict:
+        row = {"triton_ms": self.time_ms(eager), "reference_ms": self.time_ms(reference)}
+        if self.device.type == "cuda":
+            try:
+                row["triton_graph_ms"] = self.time_ms(self.capture(eager))
+            except Exception as error:
+                row["graph_error"] = repr(error)[:300]
+        best = min(row.get("triton_graph_ms", row["triton_ms"]), row["triton_ms"])
+        row["speedup_vs_reference"] = round(row["reference_ms"] / best, 2)
+        row["effective_GBps"] = round(bytes_moved / (best * 1e-3) / 1e9, 1)
+        return row
+
+    def time_mla(self) -> list[dict]:
+        s = self.shapes
+        rows = []
+        for batch, context in s.mla_cases:
+            inputs = self.mla_inputs([context] * batch, s.block_size)
+            cache_bytes = batch * context * (s.latent + s.rope) * 2
+            splits = self.mla.default_num_splits(batch, s.heads, inputs[3].shape[1] * s.block_size, self.device)
+            row = {"batch": batch, "context": context, "num_splits": splits}
+            row.update(self.timed_variants(
+                lambda: self.mla.mla_decode(*inputs, 0.0625),
+                lambda: self.ref.mla_decode_reference(*inputs, 0.0625),
+                cache_bytes,
+            ))
+            rows.append(row)
+        rows.append({"sweep": self.sweep_mla()})
+        return rows
+
+    def sweep_mla(self) -> list[dict]:
+        s = self.shapes
+        batch, context = s.mla_cases[min(2, len(s.mla_cases) - 1)]
+        inputs = self.mla_inputs([context] * batch, s.block_size)
+        configs = [(16, 4), (32, 4), (32, 8), (64, 8)] if self.device.type == "cuda" else [(16, 4)]
+        results = []
+        for block_n, warps in configs:
+            run = lambda: self.mla.mla_decode(*inputs, 0.0625, block_n=block_n, num_warps=warps)  # noqa: E731
+            try:
+                results.append({"batch": batch, "context": context, "block_n": block_n, "num_warps": warps,
+                                "ms": self.time_ms(run)})
+            except Exception as error:  # a config that does not compile (registers) is a result too
+                results.append({"block_n": block_n, "num_warps": warps, "error": repr(error)[:200]})
+        return results
+
+    def time_moe(self) -> list[dict]:
+        s = self.shapes
+        expert_bytes = 3 * s.hidden * s.inter * 2
+        rows = []
+        for tokens in (*s.moe_batches, s.prefill_tokens):
+            x, w13, w2, ids, weights = self.moe_inputs(tokens)
+            experts_read = ids.unique().numel()
+            row = {"tokens": tokens, "experts_read": experts_read}
+            row.update(self.timed_variants(
+                lambda: self.moe.fused_moe(x, w13, w2, ids, weights),
+                lambda: self.ref.fused_moe_reference(x, w13, w2, ids, weights),
+                experts_read * expert_bytes,
+            ))
+            if self.ref.grouped_mm_available(self.device):
+                row["grouped_mm_ms"] = self.time_ms(lambda: self.ref.grouped_moe(x, w13, w2, ids, weights))
+            rows.append(row)
+        rows.append({"sweep": self.sweep_moe()})
+        return rows
+
+    def sweep_moe(self) -> list[dict]:
+        x, w13, w2, ids, weights = self.moe_inputs(1)
+        configs = ([(32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 128, 8), (128, 64, 4)]
+                   if self.device.type == "cuda" else [(16, 32, 4)])
+        results = []
+        for block_n, block_k, warps in configs:
+            run = lambda: self.moe.fused_moe(  # noqa: E731
+                x, w13, w2, ids, weights, block_n=block_n, block_k=block_k, num_warps=warps)
+            try:
+                results.append({"tokens": 1, "block_n": block_n, "block_k": block_k, "num_warps": warps,
+                                "ms": self.time_ms(run)})
+            except Exception as error:
+                results.append({"block_n": block_n, "block_k": block_k, "error": repr(error)[:200]})
+        return results
+
+    def time_small_ops(self) -> list[dict]:
+        s, ref, fused = self.shapes, self.ref, self.fused
+        x, residual, weight = self.randn(1, s.hidden), self.randn(1, s.hidden), self.randn(s.hidden)
+        gate_up = self.randn(1, 2 * s.inter)
+        table = ref.rope_cos_sin(4096, s.rope, 1e6, device=self.device)
+        q, kv_a, positions = self.randn(1, s.heads, s.rope), self.randn(1, s.latent + s.rope), self.torch.tensor([7], device=self.device)
+        cases = {
+            "add_rms_norm": (lambda: fused.add_rms_norm(x, residual, weight, 1e-5),
+                             lambda: ref.add_rms_norm_reference(x, residual, weight, 1e-5)),
+            "silu_mul": (lambda: fused.silu_mul(gate_up), lambda: ref.silu_mul_reference(gate_up)),
+            "rope_q_and_k": (lambda: fused.rope_interleaved_(q, kv_a[:, s.latent:], positions, table),
+                             lambda: (ref.rope_interleaved_reference(q, positions, table),
+                                      ref.rope_interleaved_reference(kv_a[:, s.latent:], positions, table))),
+        }
+        return [{"op": name, "triton_ms": self.time_ms(fast), "reference_ms": self.time_ms(slow)}
+                for name, (fast, slow) in cases.items()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
