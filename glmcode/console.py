@@ -190,6 +190,20 @@ def tool_result_line(result: Any, denied: bool) -> str:
     return f"{prefix}{first}{more}" if first else f"{prefix}(no output)"
 
 
+def changed_files(diff: str) -> list[str]:
+    """The files a unified diff touches: created or edited ones in diff order, then deleted ones."""
+    names = re.findall(r"^\+\+\+ (?:b/)?(.+?)\s*$", diff, re.MULTILINE)
+    names += [old for old in re.findall(r"^--- (?:a/)?(.+?)\s*$", diff, re.MULTILINE) if old != "/dev/null"]
+    return [name for name in dict.fromkeys(names) if name != "/dev/null"]
+
+
+def changes_line(diff: str) -> str:
+    files = changed_files(diff)
+    if not files:
+        return "no files changed"
+    return f"changed {len(files)} file{'s' if len(files) != 1 else ''}: {', '.join(files)}"
+
+
 def _one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
@@ -342,6 +356,8 @@ class TerminalRenderer(Renderer):
         self.pause()
         if report.tests is not None:
             self._print_tests(report.tests)
+        if report.diff is not None:
+            self.console.print(Text(changes_line(report.diff), style="bold"))
         if report.diff:
             self.print_diff(report.diff)
         if report.status != "done" and report.error:
@@ -447,6 +463,8 @@ class PlainRenderer(Renderer):
                 self.out.write(f"tests: {verdict} ({tests['command']})\n")
                 if not tests.get("passed"):
                     self.out.write(tests.get("output", "").rstrip("\n") + "\n")
+        if report.diff is not None:
+            self.out.write(changes_line(report.diff) + "\n")
         if report.diff:
             self.out.write(report.diff if report.diff.endswith("\n") else report.diff + "\n")
         if report.status != "done" and report.error:

@@ -14,6 +14,7 @@ from glmcode.console import (
     RunReport,
     RunStats,
     TerminalRenderer,
+    changed_files,
     validate_event,
 )
 from glmcode.events import ContentDelta, Error, Finish, Notice, ReasoningDelta, ToolCallError, Usage
@@ -89,7 +90,8 @@ def test_plain_output_has_no_escape_codes_and_keeps_the_answer_alone_on_stdout()
                             tests={"command": "pytest -q", "passed": False, "exit_code": 1, "output": "1 failed"},
                             diff="--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-a\n+b\n"))
     assert out.getvalue().startswith("Hello, world.\n\nSecond paragraph.\n")
-    assert "tests: FAIL (pytest -q)\n1 failed\n" in out.getvalue() and "+b\n" in out.getvalue()
+    assert "tests: FAIL (pytest -q)\n1 failed\nchanged 1 file: x.py\n--- a/x.py" in out.getvalue()
+    assert "+b\n" in out.getvalue()
     assert "The user wants" not in out.getvalue() + err.getvalue(), "thinking hidden unless asked for"
     assert "unknown tool x" in err.getvalue() and "rate limited" in err.getvalue()
     assert "the tests still fail" in err.getvalue()
@@ -120,3 +122,11 @@ def test_status_line_reports_tokens_per_second_from_usage() -> None:
     assert stats.tokens_per_second is not None and stats.tokens_per_second > 0
     assert "tok/s" in stats.status_line()
     assert stats.usage() == {"prompt_tokens": 10, "completion_tokens": 20, "cached_tokens": 0}
+
+
+def test_changed_files_lists_created_edited_and_deleted_files() -> None:
+    diff = ("--- a/old.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-x\n"
+            "--- /dev/null\n+++ b/new.py\n@@ -0,0 +1 @@\n+y\n"
+            "--- a/pkg/mod.py\n+++ b/pkg/mod.py\n@@ -1 +1 @@\n-a\n+b\n")
+    assert changed_files(diff) == ["new.py", "pkg/mod.py", "old.py"]
+    assert changed_files("") == []

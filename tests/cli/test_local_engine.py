@@ -12,7 +12,7 @@ from glmcode.console import validate_event
 
 from .conftest import REPO_ROOT, Cli
 
-pytest.importorskip("glmcode.engine", reason="needs the engine branch merged")
+pytest.importorskip("glmcode.engine.llm", reason="needs the engine branch merged")
 pytest.importorskip("glmcode.agent.loop", reason="needs the agent branch merged")
 if not (REPO_ROOT / "scripts" / "make_tiny_checkpoint.py").is_file():
     pytest.skip("needs scripts/make_tiny_checkpoint.py", allow_module_level=True)

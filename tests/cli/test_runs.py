@@ -56,7 +56,7 @@ def test_fix_with_yes_edits_verifies_and_prints_the_diff(cli: Cli, repo: Path, s
     assert result.returncode == 0, result.stdout + result.stderr
     assert (repo / "calc.py").read_text() == "def add(a, b):\n    return a + b\n"
     assert "`add` now returns the sum" in result.stdout
-    assert "tests: pass (python -m pytest)" in result.stdout
+    assert "tests: pass (python -m pytest)\nchanged 1 file: calc.py\n" in result.stdout
     assert "+    return a + b" in result.stdout and "-    return a - b" in result.stdout
     assert "> edit_file calc.py" in result.stderr, "tool calls go to stderr when piped"
     assert not ANSI_ESCAPE.search(result.stdout + result.stderr)
