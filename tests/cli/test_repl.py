@@ -73,3 +73,30 @@ def test_slash_commands_switch_modes_and_thinking(home: Path, repo: Path, tmp_pa
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+LONG_ANSWER = "Thinking.</think>" + "".join(f"Paragraph {i} of a very long answer.\n\n" for i in range(5000))
+
+
+def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_path: Path) -> None:
+    child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path)
+    try:
+        child.expect("›")
+        child.sendline("tell me everything")
+        child.expect("Paragraph 3 of")
+        child.sendintr()
+        child.expect("stopping")
+        child.expect("›")
+        child.sendline("/tokens")
+        child.expect("generated")
+        child.expect("›")
+        child.sendline("again")
+        child.expect("Paragraph 3 of")
+        child.sendintr()
+        child.expect("stopping")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130
+    assert "Paragraph 4999" not in child.before
