@@ -32,7 +32,6 @@ from glmcode.launch import (
     changes_diff,
     ctrl_c_cancels,
     describe_failure,
-    exit_code_for,
     model_label,
     open_backend,
     open_session,
@@ -171,16 +170,15 @@ class Repl:
         self.renderer.pause()
         problem = describe_failure(result)
         if problem and result.status != "cancelled":
-            style = "bold red" if exit_code_for(result.status, result.error) in (1, 3) else "yellow"
-            self.console.print(Text(problem, style=style))
+            self.console.print(Text(problem, style="bold red" if result.status == "error" else "yellow"))
         self.console.print(Text(self.stats.status_line(), style="dim"))
 
     # slash commands
 
     def slash(self, line: str) -> None:
         command, _, argument = line.partition(" ")
-        handler = getattr(self, "cmd_" + command[1:].replace("-", "_"), None)
-        if command not in SLASH_COMMANDS and command != "/quit" or handler is None:
+        handler = getattr(self, "cmd_" + command[1:], None)
+        if handler is None:
             self.console.print(Text(f"unknown command {command}; /help lists them", style="yellow"))
             return
         handler(argument.strip())
