@@ -182,3 +182,24 @@ def test_ctrl_c_while_verifying_exits_130(home: Path, repo: Path, script) -> Non
         process.kill()
     assert process.returncode == 130
     assert "Traceback" not in stderr and "interrupted" in stderr
+
+
+def test_ask_over_a_remote_server(cli: Cli, repo: Path) -> None:
+    from tests.fake_glm_server import FakeGlmServer, error, reply
+
+    key = "sk-test-0123456789abcdef"
+    with FakeGlmServer(reply("Looks fine to me.", reasoning="Reading the diff."), api_key=key,
+                       dialect="openai") as server:
+        result = cli("ask", "review this", "--remote", server.base_url, input="-old\n+new\n",
+                     env={"GLMCODE_API_KEY": key})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "Looks fine to me."
+        assert server.violations == []
+        assert "+new" in server.requests[0].body["messages"][-1]["content"]
+
+    with FakeGlmServer(error(401, "invalid api key", code="1001"), api_key=key) as server:
+        result = cli("ask", "hi", "--remote", server.base_url, "-o", "json",
+                     env={"GLMCODE_API_KEY": "sk-wrong-000000000000"})
+    assert result.returncode == 3, result.stdout + result.stderr
+    record = json.loads(result.stdout)
+    assert record["status"] == "error" and "GLMCODE_API_KEY" in record["error"]
