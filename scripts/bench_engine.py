@@ -1,17 +1,21 @@
 """Benchmark the glmcode engine against HF transformers on the same random weights.
 
-Both engines load one checkpoint of random weights (speed does not depend on the values) in
-this process, one after the other. For each engine it measures prefill tokens/s on a random
-prompt, decode tokens/s at several context lengths, and peak memory. It prints a table and
-writes JSON.
+Both engines load one checkpoint of random weights (speed does not depend on the values) into
+this process. The script measures prefill tokens/s on random prompts, decode tokens/s at
+several context lengths, and the peak memory of loading and running each engine; it prints a
+table and writes JSON. The engines take turns, run by run (prefill) and in rounds of steps (decode),
+so that a busy machine slows both alike.
 
-Decode at context C is measured on a cache that already holds C tokens of random latents,
-written straight into each engine's own cache (prefilling 16K tokens on a CPU takes minutes
-and does not change the decode cost). Each engine then decodes real steps through its normal
-decode path: ours through the absorbed attention over the paged latent cache, transformers'
-through `forward` with its DynamicCache, which re-expands every cached latent at each step.
+Decode at context C runs on a cache that already holds C tokens of random latents, written
+straight into each engine's own cache (prefilling 16K tokens on a CPU takes minutes and does
+not change the cost of a decode step). Each engine then decodes through its normal path: ours
+through absorbed attention over the paged latent cache, transformers' through `forward` with
+its DynamicCache, which re-expands every cached latent at each step.
 
-    python scripts/bench_engine.py --config small --device cpu
+    python scripts/bench_engine.py --config small --device cpu [--threads 1]
+
+`--config full` (the real shapes, 60 GB in bf16) fills our engine's weights in place instead of
+writing a checkpoint, and skips transformers, which would need a second copy.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -229,19 +234,24 @@ def measure_prefill(engines: list, args) -> None:
 
 
 def measure_decode(engines: list, contexts: list[int], args) -> None:
-    """Per context, alternate single decode steps of the engines; the first step is a warm-up."""
+    """Per context, the engines take turns in rounds of a few decode steps.
+
+    The first step of each turn is not timed: it would measure how the other engine left the
+    caches and the allocator, not this engine.
+    """
     gen = torch.Generator().manual_seed(1)
     steps = {"glmcode": args.decode_steps, "transformers": args.hf_decode_steps}
     for context in contexts:
-        decoders = [(e.result, e.decoder(context, gen), steps[e.result.name]) for e in engines]
-        times: dict[str, list[float]] = {result.name: [] for result, _, _ in decoders}
-        for index in range(max(n for _, _, n in decoders) + 1):
-            for result, decoder, n in decoders:
-                if index <= n:
+        decoders = [(e.result, e.decoder(context, gen)) for e in engines]
+        times: dict[str, list[float]] = {result.name: [] for result, _ in decoders}
+        for _ in range(args.rounds):
+            for result, decoder in decoders:
+                decoder.step()
+                for _ in range(math.ceil(steps[result.name] / args.rounds)):
                     times[result.name].append(timed(decoder.step, args.device))
-        for result, decoder, _ in decoders:
+        for result, decoder in decoders:
             decoder.close()
-            result.decode_ms[context] = 1000 * statistics.median(times[result.name][1:])
+            result.decode_ms[context] = 1000 * statistics.median(times[result.name])
             print(f"  {result.name:<13} ctx {context:>6}: {result.decode_ms[context]:8.1f} ms/token", flush=True)
         gc.collect()
 
@@ -294,6 +304,7 @@ def main() -> None:
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16, help="timed glmcode decode steps per context")
     parser.add_argument("--hf-decode-steps", type=int, default=4, help="timed transformers decode steps")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each engine takes per context")
     parser.add_argument("--skip-hf", action="store_true", help="glmcode only (e.g. --config full)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
@@ -328,7 +339,7 @@ def main() -> None:
         "load_average": os.getloadavg(),
         "torch": torch.__version__,
         "decode_context_fill": "random latents written into each engine's own cache",
-        "decode_timing": "median of single steps, the two engines' steps interleaved",
+        "decode_timing": "median of timed steps; the engines take turns in rounds, first step of a turn untimed",
         "peak_memory": "peak increase over the memory in use before loading (RSS on CPU)",
         "results": [
             {**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s()} for r in results

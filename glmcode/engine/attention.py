@@ -40,7 +40,9 @@ class SequenceSlice:
 
     rows: slice  # their rows in the pass
     first_position: int  # position of the first of them
-    spans: list[KVSpan]  # cache slots of every position up to the last of them, in order
+    # Cache slots of every position up to the last of them, in order (possibly further, to the
+    # end of a block: keys after the last query are masked).
+    spans: list[KVSpan]
 
 
 @dataclass

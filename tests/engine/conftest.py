@@ -9,8 +9,14 @@ import torch
 
 from tests.conftest import load_tiny_checkpoint_writer
 
-# Tiny models do many small ops; on a busy 2-core machine one thread avoids OpenMP contention.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    """Tiny models run many small ops; on a busy 2-core machine one thread avoids OpenMP stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # Shapes the reference checks run on: with and without q_lora, several expert counts / top-k,
 # 2 to 4 layers (layer 0 is dense, the rest MoE).
