@@ -550,6 +550,24 @@ def print_table(results: list[EngineResult], contexts: list[int], args) -> None:
             print(f"{result.name} {label}: {error}")
 
 
+def run_cpu_quant(args) -> None:
+    """The quantized CPU bench (owned by the quantization code), with this script's flags.
+
+    It always uses the real per-layer shapes (64 experts, full vocabulary); --config picks only
+    the number of layers: full 47, small 4, tiny 1.
+    """
+    spec = importlib.util.spec_from_file_location("bench_cpu_quant", ROOT / "scripts" / "bench_cpu_quant.py")
+    module = sys.modules["bench_cpu_quant"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layers = {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
+    forwarded = ["--quantization", args.quantization, "--layers", str(layers),
+                 "--contexts", ",".join(map(str, args.contexts)), "--decode-steps", str(args.decode_steps),
+                 "--prefill-tokens", str(args.prefill_tokens[0])]  # fmt: skip
+    forwarded += ["--threads", str(args.threads)] if args.threads else []
+    forwarded += ["--json", str(args.json)] if args.json else []
+    module.main(forwarded)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="glmcode engine vs HF transformers")
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
@@ -569,11 +587,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kernel-path", action="store_true", help="the CUDA path's code even on a CPU")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
+    parser.add_argument("--quantization", choices=["int4", "int4-all", "int8"], default=None,
+                        help="CPU quantized weights, random in quantized form: runs scripts/bench_cpu_quant.py")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.quantization:
+        run_cpu_quant(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     contexts = args.contexts

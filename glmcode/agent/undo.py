@@ -67,11 +67,13 @@ class Checkpoints:
 
     def undo(self) -> list[str]:
         """Restore the files of the last snapshot as they were; returns the paths that changed."""
-        if not self._stack:
-            return []
-        snapshot = self._stack.pop()
-        before = self._store.load(snapshot.id)
-        changed = self._changed(snapshot, before)
+        # Snapshots taken before a tool that changed nothing (a test run, say) restore nothing:
+        # skip them, so one undo always undoes a real change.
+        changed: set[str] = set()
+        while self._stack and not changed:
+            snapshot = self._stack.pop()
+            before = self._store.load(snapshot.id)
+            changed = self._changed(snapshot, before)
         for path in sorted(changed, key=lambda p: before.get(p) is not None):  # removals first
             self._restore(path, before.get(path))
         return sorted(changed)

@@ -16,6 +16,7 @@ import torch
 
 from glmcode.engine.attention import KVSpan
 from glmcode.engine.config import ModelConfig
+from glmcode.engine.quant import Int8LatentCache
 
 
 @dataclass
@@ -44,21 +45,31 @@ class Block:
 class KVCache:
     """Latents of all layers: data[layer] is a flat [num_blocks * block_size, 576] slot array."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device, int8: bool = False):
+        """int8: store latents as int8 with per-token scales (quant.Int8LatentCache per layer)."""
         self.block_size = block_size
         self.num_blocks = num_blocks
         slots = num_blocks * block_size
-        # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
-        # last block must hold finite values (0 * NaN would poison the attention output).
-        self.data = torch.zeros(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
+        if int8:
+            self.data = [
+                Int8LatentCache(slots, config.kv_cache_dim, config.kv_lora_rank, dtype, device)
+                for _ in range(config.num_hidden_layers)
+            ]
+        else:
+            # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
+            # last block must hold finite values (0 * NaN would poison the attention output).
+            self.data = torch.zeros(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
         # A float8 cache (the CUDA path's option) keeps one float32 scale per token and layer.
         self.scales = None
         if dtype == torch.float8_e4m3fn:
             self.scales = torch.zeros(config.num_hidden_layers, slots, dtype=torch.float32, device=device)
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        per_token = config.kv_cache_dim * torch.empty(0, dtype=dtype).element_size()
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, int8: bool = False) -> int:
+        if int8:
+            per_token = Int8LatentCache.bytes_per_token(config.kv_cache_dim)
+        else:
+            per_token = config.kv_cache_dim * torch.empty(0, dtype=dtype).element_size()
         if dtype == torch.float8_e4m3fn:
             per_token += 4  # its scale
         return config.num_hidden_layers * block_size * per_token

@@ -23,6 +23,7 @@ from glmcode.engine.config import ModelConfig, resolve_dtype
 from glmcode.engine.cuda_runner import CudaRunner
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
+from glmcode.engine.quant_model import is_quantized_checkpoint, load_quantized_model
 from glmcode.engine.sampler import Sampler, SamplingParams
 from glmcode.engine.tokenizer import IncrementalDecoder, Tokenizer
 from glmcode.errors import ContextOverflow, UsageError
@@ -85,20 +86,19 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         quantization: str | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str | None = None,
         block_size: int | None = None,
         max_num_seqs: int = 8,
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
         progress: bool = True,
-        kv_cache_dtype: str | None = None,
         kernel_path: bool | None = None,
     ):
-        """kv_cache_dtype: None (the model dtype) or "fp8" (float8 latents with per-token scales,
-        half the memory; kernel path only). kernel_path: run prefill and decode through the GPU
-        kernels (cuda_runner); None means on CUDA devices only. True on a CPU runs that same code
-        through the kernels' PyTorch references, which is how the tests check it."""
-        if quantization is not None:
-            raise UsageError(f"quantization {quantization!r} is not supported by this engine build")
+        """kv_cache_dtype: None (the model dtype), "int8" (int8 latents with per-token scales; CPU
+        path) or "fp8" (float8 latents with per-token scales; kernel path). kernel_path: run
+        prefill and decode through the GPU kernels (cuda_runner); None means on CUDA devices only.
+        True on a CPU runs that same code through the kernels' PyTorch references, which is how
+        the tests check it."""
         self.device = torch.device(device)
         self.kernel_path = self.device.type == "cuda" if kernel_path is None else kernel_path
         self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.kernel_path)
@@ -106,8 +106,13 @@ class LLM:
         self.tokenizer = Tokenizer(model_dir)
         self.dtype = resolve_dtype(dtype, self.config)
         self.kv_cache_dtype = self.kv_cache_dtype or self.dtype
-        self.model: GlmMoeLite = build_model(self.config, self.dtype, self.device)
-        load_checkpoint(self.model, model_dir, progress=progress)
+        if quantization is not None or is_quantized_checkpoint(model_dir):
+            self.model: GlmMoeLite = load_quantized_model(
+                self.config, model_dir, dtype=self.dtype, device=self.device, quantization=quantization, progress=progress
+            )
+        else:
+            self.model = build_model(self.config, self.dtype, self.device)
+            load_checkpoint(self.model, model_dir, progress=progress)
 
         on_cpu = self.device.type == "cpu"
         self.block_size = block_size or (256 if on_cpu else 64)
@@ -115,11 +120,13 @@ class LLM:
         # Attention scores of one context piece are kept under this many elements.
         self.max_score_elements = 1 << 24
         self.max_num_seqs = max_num_seqs
+        self.kv_int8 = kv_cache_dtype == "int8"
         num_blocks = self._plan_num_blocks(kv_cache_memory)
         # The kernel path gets one block more than the manager hands out: the scratch block that
         # the padded rows of a CUDA-graph batch write to.
         cache_blocks = num_blocks + 1 if self.kernel_path else num_blocks
-        self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, self.kv_cache_dtype, self.device)
+        self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, self.kv_cache_dtype, self.device,
+                                int8=self.kv_int8)  # fmt: skip
         self.blocks = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.max_context = min(self.config.max_position_embeddings, num_blocks * self.block_size)
         self.runner: CudaRunner | None = None
@@ -344,7 +351,7 @@ class LLM:
 
     def _plan_num_blocks(self, kv_cache_memory: int | None) -> int:
         """Blocks for the whole model context, or as many as the memory budget allows."""
-        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.kv_cache_dtype)
+        per_block = KVCache.bytes_per_block(self.config, self.block_size, self.kv_cache_dtype, int8=self.kv_int8)
         full_context = self.config.max_position_embeddings + self.block_size - 1
         wanted = (full_context + self.block_size - 1) // self.block_size
         budget = kv_cache_memory if kv_cache_memory is not None else self._default_kv_memory()
@@ -362,13 +369,13 @@ class LLM:
 
 def _kv_cache_dtype(name: str | None, kernel_path: bool) -> torch.dtype | None:
     """The cache's storage dtype for a kv_cache_dtype option; None means the model's dtype."""
-    if name is None:
-        return None
-    if name != "fp8":
-        raise UsageError(f"unsupported kv_cache_dtype {name!r}; use fp8 or leave it unset")
-    if not kernel_path:
+    if name not in (None, "int8", "fp8"):
+        raise UsageError(f"unsupported kv_cache_dtype {name!r}; use int8 (CPU), fp8 (CUDA) or leave it unset")
+    if name == "fp8" and not kernel_path:
         raise UsageError("kv_cache_dtype='fp8' needs the CUDA kernel path (device='cuda')")
-    return torch.float8_e4m3fn
+    if name == "int8" and kernel_path:
+        raise UsageError("kv_cache_dtype='int8' is for the CPU path; on CUDA use fp8")
+    return torch.float8_e4m3fn if name == "fp8" else None
 
 
 def _available_memory() -> int:

@@ -202,7 +202,7 @@ def test_generation_stops_at_the_end_of_the_context(tiny_checkpoint):
 
 def test_bad_arguments_are_usage_errors(tiny_checkpoint, llm):
     with pytest.raises(UsageError, match="quantization"):
-        LLM(tiny_checkpoint, quantization="int4", progress=False)
+        LLM(tiny_checkpoint, quantization="int3", progress=False)
     with pytest.raises(UsageError, match="dtype"):
         LLM(tiny_checkpoint, dtype="float64", progress=False)
     with pytest.raises(UsageError, match="outside the vocabulary"):

@@ -169,3 +169,14 @@ def test_a_workspace_in_a_subdirectory_of_a_repo_keeps_git_status_clean(repo: Pa
     run_checkpointed(checkpoints, ws, "run_command", command="echo extra >> app.py")
     assert checkpoints.undo() == ["app.py"]
     assert user_git_state(repo) == before
+
+
+def test_undo_skips_snapshots_that_would_change_nothing(repo: Path) -> None:
+    checkpoints = Checkpoints(Workspace(repo))
+    checkpoints.snapshot("edit", ["README.md"])
+    (repo / "README.md").write_text("# edited\n")
+    checkpoints.snapshot("test run")  # a command that then changed nothing
+
+    assert checkpoints.undo() == ["README.md"]
+    assert (repo / "README.md").read_text() == "# demo\n"
+    assert not checkpoints.can_undo

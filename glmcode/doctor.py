@@ -1,0 +1,154 @@
+"""`glmcode doctor`: is this machine ready to run GLM-4.7-Flash, and if not, what to do.
+
+Each check is one line: a verdict, what was found, and the fix when something is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmcode.settings import Settings
+from glmcode.weights import checkpoint_problems
+
+# Weight bytes of the full model per precision (29.9 B parameters without the MTP layer; int4 is
+# group-128 experts with int8 attention/dense weights, see reference/engine-notes.md), plus what
+# the runtime needs on top for activations and a modest KV cache.
+WEIGHT_BYTES = {"bfloat16": 60.0e9, "int8": 31.0e9, "int4": 17.3e9}
+RUNTIME_HEADROOM_BYTES = 2.5e9
+REMOTE_KEY_VARIABLES = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
+
+
+@dataclass(frozen=True)
+class Check:
+    verdict: str  # "ok" | "warn" | "fail"
+    found: str
+    fix: str = ""
+    provides_model: bool = False  # passing means glmcode has a model to talk to
+
+    def line(self) -> str:
+        mark = {"ok": "✓", "warn": "!", "fail": "✗"}[self.verdict]
+        return f"{mark} {self.found}" + (f" — {self.fix}" if self.fix else "")
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+def memory_bytes() -> tuple[int | None, int | None]:
+    """(total, available) RAM from /proc/meminfo; None where the platform does not say."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        return None, None
+
+    def kib(name: str) -> int | None:
+        return int(fields[name].split()[0]) * 1024 if name in fields else None
+
+    return kib("MemTotal"), kib("MemAvailable")
+
+
+def check_python() -> Check:
+    return Check("ok", f"Python {platform.python_version()}")
+
+
+def check_torch() -> tuple[list[Check], int | None]:
+    """Torch and CUDA checks, and the GPU memory in bytes (None without CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        fix = "pip install torch (the CPU build: --index-url https://download.pytorch.org/whl/cpu)"
+        return [Check("fail", "torch is not installed", fix)], None
+    checks = [Check("ok", f"torch {torch.__version__}")]
+    if not torch.cuda.is_available():
+        checks.append(Check("warn", "no CUDA GPU: the local engine runs on the CPU (a few tokens/s)",
+                            "use --quantization int4 on CPU, or --remote for speed"))
+        return checks, None
+    name = torch.cuda.get_device_name(0)
+    total = torch.cuda.get_device_properties(0).total_memory
+    checks.append(Check("ok", f"CUDA {torch.version.cuda}: {name}, {_gb(total)} GPU memory"))
+    return checks, total
+
+
+def check_memory(total: int | None, available: int | None) -> Check:
+    if total is None:
+        return Check("warn", "cannot read this machine's memory size")
+    return Check("ok", f"RAM {_gb(total)} total, {_gb(available or 0)} available")
+
+
+def check_precisions(ram_available: int | None, gpu_memory: int | None) -> list[Check]:
+    """Which weight precisions fit where; the largest memory decides."""
+    where, memory = ("GPU", gpu_memory) if gpu_memory else ("RAM", ram_available)
+    if memory is None:
+        return [Check("warn", "cannot tell which precisions fit (memory size unknown)")]
+    checks = []
+    for precision, weights in WEIGHT_BYTES.items():
+        needed = weights + RUNTIME_HEADROOM_BYTES
+        flag = "" if precision == "bfloat16" else f" (--quantization {precision})"
+        if needed <= memory:
+            checks.append(Check("ok", f"{precision}{flag} fits in {where}: needs ~{_gb(needed)} of {_gb(memory)}"))
+        else:
+            found = f"{precision} does not fit in {where}: needs ~{_gb(needed)}, {_gb(memory)} there"
+            checks.append(Check("warn", found, "pick a smaller precision or use --remote"))
+    return checks
+
+
+def check_model(settings: Settings) -> Check:
+    model_dir = settings.model_dir()
+    source = settings.sources.get("model", "default")
+    if not model_dir.exists():
+        return Check("fail", f"no model at {model_dir} ({source})",
+                     "run `glmcode model pull`, pass --model DIR, or use --remote")
+    problems = checkpoint_problems(model_dir)
+    if problems:
+        return Check("fail", f"model at {model_dir} is incomplete: {'; '.join(problems)}",
+                     "re-run `glmcode model pull` (it resumes) or point --model at a complete checkpoint")
+    return Check("ok", f"model found at {model_dir}", provides_model=True)
+
+
+def check_remote_key(settings: Settings, env: Mapping[str, str]) -> Check:
+    present = [name for name in REMOTE_KEY_VARIABLES if env.get(name)]
+    if settings.api_key:
+        present.append(f"api_key in {settings.sources.get('api_key')}")
+    if present:
+        return Check("ok", f"remote API key set ({', '.join(present)})", provides_model=True)
+    return Check("warn", "no remote API key set",
+                 "for --remote, export ZHIPUAI_API_KEY (open.bigmodel.cn) or ZAI_API_KEY (z.ai)")
+
+
+def check_optional_tools() -> list[Check]:
+    checks = []
+    if shutil.which("git"):
+        checks.append(Check("ok", "git found (undo checkpoints, diffs)"))
+    else:
+        checks.append(Check("warn", "git not found", "install git for /undo and /diff"))
+    if importlib.util.find_spec("huggingface_hub"):
+        checks.append(Check("ok", "huggingface_hub installed (`glmcode model pull` works)"))
+    else:
+        fix = 'pip install "glmcode[pull]" to use `glmcode model pull`'
+        checks.append(Check("warn", "huggingface_hub not installed", fix))
+    return checks
+
+
+def run_checks(settings: Settings, env: Mapping[str, str] = os.environ) -> list[Check]:
+    total, available = memory_bytes()
+    torch_checks, gpu_memory = check_torch()
+    return [
+        check_python(),
+        *torch_checks,
+        check_memory(total, available),
+        *check_precisions(available, gpu_memory),
+        check_model(settings),
+        check_remote_key(settings, env),
+        *check_optional_tools(),
+    ]
+
+
+def can_run_something(checks: list[Check]) -> bool:
+    """A usable model exists: local weights, or a remote key."""
+    return any(check.verdict == "ok" and check.provides_model for check in checks)

@@ -1,0 +1,388 @@
+// int8-activation x int4/int8-weight matrix products for x86 CPUs with AVX-512 VNNI.
+//
+// y[m, n] = sum_k x[m, k] * w[n, k]. Activations are quantized on the fly to int8, one scale
+// per row and group of `group` inputs; the integer dot products run on VPDPBUSD (u8 x s8 -> s32)
+// and each group's sum is scaled into a float accumulator.
+//
+// Weight layouts, made by cpu_quant.py, tile 16 output rows so one 64-byte vector holds 4 (int8)
+// or 8 (int4) inputs of 16 rows and one broadcast activation word feeds all 16 rows at once:
+//   int4: packed [N/16, K/8, 64] u8, byte 4*j+i = q[16t+j, 8b+i] | q[16t+j, 8b+4+i] << 4,
+//         w = (q - 8) * scale + zero, scales/zeros [N/16, K/group, 16] bf16.
+//   int8: packed [N/16, K/4, 64] s8, byte 4*j+i = w[16t+j, 4b+i]; scales [N] f32;
+//         sums [N/16, K/group, 16] s32 = sum of w over each group (undoes the +128 that makes
+//         the activations unsigned).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kTile = 16;
+constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight tile
+
+struct QuantizedRows {
+  std::vector<int8_t> values;  // [M, K]
+  std::vector<float> scales;   // [M, G]
+  std::vector<int32_t> sums;   // [M, G]
+};
+
+template <typename T>
+float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRows& out) {
+  const int64_t G = K / group;
+  out.values.resize(M * K);
+  out.scales.resize(M * G);
+  out.sums.resize(M * G);
+  at::parallel_for(0, M * G, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(group);
+    for (int64_t mg = begin; mg < end; ++mg) {
+      const int64_t m = mg / G, g = mg % G;
+      const T* src = x + m * K + g * group;
+      float amax = 0.f;
+      for (int64_t i = 0; i < group; ++i) {
+        buf[i] = to_float(src[i]);
+        amax = std::max(amax, std::fabs(buf[i]));
+      }
+      const float scale = amax > 0.f ? amax / 127.f : 1.f;
+      const float inv = 1.f / scale;
+      int8_t* dst = out.values.data() + m * K + g * group;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < group; ++i) {
+        const int32_t q = static_cast<int32_t>(std::nearbyint(buf[i] * inv));
+        dst[i] = static_cast<int8_t>(q);
+        sum += q;
+      }
+      out.scales[mg] = scale;
+      out.sums[mg] = sum;
+    }
+  });
+}
+
+inline __m512 load_bf16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m512i broadcast_word(const int8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, 4);
+  return _mm512_set1_epi32(word);
+}
+
+template <typename Out>
+inline void store_row(Out* dst, __m512 v) {
+  alignas(64) float tmp[kTile];
+  _mm512_store_ps(tmp, v);
+  for (int j = 0; j < kTile; ++j) dst[j] = static_cast<Out>(tmp[j]);
+}
+
+template <>
+inline void store_row<float>(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
+
+// One tile of 16 output rows for MB activation rows starting at m0.
+template <int MB, typename Out>
+void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
+               const QuantizedRows& x, int64_t m0, int64_t K, int64_t group, Out* y, int64_t N,
+               int64_t tile) {
+  const int64_t G = K / group;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m512 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    // Four independent accumulator chains per row: one chain would wait on VPDPBUSD latency.
+    __m512i dot[MB][4];
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
+    const uint8_t* wg = w + g * (group / 8) * 64;
+    for (int64_t b = 0; b < group / 8; b += 2) {  // group is a multiple of 32: b pairs exist
+      const __m512i v0 = _mm512_loadu_si512(wg + b * 64);
+      const __m512i v1 = _mm512_loadu_si512(wg + (b + 1) * 64);
+      const __m512i lo0 = _mm512_and_si512(v0, low_nibbles);
+      const __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low_nibbles);
+      const __m512i lo1 = _mm512_and_si512(v1, low_nibbles);
+      const __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low_nibbles);
+      for (int r = 0; r < MB; ++r) {
+        const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 8;
+        dot[r][0] = _mm512_dpbusd_epi32(dot[r][0], lo0, broadcast_word(xp));
+        dot[r][1] = _mm512_dpbusd_epi32(dot[r][1], hi0, broadcast_word(xp + 4));
+        dot[r][2] = _mm512_dpbusd_epi32(dot[r][2], lo1, broadcast_word(xp + 8));
+        dot[r][3] = _mm512_dpbusd_epi32(dot[r][3], hi1, broadcast_word(xp + 12));
+      }
+    }
+    const __m512 s = load_bf16(scales + g * kTile);
+    const __m512 z = load_bf16(zeros + g * kTile);
+    for (int r = 0; r < MB; ++r) {
+      const int64_t mg = (m0 + r) * G + g;
+      const float xs = x.scales[mg];
+      const int32_t xsum = x.sums[mg];
+      // group term = xs * (s * (dot - 8 * xsum) + z * xsum)
+      const __m512i total = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, _mm512_set1_epi32(8 * xsum)));
+      acc[r] = _mm512_fmadd_ps(d, _mm512_mul_ps(s, _mm512_set1_ps(xs)), acc[r]);
+      acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs * static_cast<float>(xsum)), acc[r]);
+    }
+  }
+  for (int r = 0; r < MB; ++r) store_row(y + (m0 + r) * N + tile * kTile, acc[r]);
+}
+
+template <int MB, typename Out>
+void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const QuantizedRows& x,
+               int64_t m0, int64_t K, int64_t group, Out* y, int64_t N, int64_t tile) {
+  const int64_t G = K / group;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i dot[MB][4];
+    for (int r = 0; r < MB; ++r)
+      for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
+    const int8_t* wg = w + g * (group / 4) * 64;
+    // x + 128 as unsigned: flipping the sign bit of each activation byte
+    auto step = [&](int64_t b, int chain) {
+      const __m512i v = _mm512_loadu_si512(wg + b * 64);
+      for (int r = 0; r < MB; ++r) {
+        const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 4;
+        dot[r][chain] = _mm512_dpbusd_epi32(dot[r][chain], _mm512_xor_si512(broadcast_word(xp), bias), v);
+      }
+    };
+    int64_t b = 0;
+    for (; b + 4 <= group / 4; b += 4) {
+      step(b, 0);
+      step(b + 1, 1);
+      step(b + 2, 2);
+      step(b + 3, 3);
+    }
+    for (; b < group / 4; ++b) step(b, 0);
+    const __m512i wsum128 = _mm512_slli_epi32(
+        _mm512_loadu_si512(sums + g * kTile), 7);
+    for (int r = 0; r < MB; ++r) {
+      const float xs = x.scales[(m0 + r) * G + g];
+      const __m512i total = _mm512_add_epi32(_mm512_add_epi32(dot[r][0], dot[r][1]), _mm512_add_epi32(dot[r][2], dot[r][3]));
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, wsum128));
+      acc[r] = _mm512_fmadd_ps(d, _mm512_set1_ps(xs), acc[r]);
+    }
+  }
+  const __m512 s = _mm512_loadu_ps(scales + tile * kTile);
+  for (int r = 0; r < MB; ++r) store_row(y + (m0 + r) * N + tile * kTile, _mm512_mul_ps(acc[r], s));
+}
+
+template <typename TileFn>
+void for_each_tile(int64_t M, int64_t tiles, TileFn fn) {
+  // Threads split the output rows; each thread walks its weight tiles once for all of M.
+  const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t m0 = 0;
+      for (; m0 + kMaxRows <= M; m0 += kMaxRows) fn(std::integral_constant<int, kMaxRows>{}, m0, t);
+      switch (M - m0) {
+        case 3: fn(std::integral_constant<int, 3>{}, m0, t); break;
+        case 2: fn(std::integral_constant<int, 2>{}, m0, t); break;
+        case 1: fn(std::integral_constant<int, 1>{}, m0, t); break;
+        default: break;
+      }
+    }
+  });
+}
+
+QuantizedRows quantize_input(const at::Tensor& x, int64_t group) {
+  QuantizedRows q;
+  const int64_t M = x.size(0), K = x.size(1);
+  if (x.scalar_type() == at::kBFloat16) {
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, group, q);
+  } else {
+    quantize_rows(x.data_ptr<float>(), M, K, group, q);
+  }
+  return q;
+}
+
+void check_input(const at::Tensor& x, int64_t K, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, ", K, "]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x must be bfloat16 or float32");
+  TORCH_CHECK(group % 8 == 0 && K % group == 0, "group must divide K and be a multiple of 8");
+}
+
+at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros, int64_t group) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t tiles = packed.size(0), K = packed.size(1) * 8, N = tiles * kTile, M = x.size(0);
+  check_input(x, K, group);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.size(2) == 64, "packed must be uint8 [N/16, K/8, 64]");
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16, "scales/zeros must be bfloat16");
+  TORCH_CHECK(group % 32 == 0, "int4 groups must be a multiple of 32");
+  const QuantizedRows q = quantize_input(x, group);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const at::BFloat16* s = scales.data_ptr<at::BFloat16>();
+  const at::BFloat16* z = zeros.data_ptr<at::BFloat16>();
+  const int64_t G = K / group;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_linear", [&] {
+    scalar_t* out = y.data_ptr<scalar_t>();
+    for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
+      int4_tile<decltype(mb)::value>(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, m0, K,
+                                     group, out, N, t);
+    });
+  });
+  return y;
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& sums, int64_t group) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t tiles = packed.size(0), K = packed.size(1) * 4, N = tiles * kTile, M = x.size(0);
+  check_input(x, K, group);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.size(2) == 64, "packed must be int8 [N/16, K/4, 64]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && sums.scalar_type() == at::kInt, "scales f32, sums int32");
+  const QuantizedRows q = quantize_input(x, group);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  const int32_t* ws = sums.data_ptr<int32_t>();
+  const int64_t G = K / group;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
+    scalar_t* out = y.data_ptr<scalar_t>();
+    for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
+      int8_tile<decltype(mb)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out, N, t);
+    });
+  });
+  return y;
+}
+
+// One token through k routed experts with int4 weights stacked per layer, in one call:
+// gate_up for all k experts, silu(gate) * up, down for all k, then the weighted sum.
+// gate_up: packed [E, N1/16, H/8, 64], scales/zeros [E, N1/16, H/g1, 16] (N1 = 2 * I);
+// down:    packed [E, H/16, I/8, 64], scales/zeros [E, H/16, I/g2, 16].
+at::Tensor int4_moe_token(const at::Tensor& x_in, const at::Tensor& expert_ids, const at::Tensor& expert_weights,
+                          const at::Tensor& up_packed, const at::Tensor& up_scales, const at::Tensor& up_zeros,
+                          int64_t up_group, const at::Tensor& down_packed, const at::Tensor& down_scales,
+                          const at::Tensor& down_zeros, int64_t down_group) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor ids = expert_ids.to(at::kLong).contiguous();
+  const at::Tensor route = expert_weights.to(at::kFloat).contiguous();
+  const int64_t k = ids.numel(), H = x.size(1);
+  const int64_t up_tiles = up_packed.size(1), N1 = up_tiles * kTile, I = N1 / 2;
+  const int64_t down_tiles = down_packed.size(1), Kd = down_packed.size(2) * 8;
+  check_input(x, up_packed.size(2) * 8, up_group);
+  TORCH_CHECK(x.size(0) == 1, "int4_moe_token takes one token");
+  TORCH_CHECK(Kd == I && down_tiles * kTile == H, "down_proj shape does not match gate_up_proj");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t up_G = H / up_group, down_G = I / down_group;
+
+  // gate_up of every selected expert, one job per (expert, tile)
+  const QuantizedRows qx = quantize_input(x, up_group);
+  std::vector<float> gate_up(k * N1);
+  at::parallel_for(0, k * up_tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t e = id[job / up_tiles], t = job % up_tiles;
+      const int64_t tile_bytes = (H / 8) * 64, tile_groups = up_G * kTile;
+      int4_tile<1>(up_packed.data_ptr<uint8_t>() + (e * up_tiles + t) * tile_bytes,
+                   up_scales.data_ptr<at::BFloat16>() + (e * up_tiles + t) * tile_groups,
+                   up_zeros.data_ptr<at::BFloat16>() + (e * up_tiles + t) * tile_groups, qx, 0, H, up_group,
+                   gate_up.data() + (job / up_tiles) * N1, N1, t);
+    }
+  });
+  std::vector<float> hidden(k * I);
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = gate_up[r * N1 + i], u = gate_up[r * N1 + I + i];
+      hidden[r * I + i] = g / (1.f + std::exp(-g)) * u;
+    }
+  }
+  QuantizedRows qh;
+  quantize_rows(hidden.data(), k, I, down_group, qh);
+
+  std::vector<float> down(k * H);
+  at::parallel_for(0, k * down_tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t r = job / down_tiles, e = id[r], t = job % down_tiles;
+      const int64_t tile_bytes = (I / 8) * 64, tile_groups = down_G * kTile;
+      int4_tile<1>(down_packed.data_ptr<uint8_t>() + (e * down_tiles + t) * tile_bytes,
+                   down_scales.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups,
+                   down_zeros.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups, qh, r, I, down_group,
+                   down.data(), H, t);
+    }
+  });
+  at::Tensor out = at::zeros({1, H}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const float* w = route.data_ptr<float>();
+  for (int64_t r = 0; r < k; ++r)
+    for (int64_t h = 0; h < H; ++h) o[h] += w[r] * down[r * H + h];
+  return out.to(x.scalar_type());
+}
+
+// Portable nibbles [N, K/2] (even k in the low nibble) to the int4 tile layout; rows past N
+// (padding up to a multiple of 16) get q = 8, i.e. zero weights with zero scales.
+at::Tensor pack_int4_nibbles(const at::Tensor& nibbles_in) {
+  const at::Tensor nibbles = nibbles_in.contiguous();
+  TORCH_CHECK(nibbles.scalar_type() == at::kByte && nibbles.dim() == 2, "nibbles must be uint8 [N, K/2]");
+  const int64_t N = nibbles.size(0), half_k = nibbles.size(1);
+  TORCH_CHECK(half_k % 4 == 0, "K must be a multiple of 8");
+  const int64_t tiles = (N + kTile - 1) / kTile, blocks = half_k / 4;
+  at::Tensor packed = at::empty({tiles, blocks, 64}, nibbles.options());
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(nibbles.data_ptr<uint8_t>());
+  uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<uint8_t>());
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int j = 0; j < kTile; ++j) {
+        const int64_t row = t * kTile + j;
+        for (int64_t b = 0; b < blocks; ++b) {
+          // v holds q[8b .. 8b+7] two per byte; the output word holds q[8b+i] | q[8b+4+i] << 4.
+          const uint32_t v = row < N ? src[row * blocks + b] : 0x88888888u;
+          dst[(t * blocks + b) * kTile + j] =
+              (v & 0xFu) | ((v << 4) & 0xF00u) | ((v << 8) & 0xF0000u) | ((v << 12) & 0xF000000u) |
+              ((v >> 12) & 0xF0u) | ((v >> 8) & 0xF000u) | ((v >> 4) & 0xF00000u) | (v & 0xF0000000u);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// int8 values [N, K] to the int8 tile layout, and the per-group sums [N/16, K/group, 16].
+std::vector<at::Tensor> pack_int8_values(const at::Tensor& values_in, int64_t group) {
+  const at::Tensor values = values_in.contiguous();
+  TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2, "values must be int8 [N, K]");
+  const int64_t N = values.size(0), K = values.size(1);
+  TORCH_CHECK(K % group == 0 && group % 4 == 0, "group must divide K and be a multiple of 4");
+  const int64_t tiles = (N + kTile - 1) / kTile, blocks = K / 4, G = K / group;
+  at::Tensor packed = at::zeros({tiles, blocks, 64}, values.options());
+  at::Tensor sums = at::zeros({tiles, G, kTile}, values.options().dtype(at::kInt));
+  const int8_t* src = values.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* sum = sums.data_ptr<int32_t>();
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int j = 0; j < kTile && t * kTile + j < N; ++j) {
+        const int8_t* row = src + (t * kTile + j) * K;
+        for (int64_t b = 0; b < blocks; ++b) std::memcpy(dst + (t * blocks + b) * 64 + j * 4, row + b * 4, 4);
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t total = 0;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) total += row[k];
+          sum[(t * G + g) * kTile + j] = total;
+        }
+      }
+    }
+  });
+  return {packed, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(glmcode_cpu, m) {
+  m.def("pack_int4_nibbles(Tensor nibbles) -> Tensor", &pack_int4_nibbles);
+  m.def("int4_moe_token(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor up_packed, Tensor up_scales, "
+        "Tensor up_zeros, int up_group, Tensor down_packed, Tensor down_scales, Tensor down_zeros, int down_group) "
+        "-> Tensor", &int4_moe_token);
+  m.def("pack_int8_values(Tensor values, int group) -> Tensor[]", &pack_int8_values);
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor", &int4_linear);
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear);
+}

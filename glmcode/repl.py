@@ -1,0 +1,297 @@
+"""`glmcode chat`: the prompt-toolkit input loop and its slash commands.
+
+Input: Enter sends. Esc then Enter (or Alt+Enter) inserts a new line, and so does a line that
+ends with a backslash. `@path` attaches a file from the repository; Tab completes paths after
+`@` and slash commands. Ctrl-C stops the current answer (a second Ctrl-C leaves); at an empty
+prompt Ctrl-C twice, Ctrl-D or /exit leaves.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit import prompt as ask_line
+from prompt_toolkit.completion import Completer, Completion, PathCompleter, WordCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import HTML
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings
+from rich.console import Console
+from rich.text import Text
+
+from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
+from glmcode.launch import (
+    backend_label,
+    build_agent,
+    changes_diff,
+    ctrl_c_cancels,
+    describe_failure,
+    model_label,
+    open_backend,
+    open_session,
+)
+from glmcode.settings import APPROVAL_MODES, Settings, data_home
+
+SLASH_COMMANDS = {
+    "/help": "this list",
+    "/think": "on|off: thinking before answers; show|hide: full or one-line display; alone: expand the last thinking",
+    "/mode": "plan|ask|auto-edit|yolo: what needs your approval",
+    "/diff": "changes made in this session",
+    "/undo": "revert the last change the agent made",
+    "/clear": "start the conversation afresh (files stay as they are)",
+    "/compact": "summarize the conversation to free context",
+    "/model": "the model and backend in use",
+    "/tokens": "context and token usage",
+    "/sessions": "saved sessions for this repository",
+    "/exit": "leave (also Ctrl-D)",
+}
+_SLASH_ARGUMENTS = {"/think": ["on", "off", "show", "hide"], "/mode": list(APPROVAL_MODES)}
+_ATTACHMENT = re.compile(r"(?<!\S)@(\S+)")
+MAX_ATTACHMENT_BYTES = 256_000
+
+
+# --- input helpers -------------------------------------------------------------------------------
+
+def expand_attachments(text: str, repo: Path) -> tuple[str, list[str]]:
+    """Append the files named as `@path` (inside the repo) to the message; returns (message, attached)."""
+    attached: list[str] = []
+    blocks: list[str] = []
+    root = repo.resolve()
+    for name in dict.fromkeys(_ATTACHMENT.findall(text)):
+        path = (root / name).resolve()
+        if not path.is_file() or not path.is_relative_to(root):
+            continue
+        content = path.read_bytes()[:MAX_ATTACHMENT_BYTES].decode("utf-8", errors="replace")
+        blocks.append(f"Attached file {name}:\n```\n{content.rstrip()}\n```")
+        attached.append(name)
+    return ("\n\n".join([text, *blocks]) if blocks else text), attached
+
+
+class ReplCompleter(Completer):
+    """Slash commands and their arguments; repository paths after `@`."""
+
+    def __init__(self, repo: Path) -> None:
+        self.paths = PathCompleter(get_paths=lambda: [str(repo)], expanduser=False)
+        self.commands = WordCompleter(list(SLASH_COMMANDS), sentence=True)
+
+    def get_completions(self, document: Document, complete_event: Any) -> Iterable[Completion]:
+        before = document.text_before_cursor
+        if before.startswith("/") and " " not in before:
+            yield from self.commands.get_completions(document, complete_event)
+            return
+        command, _, argument = before.partition(" ")
+        if command in _SLASH_ARGUMENTS and " " not in argument:
+            for choice in _SLASH_ARGUMENTS[command]:
+                if choice.startswith(argument):
+                    yield Completion(choice, start_position=-len(argument))
+            return
+        word = document.get_word_before_cursor(WORD=True)
+        if word.startswith("@"):
+            inner = Document(word[1:], len(word) - 1)
+            yield from self.paths.get_completions(inner, complete_event)
+
+
+def _key_bindings() -> KeyBindings:
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _send_or_continue(event: Any) -> None:
+        buffer = event.current_buffer
+        if buffer.document.text_before_cursor.endswith("\\"):
+            buffer.delete_before_cursor(1)
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _new_line(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+@dataclass
+class Repl:
+    settings: Settings
+    repo: Path
+    parts: Any  # launch.AgentParts
+    backend_name: str
+    stats: RunStats
+    renderer: TerminalRenderer
+    console: Console
+    read_input: Callable[[], str]
+    _done: bool = field(default=False, init=False)
+    _cancel: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def stop_current(self) -> None:
+        """Stop the answer in progress (Ctrl-C at an approval prompt)."""
+        self._cancel.set()
+
+    def loop(self) -> int:
+        """Read and answer until the user leaves; returns the exit code."""
+        interrupted_once = False
+        while not self._done:
+            try:
+                text = self.read_input()
+            except KeyboardInterrupt:
+                if interrupted_once:
+                    return 0
+                interrupted_once = True
+                self.console.print(Text("(Ctrl-C again, Ctrl-D or /exit to leave)", style="dim"))
+                continue
+            except EOFError:
+                return 0
+            interrupted_once = False
+            text = text.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                self.slash(text)
+            else:
+                self.send(text)
+        return 0
+
+    def send(self, text: str) -> None:
+        message, attached = expand_attachments(text, self.repo)
+        if attached:
+            self.console.print(Text(f"attached: {', '.join(attached)}", style="dim"))
+        self._cancel = threading.Event()
+        stop_note = lambda: self.console.print(Text("\nstopping… (Ctrl-C again to leave)", style="yellow"))
+        with ctrl_c_cancels(self._cancel, on_first=stop_note):
+            result = self.parts.agent.run(message, cancel=self._cancel)
+        self.renderer.pause()
+        problem = describe_failure(result)
+        if problem and result.status != "cancelled":
+            self.console.print(Text(problem, style="bold red" if result.status == "error" else "yellow"))
+        self.console.print(Text(self.stats.status_line(), style="dim"))
+
+    # slash commands
+
+    def slash(self, line: str) -> None:
+        command, _, argument = line.partition(" ")
+        handler = getattr(self, "cmd_" + command[1:], None)
+        if handler is None:
+            self.console.print(Text(f"unknown command {command}; /help lists them", style="yellow"))
+            return
+        handler(argument.strip())
+
+    def say(self, text: str, style: str = "") -> None:
+        self.console.print(Text(text, style=style))
+
+    def cmd_help(self, argument: str) -> None:
+        for command, description in SLASH_COMMANDS.items():
+            self.say(f"{command:<10} {description}")
+        self.say("Enter sends; Esc Enter or a trailing \\ adds a line; @path attaches a file; "
+                 "Ctrl-C stops an answer; Ctrl-D leaves.", "dim")
+
+    def cmd_think(self, argument: str) -> None:
+        if argument in ("on", "off"):
+            self.parts.agent.set_thinking(argument == "on")
+            self.say(f"thinking {argument}")
+        elif argument in ("show", "hide"):
+            self.renderer.show_thinking = argument == "show"
+            self.say(f"thinking display: {'full' if argument == 'show' else 'one line'}")
+        elif not argument:
+            reasoning = self.renderer.last_reasoning.strip()
+            self.say(reasoning if reasoning else "no thinking in the last answer", "dim italic")
+        else:
+            self.say("usage: /think on|off|show|hide", "yellow")
+
+    def cmd_mode(self, argument: str) -> None:
+        from glmcode.agent.approval import ApprovalMode
+
+        if argument not in APPROVAL_MODES:
+            self.say(f"mode: {self.parts.approver.mode.value} (choose from {', '.join(APPROVAL_MODES)})")
+            return
+        self.parts.approver.mode = ApprovalMode(argument)
+        self.say(f"mode: {argument}")
+
+    def cmd_diff(self, argument: str) -> None:
+        diff = changes_diff(self.parts.agent, self.repo)
+        if diff.strip():
+            self.renderer.print_diff(diff)
+        else:
+            self.say("no changes in this session")
+
+    def cmd_undo(self, argument: str) -> None:
+        changed = self.parts.agent.undo()
+        self.say(f"undone: {', '.join(changed)}" if changed else "nothing to undo")
+
+    def cmd_clear(self, argument: str) -> None:
+        self.parts.agent.clear()
+        self.stats.context_used = 0
+        self.say("conversation cleared")
+
+    def cmd_compact(self, argument: str) -> None:
+        self.parts.agent.compact()
+        self.renderer.pause()
+        self.say(self.stats.status_line(), "dim")
+
+    def cmd_model(self, argument: str) -> None:
+        window = f", context window {self.stats.context_window:,} tokens" if self.stats.context_window else ""
+        self.say(f"{self.stats.model} via {self.backend_name}{window}")
+
+    def cmd_tokens(self, argument: str) -> None:
+        s = self.stats
+        window = f" of {s.context_window:,}" if s.context_window else ""
+        self.say(f"context: {s.context_used:,}{window} tokens")
+        self.say(f"this session: {s.prompt_tokens:,} prompt ({s.cached_tokens:,} from the prefix cache), "
+                 f"{s.completion_tokens:,} generated")
+        if s.tokens_per_second is not None:
+            self.say(f"last speed: {s.tokens_per_second:.1f} tokens/s")
+
+    def cmd_sessions(self, argument: str) -> None:
+        from glmcode.agent.session import SessionStore
+
+        current = getattr(self.parts.session, "id", None)
+        for info in SessionStore(self.settings.sessions_path()).list(repo=str(self.repo))[:20]:
+            marker = "*" if info.id == current else " "
+            self.say(f"{marker} {info.id}  {' '.join(info.first_user_message.split())[:60]}")
+        self.say("resume one with: glmcode chat --resume ID", "dim")
+
+    def cmd_exit(self, argument: str) -> None:
+        self._done = True
+
+    cmd_quit = cmd_exit
+
+
+def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str | None, yes: bool) -> int:
+    console = Console(highlight=False)
+    stats = RunStats(model=model_label(settings, replay))
+    renderer = TerminalRenderer(stats, console, show_thinking=settings.show_thinking)
+    backend = open_backend(settings, replay=replay, show_progress=True)
+    try:
+        stats.context_window = getattr(backend, "context_window", None)
+        session = open_session(settings, repo, resume=resume, meta={"command": "chat"})
+        approval_prompt = ApprovalPrompt(renderer, console, lambda text: ask_line(text))
+        ask = (lambda request: True) if yes else approval_prompt
+        parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=renderer.event,
+                            session=session)
+        history = data_home() / "history"
+        history.parent.mkdir(parents=True, exist_ok=True)
+        prompt_session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history)),
+            completer=ReplCompleter(repo),
+            complete_while_typing=False,
+            key_bindings=_key_bindings(),
+            multiline=True,
+            bottom_toolbar=lambda: f" {stats.status_line()} · mode {parts.approver.mode.value} · /help",
+        )
+        console.print(Text(f"glmcode · {stats.model} via {backend_label(settings, replay)} · {repo}", style="bold"))
+        if resume is not None:
+            console.print(Text(f"resumed session {session.id} ({len(parts.agent.messages)} messages)", style="dim"))
+        console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
+        repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
+                    read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "))
+        approval_prompt.on_interrupt = repl.stop_current
+        return repl.loop()
+    finally:
+        backend.close()

@@ -1,0 +1,323 @@
+"""Layered configuration: defaults < user config < repo config < environment < flags.
+
+Every setting is one flat key. The same key is used in both TOML files
+(`$XDG_CONFIG_HOME/glmcode/config.toml`, falling back to `~/.config/glmcode/config.toml`, and
+`.glmcode.toml` at the repository root), as an environment variable (`GLMCODE_` + the key in
+upper case, e.g. `GLMCODE_MAX_TURNS=20`; list keys take comma-separated values) and as the
+override key the CLI passes for its flags. `api_key` is the exception: it comes only from a config
+file here, because the remote backend reads its own key variables (ZHIPUAI_API_KEY, ZAI_API_KEY,
+GLMCODE_API_KEY) from the environment. `Settings.sources` records where each value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from glmcode.errors import UsageError
+
+APPROVAL_MODES = ("plan", "ask", "auto-edit", "yolo")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int4", "int8")
+REMOTE_PRESETS = ("zhipu", "zai")
+SECRET_KEYS = frozenset({"api_key"})
+NOT_FROM_ENV = frozenset({"api_key"})
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env["HOME"]) if env.get("HOME") else Path.home()
+
+
+def config_home(env: Mapping[str, str] = os.environ) -> Path:
+    return Path(env.get("XDG_CONFIG_HOME") or _home(env) / ".config") / "glmcode"
+
+
+def data_home(env: Mapping[str, str] = os.environ) -> Path:
+    """Sessions, REPL history and downloaded weights live here."""
+    return Path(env.get("XDG_DATA_HOME") or _home(env) / ".local" / "share") / "glmcode"
+
+
+def default_model_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where `glmcode model pull` puts the weights, and where glmcode looks when --model is unset."""
+    return data_home(env) / "models" / "GLM-4.7-Flash"
+
+
+@dataclass
+class Settings:
+    model: str | None = None
+    remote: str | None = None
+    remote_model: str = "glm-4.7-flash"
+    api_key: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    quantization: str | None = None
+    kv_cache_memory: int | None = None
+    context_tokens: int | None = None
+    approval: str = "ask"
+    allow_commands: list[str] = field(default_factory=list)
+    deny_commands: list[str] = field(default_factory=list)
+    test_command: str | None = None
+    max_turns: int = 50
+    thinking: bool = True
+    show_thinking: bool = False
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_output_tokens: int = 16384
+    sessions_dir: str | None = None
+    # key -> "default" | a config file path | "env GLMCODE_X" | "flag"
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def model_dir(self) -> Path:
+        return Path(self.model).expanduser() if self.model else default_model_dir()
+
+    def sessions_path(self) -> Path:
+        return Path(self.sessions_dir).expanduser() if self.sessions_dir else data_home() / "sessions"
+
+    def shown(self) -> list[tuple[str, str, str]]:
+        """(key, value, source) rows for `glmcode config show`; secrets are masked."""
+        rows = []
+        for key in KEYS:
+            value = getattr(self, key)
+            if key in SECRET_KEYS and value:
+                text = "(set)"
+            elif value is None:
+                text = "(unset)"
+            else:
+                text = _format_value(value)
+            rows.append((key, text, self.sources.get(key, "default")))
+        return rows
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(value) if value else "[]"
+    return str(value)
+
+
+# --- parsing one value --------------------------------------------------------------------
+
+class _Invalid(ValueError):
+    """A value that does not fit its key; the message says what would."""
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid("expected a non-empty string")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    return _text(value)
+
+
+def _choice(choices: tuple[str, ...], optional: bool = False) -> Callable[[Any], str | None]:
+    def parse(value: Any) -> str | None:
+        text = _optional_text(value) if optional else _text(value)
+        if text is not None and text not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}" + (" or none" if optional else ""))
+        return text
+
+    return parse
+
+
+def _device(value: Any) -> str:
+    text = _text(value)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text):
+        raise _Invalid("expected auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _remote(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is not None and text not in REMOTE_PRESETS and not re.match(r"https?://", text):
+        raise _Invalid("expected zhipu, zai or an http(s):// base URL")
+    return text
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise _Invalid("expected true or false")
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise _Invalid("expected a positive integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise _Invalid("expected a positive integer") from None
+    if number <= 0 or (isinstance(value, float) and value != number):
+        raise _Invalid("expected a positive integer")
+    return number
+
+
+def _optional_positive_int(value: Any) -> int | None:
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    return _positive_int(value)
+
+
+def _float_between(low: float, high: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _Invalid(f"expected a number between {low} and {high}") from None
+        if isinstance(value, bool) or not low <= number <= high:
+            raise _Invalid(f"expected a number between {low} and {high}")
+        return number
+
+    return parse
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def _memory_size(value: Any) -> int | None:
+    """Bytes, from an integer or a string like "8GiB" or "512 MB"."""
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _positive_int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise _Invalid('expected a size such as "8GiB" or "512MB"')
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise _Invalid("expected a size above zero")
+    return size
+
+
+def _string_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",")]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _Invalid("expected a list of strings")
+    return [item.strip() for item in value if item.strip()]
+
+
+def _path(value: Any) -> str | None:
+    text = _optional_text(value)
+    return str(Path(text).expanduser()) if text else None
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "model": _path,
+    "remote": _remote,
+    "remote_model": _text,
+    "api_key": _optional_text,
+    "device": _device,
+    "dtype": _choice(DTYPES, optional=True),
+    "quantization": _choice(QUANTIZATIONS, optional=True),
+    "kv_cache_memory": _memory_size,
+    "context_tokens": _optional_positive_int,
+    "approval": _choice(APPROVAL_MODES),
+    "allow_commands": _string_list,
+    "deny_commands": _string_list,
+    "test_command": _optional_text,
+    "max_turns": _positive_int,
+    "thinking": _bool,
+    "show_thinking": _bool,
+    "temperature": _float_between(0.0, 2.0),
+    "top_p": _float_between(0.0, 1.0),
+    "max_output_tokens": _positive_int,
+    "sessions_dir": _path,
+}
+KEYS = tuple(f.name for f in fields(Settings) if f.name != "sources")
+assert set(KEYS) == set(PARSERS), "every setting needs a parser"
+
+DESCRIPTIONS = {
+    "model": "GLM-4.7-Flash checkpoint directory (default: the one `glmcode model pull` writes)",
+    "remote": "use a hosted model: zhipu, zai, or an OpenAI-compatible base URL; unset = local engine",
+    "remote_model": "model name sent to the remote API",
+    "api_key": "API key for --remote (prefer the environment variable; never printed)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "dtype": "float32, bfloat16 or float16 (unset = the checkpoint's)",
+    "quantization": "int4 or int8 weight-only quantization (unset = none)",
+    "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
+    "context_tokens": "cap on the context the agent uses, in tokens (unset = the model's window)",
+    "approval": "plan (read-only), ask, auto-edit (edits without asking) or yolo (nothing asked)",
+    "allow_commands": 'commands run without asking, as word prefixes, e.g. ["pytest", "git status"]',
+    "deny_commands": 'commands always refused (even in yolo), as word prefixes, e.g. ["git push", "rm -rf"]',
+    "test_command": "how `glmcode fix` verifies, e.g. \"pytest -q\" (unset = detected)",
+    "max_turns": "most agent steps per request",
+    "thinking": "let the model think before answering",
+    "show_thinking": "show the thinking in full instead of a one-line summary",
+    "temperature": "sampling temperature",
+    "top_p": "nucleus sampling",
+    "max_output_tokens": "most tokens per model response",
+    "sessions_dir": "where sessions are saved (default: the data dir's sessions/)",
+}
+
+
+def env_var(key: str) -> str:
+    return "GLMCODE_" + key.upper()
+
+
+# --- layering -----------------------------------------------------------------------------
+
+def user_config_path(env: Mapping[str, str] = os.environ) -> Path:
+    return config_home(env) / "config.toml"
+
+
+def repo_config_path(repo_root: Path) -> Path:
+    return Path(repo_root) / ".glmcode.toml"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"{path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _apply(settings: Settings, key: str, value: Any, source: str, where: str) -> None:
+    if key not in PARSERS:
+        raise UsageError(f"unknown setting '{key}' in {where} (known: {', '.join(KEYS)})")
+    try:
+        parsed = PARSERS[key](value)
+    except _Invalid as problem:
+        raise UsageError(f"invalid value {value!r} for '{key}' in {where}: {problem}") from None
+    setattr(settings, key, parsed)
+    settings.sources[key] = source
+
+
+def load_settings(
+    repo_root: Path | str,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge every layer; flag overrides whose value is None are ignored (flag not given)."""
+    env = os.environ if env is None else env
+    settings = Settings()
+    for path in (user_config_path(env), repo_config_path(Path(repo_root))):
+        for key, value in _read_toml(path).items():
+            _apply(settings, key, value, str(path), str(path))
+    for key in KEYS:
+        name = env_var(key)
+        if name in env and key not in NOT_FROM_ENV:
+            _apply(settings, key, env[name], f"env {name}", f"environment variable {name}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _apply(settings, key, value, "flag", f"--{key.replace('_', '-')}")
+    return settings
