@@ -33,7 +33,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from glmcode.engine.kernels import triton_fused, triton_mla, triton_moe  # noqa: E402
 
-FLOAT_ARGS = {"scale_log2", "eps"}
+FLOAT_ARGS = {"scale_log2", "eps", "scaling"}
 
 
 def variants(quick: bool):
@@ -79,6 +79,9 @@ def variants(quick: bool):
                dict(HALF=32, BLOCK_H=32, DEINTERLEAVE=deinterleave), 4, 1)
     yield ("silu_mul", triton_fused._silu_mul_kernel, {"gate_up_ptr": "*bf16", "out_ptr": "*bf16"},
            dict(BLOCK=1024), 4, 1)
+    yield ("route_topk E=64 k=4 + shared", triton_fused._route_topk_kernel,
+           {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i32", "weights_ptr": "*fp32"},
+           dict(TOP_K=4, WIDTH=5, BLOCK_E=64, BLOCK_SLOTS=8, NORMALIZE=True, HAS_SHARED=True), 1, 1)
 
 
 def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:

@@ -7,8 +7,9 @@ same weights (it re-points a few module parameters at views of fused tensors, so
 twice) and runs:
 
 - decode: one query per sequence, attention by `mla_decode` over the paged latent cache (block
-  tables + seq_lens as tensors), MoE by `fused_moe` with the shared expert folded in as one more
-  always-on expert, fused rms_norm / add_rms_norm / rope / silu_mul. The whole step, embedding to
+  tables + seq_lens as tensors), routing in one kernel after the router's GEMV (`route_topk`), MoE
+  by `fused_moe` with the shared expert folded in as one more always-on expert, fused rms_norm /
+  add_rms_norm / rope / silu_mul. The whole step, embedding to
   logits, reads its inputs from static buffers, so it is captured once per batch-size bucket in a
   CUDA graph (cuda_graphs.GraphedStep) and replayed. Rows past the real batch decode a dummy token
   with seq_len 0 and write their latent to a scratch slot that no sequence owns.
@@ -134,10 +135,13 @@ class KernelAttention:
 
 
 class KernelMoE:
-    """Router in float32, then one fused_moe call; the shared expert rides along as expert E."""
+    """Router GEMV in float32, routing in one kernel, then one fused_moe call; the shared expert
+    rides along as expert E."""
 
     def __init__(self, moe: MoE):
         self.router = moe.gate
+        # Group-limited routing (n_group > 1; not GLM-4.7-Flash's) stays on the Router module.
+        self.fused_routing = self.router.n_group == 1
         experts, shared = moe.experts, moe.shared_experts
         self.num_experts = experts.gate_up_proj.shape[0]
         self.fold_shared = shared.width == experts.down_proj.shape[2]
@@ -149,9 +153,17 @@ class KernelMoE:
             self.shared = KernelMLP(shared)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = self.router(x)
-        if self.fold_shared:
-            expert_ids, weights = with_shared_expert(expert_ids, weights, self.num_experts)
+        shared_id = self.num_experts if self.fold_shared else None
+        if self.fused_routing:
+            router = self.router
+            logits = F.linear(x.float(), router.weight)
+            expert_ids, weights = kernels.route_topk(
+                logits, router.e_score_correction_bias, router.top_k, router.scaling, router.normalize, shared_id
+            )
+        else:
+            weights, expert_ids = self.router(x)
+            if shared_id is not None:
+                expert_ids, weights = with_shared_expert(expert_ids, weights, shared_id)
         out = kernels.fused_moe(x, self.w13, self.w2, expert_ids, weights)
         return out if self.shared is None else out + self.shared(x)
 

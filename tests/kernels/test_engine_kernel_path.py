@@ -20,6 +20,8 @@ from glmcode.engine import cuda_runner
 from glmcode.engine.cuda_runner import ABSORBED_PREFILL_MAX_TOKENS, batch_buckets
 from glmcode.engine.kernels.reference import quantize_fp8_per_token
 from glmcode.errors import UsageError
+from tests.conftest import load_tiny_checkpoint_writer
+from tests.engine.conftest import CONFIGS
 from tests.engine.test_generation import fragment_free_list, prompt, teacher_forced_decode_logits
 from tests.kernels.conftest import TRITON_SKIP_REASON
 
@@ -71,6 +73,16 @@ def test_paged_decode_logits_equal_the_cpu_engine(tiny_checkpoint, cpu_llm, bloc
 def test_greedy_tokens_equal_the_cpu_engine(cpu_llm, kernel_llm):
     tokens = prompt(cpu_llm, 2)
     assert kernel_llm.generate(tokens, GREEDY).token_ids == cpu_llm.generate(tokens, GREEDY).token_ids
+
+
+@pytest.mark.parametrize("shape", ["no_q_lora", "wide_moe", "top1_grouped"])
+def test_other_checkpoint_shapes(tmp_path_factory, shape):
+    """A single q_proj (fused with kv_a), 16 experts top-4, group-limited top-1 routing."""
+    path = load_tiny_checkpoint_writer().make_tiny_checkpoint(tmp_path_factory.mktemp(shape), **CONFIGS[shape])
+    cpu, kernel = make_llm(path), make_llm(path, kernel_path=True, block_size=4)
+    tokens = prompt(cpu, 3)
+    torch.testing.assert_close(kernel.score(tokens), cpu.score(tokens), atol=1e-4, rtol=0)
+    assert kernel.generate(tokens[:30], GREEDY).token_ids == cpu.generate(tokens[:30], GREEDY).token_ids
 
 
 @pytest.mark.parametrize("chunk", [7, 100])
@@ -185,6 +197,7 @@ def test_triton_kernels_in_the_interpreter_give_the_cpu_engine_tokens(
         add_rms_norm=triton_fused.add_rms_norm,
         rope_interleaved_=triton_fused.rope_interleaved_,
         silu_mul=triton_fused.silu_mul,
+        route_topk=triton_fused.route_topk,
     )
     monkeypatch.setattr(cuda_runner, "kernels", triton_kernels)
     llm = make_llm(tiny_checkpoint, kernel_path=True, block_size=4, max_num_seqs=4)

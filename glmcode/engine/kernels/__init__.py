@@ -17,6 +17,9 @@ Contracts (B sequences, T tokens, H heads, Dl = 512 latent, Dr = 64 rope, E expe
   stack_shared_expert (weights, once at load) and with_shared_expert (routing, per call).
   On CUDA, bf16 batches above FUSED_MOE_MAX_TOKENS go to grouped_moe.
 - grouped_moe(...) same contract via torch._grouped_mm, for prefill (see grouped_mm_available).
+- route_topk(logits [T,E] fp32, correction_bias [E], top_k, scaling, normalize, shared_expert_id=None)
+  -> (ids [T,k(+1)] int32, weights [T,k(+1)] fp32): sigmoid routing after the router GEMV, with
+  the shared expert's slot appended when its id is given.
 - rms_norm(x, weight, eps); add_rms_norm(x, residual, weight, eps) -> (normed, x + residual).
 - rope_interleaved_(q_pe [T,N,Dr], k_pe [T,Dr], positions [T], cos_sin, deinterleave=False):
   in place; cos_sin = reference.rope_cos_sin(max_positions, Dr, theta).
@@ -55,6 +58,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin",
     "rope_interleaved_",
+    "route_topk",
     "silu_mul",
     "stack_shared_expert",
     "triton_available",
@@ -105,6 +109,14 @@ def fused_moe(x, w13, w2, topk_ids, topk_weights):
 
         return triton_moe.fused_moe(x, w13, w2, topk_ids, topk_weights)
     return reference.fused_moe_reference(x, w13, w2, topk_ids, topk_weights)
+
+
+def route_topk(logits, correction_bias, top_k, scaling, normalize, shared_expert_id=None):
+    if uses_triton(logits):
+        from glmcode.engine.kernels import triton_fused
+
+        return triton_fused.route_topk(logits, correction_bias, top_k, scaling, normalize, shared_expert_id)
+    return reference.route_topk_reference(logits, correction_bias, top_k, scaling, normalize, shared_expert_id)
 
 
 def rms_norm(x, weight, eps):

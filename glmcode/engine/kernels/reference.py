@@ -222,6 +222,32 @@ def with_shared_expert(
     return torch.cat([topk_ids, shared_ids], dim=1), torch.cat([topk_weights, shared_weights], dim=1)
 
 
+def route_topk_reference(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    scaling: float,
+    normalize: bool,
+    shared_expert_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid top-k routing from router logits [T, E] float32 (one expert group).
+
+    The correction bias only steers which experts are picked; the weights are the picked
+    experts' sigmoid scores, renormalized to sum to 1 (normalize), times `scaling`. With
+    shared_expert_id, an always-selected slot of weight 1 is appended (see with_shared_expert).
+    Returns (expert ids [T, k(+1)] int32, weights [T, k(+1)] float32).
+    """
+    scores = logits.float().sigmoid()
+    expert_ids = torch.topk(scores + correction_bias.float(), top_k, dim=-1).indices
+    weights = scores.gather(1, expert_ids)
+    if normalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    expert_ids, weights = expert_ids.to(torch.int32), weights * scaling
+    if shared_expert_id is not None:
+        expert_ids, weights = with_shared_expert(expert_ids, weights, shared_expert_id)
+    return expert_ids, weights
+
+
 # ---------------------------------------------------------------------------------------------
 # Small fused ops
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Triton kernels for the small per-token ops: RMSNorm (with the residual add), rope, SiLU*mul.
+"""Triton kernels for the small per-token ops: RMSNorm (with the residual add), rope, SiLU*mul,
+and the MoE routing that follows the router's GEMV (sigmoid, biased top-k, renormalize, scale).
 
 Each replaces a handful of PyTorch launches (casts, pow, mean, rsqrt, mul...) by one; at batch 1
 decode that launch count, not the bytes, is what costs. One program per row.
@@ -87,6 +88,43 @@ def _silu_mul_kernel(
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, bias_ptr, ids_ptr, weights_ptr,
+    num_experts, scaling, shared_expert_id,
+    stride_l, stride_i, stride_w,
+    TOP_K: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_SLOTS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + row * stride_l + experts, mask=valid, other=0.0).to(tl.float32)
+    scores = 1.0 / (1.0 + tl.exp(-logits))
+    choice = tl.where(valid, scores + tl.load(bias_ptr + experts, mask=valid, other=0.0), float("-inf"))
+    slots = tl.arange(0, BLOCK_SLOTS)
+    picked_ids = tl.zeros([BLOCK_SLOTS], dtype=tl.int32)
+    picked = tl.zeros([BLOCK_SLOTS], dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):  # k rounds of argmax; k is 4 for GLM
+        best = tl.argmax(choice, axis=0)
+        picked_ids = tl.where(slots == slot, best, picked_ids)
+        picked = tl.where(slots == slot, tl.sum(tl.where(experts == best, scores, 0.0), axis=0), picked)
+        choice = tl.where(experts == best, float("-inf"), choice)
+    if NORMALIZE:
+        picked = picked / (tl.sum(picked, axis=0) + 1e-20)
+    picked = picked * scaling
+    if HAS_SHARED:
+        picked_ids = tl.where(slots == TOP_K, shared_expert_id, picked_ids)
+        picked = tl.where(slots == TOP_K, 1.0, picked)
+    used = slots < WIDTH
+    tl.store(ids_ptr + row * stride_i + slots, picked_ids, mask=used)
+    tl.store(weights_ptr + row * stride_w + slots, picked, mask=used)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         raise ValueError("the last dim must be contiguous")
@@ -162,3 +200,35 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         rows, out_rows, inter_size, rows.stride(0), out_rows.stride(0), BLOCK=block, num_warps=4,
     )
     return out
+
+
+def route_topk(
+    logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    scaling: float,
+    normalize: bool,
+    shared_expert_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of reference.route_topk_reference, one program per token (logits [T, E])."""
+    num_tokens, num_experts = logits.shape
+    if logits.stride(-1) != 1:
+        raise ValueError("the last dim of logits must be contiguous")
+    width = top_k + (shared_expert_id is not None)
+    expert_ids = torch.empty(num_tokens, width, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(num_tokens, width, dtype=torch.float32, device=logits.device)
+    if num_tokens == 0:
+        return expert_ids, weights
+    _route_topk_kernel[(num_tokens,)](
+        logits, correction_bias.float(), expert_ids, weights,
+        num_experts, scaling, -1 if shared_expert_id is None else shared_expert_id,
+        logits.stride(0), expert_ids.stride(0), weights.stride(0),
+        TOP_K=top_k,
+        WIDTH=width,
+        BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_SLOTS=triton.next_power_of_2(width),
+        NORMALIZE=normalize,
+        HAS_SHARED=shared_expert_id is not None,
+        num_warps=1 if num_experts <= 128 else 4,
+    )
+    return expert_ids, weights
