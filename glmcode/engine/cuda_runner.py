@@ -81,7 +81,7 @@ class KernelAttention:
         self.w_q_b = attn.q_b_proj.weight if q_lora_rank is not None else None
         self.kv_a_norm = attn.kv_a_layernorm.weight
         self.w_uk = attn.w_uk_t.transpose(1, 2)  # [N, P, L]
-        self.w_uk_t = attn.w_uk_t  # [N, L, P]
+        self.w_uv = attn.w_uv  # [N, V, L]
         self.w_uv_t = attn.w_uv.transpose(1, 2)  # [N, L, V]
         self.w_o = attn.o_proj.weight
 
@@ -115,19 +115,25 @@ class KernelAttention:
         return torch.bmm(out_latent.transpose(0, 1), self.w_uv_t).transpose(0, 1)
 
     def _expanded(self, q_nope, q_pe, cache: LayerCache, context: ExpandedContext) -> torch.Tensor:
-        """[T, N, P] + [T, N, R] of the context's last T tokens -> [T, N, V], through SDPA."""
+        """[T, N, P] + [T, N, R] of the context's last T tokens -> [T, N, V], through SDPA.
+
+        Keys and values are made token-major ([S, N, D], one GEMM each) and handed to SDPA as
+        transposed views: about 4 GB at a 200K context, so a full context prefills beside the
+        weights.
+        """
         rows = cache.gather(context.block_table, context.length).to(q_nope.dtype)  # [S, L + R]
         latent, k_pe = rows.split([self.latent_dim, self.rope_dim], -1)
-        # Per-head keys [N, S, P + R] (the nope part is freed straight away) and values [N, S, V]:
-        # about 4 GB at a 200K context, so a full context still prefills beside the weights.
-        keys = torch.cat([torch.matmul(latent, self.w_uk_t), k_pe.expand(self.num_heads, -1, -1)], -1)
-        values = torch.matmul(latent, self.w_uv_t)
+        length, heads = context.length, self.num_heads
+        k_nope = F.linear(latent, self.w_uk.flatten(0, 1)).view(length, heads, self.nope_dim)
+        keys = torch.cat([k_nope, k_pe[:, None].expand(-1, heads, -1)], -1).transpose(0, 1)  # [N, S, P + R]
+        del k_nope
+        values = F.linear(latent, self.w_uv.flatten(0, 1)).view(length, heads, self.v_dim).transpose(0, 1)
         queries = torch.cat([q_nope, q_pe], -1).transpose(0, 1)  # [N, T, P + R]
         num_queries = queries.shape[1]
-        if num_queries == context.length:
+        if num_queries == length:
             mask, causal = None, True
         else:  # queries are the last T positions: causal, aligned to the bottom-right corner
-            mask, causal = causal_lower_right(num_queries, context.length), False
+            mask, causal = causal_lower_right(num_queries, length), False
         out = F.scaled_dot_product_attention(
             queries[None], keys[None], values[None], attn_mask=mask, is_causal=causal, scale=self.scale
         )
@@ -226,6 +232,8 @@ class CudaRunner:
                 layer.input_layernorm.weight, KernelAttention(layer.self_attn, config.q_lora_rank),
                 layer.post_attention_layernorm.weight, mlp, LayerCache(kv_cache, index),
             ))  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the replaced expert tensors: cached blocks too small for reuse
         cos, sin = model.rotary.cos_sin(torch.arange(max_context, device=self.device), torch.float32)
         self.cos_sin = torch.cat([cos, sin], -1).contiguous()  # [max_context, R], as kernels.rope_cos_sin lays it out
         self.graphed = GraphedStep(
