@@ -9,10 +9,10 @@ twice) and runs:
 - decode: one query per sequence, attention by `mla_decode` over the paged latent cache (block
   tables + seq_lens as tensors), routing in one kernel after the router's GEMV (`route_topk`), MoE
   by `fused_moe` with the shared expert folded in as one more always-on expert, fused rms_norm /
-  add_rms_norm / rope / silu_mul. The whole step, embedding to
-  logits, reads its inputs from static buffers, so it is captured once per batch-size bucket in a
-  CUDA graph (cuda_graphs.GraphedStep) and replayed. Rows past the real batch decode a dummy token
-  with seq_len 0 and write their latent to a scratch slot that no sequence owns.
+  add_rms_norm / rope / silu_mul. The whole step, embedding to logits, reads its inputs from
+  static buffers, so it is captured once per batch-size bucket in a CUDA graph
+  (cuda_graphs.GraphedStep) and replayed. Rows past the real batch decode a dummy token with
+  seq_len 0 and write their latent to a scratch slot that no sequence owns.
 - prefill, chunk by chunk: the expanded form through SDPA over the sequence's whole context, or,
   for chunks too short to amortize expanding that context, each new token as its own `mla_decode`
   query (its seq_len stops at its own position, which is the causal mask). Prefill runs eagerly.

@@ -102,6 +102,8 @@ class LLM:
         self.device = torch.device(device)
         self.kernel_path = self.device.type == "cuda" if kernel_path is None else kernel_path
         self.kv_cache_dtype = _kv_cache_dtype(kv_cache_dtype, self.kernel_path)
+        if quantization is not None and self.kernel_path:
+            raise UsageError(f"quantization {quantization!r} runs on the CPU path only; leave it unset on CUDA")
         self.config = ModelConfig.from_dir(model_dir)
         self.tokenizer = Tokenizer(model_dir)
         self.dtype = resolve_dtype(dtype, self.config)

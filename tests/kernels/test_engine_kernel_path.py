@@ -171,11 +171,15 @@ def test_fp8_cache_rows_keep_three_mantissa_bits_per_token(tiny_checkpoint):
     assert (stored.abs().amax(-1) == 448).all()  # per-token scale: each row's amax maps to 448
 
 
-def test_fp8_cache_is_refused_off_the_kernel_path(tiny_checkpoint):
+def test_cache_and_weight_options_of_the_other_path_are_refused(tiny_checkpoint):
     with pytest.raises(UsageError, match="kernel path"):
         make_llm(tiny_checkpoint, kv_cache_dtype="fp8")
     with pytest.raises(UsageError, match="kv_cache_dtype"):
         make_llm(tiny_checkpoint, kernel_path=True, kv_cache_dtype="int3")
+    with pytest.raises(UsageError, match="CPU path"):
+        make_llm(tiny_checkpoint, kernel_path=True, kv_cache_dtype="int8")
+    with pytest.raises(UsageError, match="CPU path only"):
+        make_llm(tiny_checkpoint, kernel_path=True, quantization="int8")
 
 
 def test_batch_buckets_end_at_the_batch_limit():
