@@ -177,8 +177,8 @@ class GlmcodeEngine:
         self.result.peak_memory_mb = peak_memory_mb(args.device) - start_mb
 
     def prefill(self, prompt: list[int]) -> float:
-        self.llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
-        return self.llm.stats.prefill_seconds
+        """Seconds to the first token: the prefill and one sample."""
+        return timed(lambda: self.llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0)), self.device)
 
     def decoder(self, context: int, gen: torch.Generator, batch: int = 1) -> GlmcodeDecoder:
         return GlmcodeDecoder(self.llm, context, gen, batch)

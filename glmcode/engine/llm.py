@@ -258,6 +258,8 @@ class LLM:
         stats.prefilled_tokens += len(seq) - seq.num_computed
         *_, hidden = self._prefill_chunks(seq)
         logits = self.model.logits(hidden[-1:])[0]
+        if logits.is_cuda:  # GPU work is asynchronous; the sampler would wait for it anyway
+            torch.cuda.synchronize(logits.device)
         stats.prefill_seconds += time.perf_counter() - started
         return logits
 
