@@ -255,7 +255,7 @@ def decode_consistency_checks(llm, tokens: list[int]) -> list[dict]:
     batch_error = (replayed - alone).abs().max().item()
     return [
         {"name": "engine decode, CUDA graph replay vs eager (batch 3 in bucket 4)", "max_abs_err": graph_error,
-         "ok": graph_error <= 1e-3 * scale},
+         "ok": graph_error <= BF16_TOLERANCE * scale},  # cuBLAS may pick other algorithms under capture
         {"name": "engine decode, batch of 3 vs one at a time", "max_abs_err": batch_error,
          "ok": batch_error <= BF16_TOLERANCE * scale},
     ]
