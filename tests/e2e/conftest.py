@@ -106,14 +106,16 @@ class GlmcodeRunner:
         self.home = home
         self.runs: list[Run] = []
 
-    def env(self) -> dict[str, str]:
-        env = clean_env(self.home, GLMCODE_API_KEY=API_KEY, ZHIPUAI_API_KEY=API_KEY, **FAST_PYTEST)
+    def env(self, key_in_env: bool = True) -> dict[str, str]:
+        keys = {"GLMCODE_API_KEY": API_KEY, "ZHIPUAI_API_KEY": API_KEY} if key_in_env else {}
+        env = clean_env(self.home, **keys, **FAST_PYTEST)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         return env
 
-    def __call__(self, *args: str, cwd: Path, input: str = "", hosted: bool = False) -> Run:
+    def __call__(self, *args: str, cwd: Path, input: str = "", hosted: bool = False, key_in_env: bool = True) -> Run:
+        """key_in_env=False: the key is not in the environment (e.g. it is in the config file)."""
         launcher = ["-c", HOSTED_LAUNCHER] if hosted else ["-m", "glmcode"]
-        done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=self.env(), input=input,
+        done = subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=self.env(key_in_env), input=input,
                               capture_output=True, text=True, timeout=120, check=False)
         run = Run(tuple(args), done.returncode, done.stdout, done.stderr)
         self.runs.append(run)
