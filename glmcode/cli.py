@@ -30,7 +30,6 @@ from glmcode import __version__
 from glmcode.console import ApprovalPrompt, JsonRenderer, RunReport, RunStats, make_renderer
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.launch import (
-    ErrorRecordingBackend,
     backend_label,
     build_agent,
     changes_diff,
@@ -41,6 +40,7 @@ from glmcode.launch import (
     open_backend,
     open_session,
     run_tests,
+    secrets_of,
     usage_dict,
 )
 from glmcode.settings import (
@@ -180,7 +180,7 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     renderer = make_renderer(flags.output_format, stats, show_thinking=settings.show_thinking)
     started = time.monotonic()
     try:
-        backend = ErrorRecordingBackend(open_backend(settings, replay=flags.replay, show_progress=sys.stdout.isatty()))
+        backend = open_backend(settings, replay=flags.replay, show_progress=sys.stdout.isatty())
         try:
             report = _run_agent(flags, settings, repo, backend, renderer, prompt, command, read_only, verify)
         finally:
@@ -199,7 +199,7 @@ def _since(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: ErrorRecordingBackend, renderer: Any,
+def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Any, renderer: Any,
                prompt: str, command: str, read_only: bool, verify: bool) -> RunReport:
     stats = renderer.stats
     stats.context_window = getattr(backend, "context_window", None)
@@ -219,10 +219,10 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: ErrorRe
     if verify:
         diff = changes_diff(parts.agent, repo)
         if status == "done":
-            tests = run_tests(settings.test_command, repo)
+            tests = run_tests(settings.test_command, repo, secrets=secrets_of(settings))
             if tests["command"] is not None and not tests["passed"]:
                 status, error = "tests_failed", "the tests still fail"
-    return RunReport(status=status, exit_code=exit_code_for(status, backend.last_error),
+    return RunReport(status=status, exit_code=exit_code_for(status, result.exception),
                      result=result.final_text or "", turns=result.turns, duration_ms=0,
                      usage=usage_dict(result.usage), session_id=session.id, error=error, tests=tests, diff=diff)
 

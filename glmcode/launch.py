@@ -147,6 +147,7 @@ def build_agent(
     mode = ApprovalMode("plan" if read_only else settings.approval)
     approver = Approver(mode, CommandRules(allow=settings.allow_commands, deny=settings.deny_commands), ask=ask)
     config = AgentConfig(
+        secrets=secrets_of(settings),
         max_turns=settings.max_turns,
         thinking=Thinking(enabled=settings.thinking),
         sampling=Sampling(temperature=settings.temperature, top_p=settings.top_p,
@@ -155,6 +156,14 @@ def build_agent(
     tools = read_only_tools() if read_only else all_tools()
     agent = Agent(backend, workspace, approver, config, session=session, tools=tools, on_event=on_event)
     return AgentParts(agent, approver, workspace, session, tools)
+
+
+def secrets_of(settings: Settings) -> tuple[str, ...]:
+    """The API keys to keep out of everything shown or saved: the environment's and the config's."""
+    from glmcode.agent.session import known_secrets
+
+    config_key = settings.api_key if settings.api_key and len(settings.api_key) >= 8 else None
+    return (*known_secrets(), *([config_key] if config_key else []))
 
 
 def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: dict[str, Any]) -> Any:
@@ -195,37 +204,6 @@ def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Ite
         raise Interrupted("interrupted")
 
 
-class ErrorRecordingBackend:
-    """A backend wrapper that remembers the last GlmcodeError the backend raised.
-
-    The agent turns backend errors into RunResult(status="error", error=<text>); keeping the
-    exception lets the exit code say what kind of failure it was (3 for auth or an unreachable
-    server, 4 for a context overflow).
-    """
-
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.last_error: GlmcodeError | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.backend, name)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        try:
-            events = self.backend.stream(*args, **kwargs)
-        except GlmcodeError as error:
-            self.last_error = error
-            raise
-        return self._watch(events)
-
-    def _watch(self, events: Iterator[Any]) -> Iterator[Any]:
-        try:
-            yield from events
-        except GlmcodeError as error:
-            self.last_error = error
-            raise
-
-
 def usage_dict(usage: Any) -> dict[str, int]:
     if isinstance(usage, dict):
         return {key: int(usage.get(key, 0)) for key in ("prompt_tokens", "completion_tokens", "cached_tokens")}
@@ -234,18 +212,19 @@ def usage_dict(usage: Any) -> dict[str, int]:
 
 # --- verifying a fix -------------------------------------------------------------------------------
 
-def run_tests(command: str | None, repo: Path, timeout: float = 1800.0) -> dict[str, Any]:
+def run_tests(command: str | None, repo: Path, timeout: float = 1800.0, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the test command (configured, else detected) in the repo.
 
-    {"command", "passed", "exit_code", "output"}: output is the last 40 lines.
+    {"command", "passed", "exit_code", "output"}: output is the last 40 lines, `secrets` masked.
     """
+    from glmcode.agent.session import mask_secrets
     from glmcode.tools.shell import detect_test_command, run_process
 
     command = command or detect_test_command(repo)
     if command is None:
         return {"command": None, "passed": False, "exit_code": None, "output": ""}
     outcome = run_process(command, repo, timeout)
-    tail = "\n".join(outcome.output.strip().splitlines()[-40:])
+    tail = mask_secrets("\n".join(outcome.output.strip().splitlines()[-40:]), secrets)
     if outcome.timed_out:
         tail += f"\n(timed out after {timeout:.0f}s)"
     return {"command": command, "passed": outcome.exit_code == 0, "exit_code": outcome.exit_code, "output": tail}

@@ -559,10 +559,10 @@ def run_cpu_quant(args) -> None:
     spec = importlib.util.spec_from_file_location("bench_cpu_quant", ROOT / "scripts" / "bench_cpu_quant.py")
     module = sys.modules["bench_cpu_quant"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    layers = {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
-    forwarded = ["--quantization", args.quantization, "--layers", str(layers),
-                 "--contexts", ",".join(map(str, args.contexts)), "--decode-steps", str(args.decode_steps),
-                 "--prefill-tokens", str(args.prefill_tokens[0])]  # fmt: skip
+    layers = args.layers or {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
+    contexts = ",".join(map(str, args.contexts)) if args.contexts else ("512,4096,32768" if args.long_context else "512,4096")
+    forwarded = ["--quantization", args.quantization, "--layers", str(layers), "--contexts", contexts,
+                 "--decode-steps", str(args.decode_steps), "--prefill-tokens", str(args.prefill_tokens[0])]  # fmt: skip
     forwarded += ["--threads", str(args.threads)] if args.threads else []
     forwarded += ["--json", str(args.json)] if args.json else []
     module.main(forwarded)
@@ -574,7 +574,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    parser.add_argument("--contexts", type=ints, default=[512, 4096, 16384], help="batch-1 decode context lengths")
+    parser.add_argument("--contexts", type=ints, default=None,
+                        help="batch-1 decode context lengths (default 512,4096,16384; with --quantization 512,4096)")
+    parser.add_argument("--long-context", action="store_true", help="with --quantization: also decode at 32K (slow)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --quantization: fewer decoder layers than --config has, for a quick check")
     parser.add_argument("--prefill-tokens", type=ints, default=[512], help="prompt lengths for prefill")
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--batch-sizes", type=ints, default=[], help="aggregate decode at these batch sizes")
@@ -599,7 +603,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    contexts = args.contexts
+    contexts = args.contexts = args.contexts or [512, 4096, 16384]
     cache_tokens = cache_tokens_needed(args, contexts)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else (os.uname().machine + " cpu")
     print(f"device: {device_name}", flush=True)

@@ -23,7 +23,7 @@ from glmcode.agent.context import Compactor, TokenCounter, system_prompt
 from glmcode.agent.events import AnyEvent, Compacted, StepStarted, ToolFinished, ToolStarted
 from glmcode.agent.messages import AssistantStep, Message, PendingCall, add_usage, call_key, truncate_middle
 from glmcode.agent.messages import system_message, tool_message, unanswered_calls, user_message
-from glmcode.agent.session import SessionLog
+from glmcode.agent.session import SessionLog, known_secrets, mask_secrets
 from glmcode.agent.undo import Checkpoints
 from glmcode.backends.base import Backend, Sampling, Thinking
 from glmcode.errors import ContextOverflow, GlmcodeError
@@ -48,6 +48,9 @@ class AgentConfig:
     tool_output_limit: int = 20_000  # characters of one tool result the model sees
     compact_threshold: float = 0.8  # of the backend's context window
     cwd: Path | None = None  # where instruction files are looked up to (default: the repo root)
+    # Exact values masked in tool output before anyone sees it (the model, the user, the session):
+    # a command that prints the environment or a .env file must not spread the API key.
+    secrets: tuple[str, ...] = field(default_factory=lambda: tuple(known_secrets()))
 
 
 @dataclass
@@ -235,7 +238,7 @@ class Agent:
                 note = f"interrupted while running ({CANCELLED}); it may have had partial effects"
                 result, denied = ToolResult(f"Error: {note}.", is_error=True), False
                 stop = _Stop("cancelled", CANCELLED)
-        output = truncate_middle(result.output, self.config.tool_output_limit)
+        output = truncate_middle(mask_secrets(result.output, self.config.secrets), self.config.tool_output_limit)
         if self.config.repeat_warn <= repeats < self.config.repeat_stop:
             output += (
                 f"\n\n[Warning: you have made this exact call {repeats} times in a row. It will not give a "

@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from glmcode.errors import UsageError
 
@@ -46,16 +46,26 @@ def default_sessions_dir(env: Mapping[str, str] = os.environ) -> Path:
     return Path(data_home) / "glmcode" / "sessions"
 
 
+def known_secrets(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The API keys set in the environment (long enough that masking them cannot shred words)."""
+    return [env[name] for name in SECRET_ENV_VARS if len(env.get(name, "")) >= 8]
+
+
+def mask_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with each of these exact values replaced by [REDACTED]."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def scrub(value: Any, env: Mapping[str, str] = os.environ) -> Any:
     """A copy of `value` with anything that looks like a credential replaced by [REDACTED]."""
-    known = [env[name] for name in SECRET_ENV_VARS if len(env.get(name, "")) >= 8]
-    return _scrub(value, known)
+    return _scrub(value, known_secrets(env))
 
 
 def _scrub(value: Any, known: list[str]) -> Any:
     if isinstance(value, str):
-        for secret in known:
-            value = value.replace(secret, REDACTED)
+        value = mask_secrets(value, known)
         for pattern in _SECRET_PATTERNS:
             value = pattern.sub(REDACTED, value)
         return _SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + REDACTED, value)

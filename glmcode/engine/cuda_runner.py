@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from glmcode.engine import kernels
-from glmcode.engine.attention import MLAttention
+from glmcode.engine.attention import KVBProjection, MLAttention
 from glmcode.engine.config import LATENT_NORM_EPS
 from glmcode.engine.kernels.cuda_graphs import DEFAULT_BUCKETS, GraphedStep
 from glmcode.engine.kernels.reference import quantize_fp8_per_token, with_shared_expert
@@ -80,9 +80,9 @@ class KernelAttention:
         self.q_a_norm = attn.q_a_layernorm.weight if q_lora_rank is not None else None
         self.w_q_b = attn.q_b_proj.weight if q_lora_rank is not None else None
         self.kv_a_norm = attn.kv_a_layernorm.weight
-        self.w_uk = attn.w_uk_t.transpose(1, 2)  # [N, P, L]
-        self.w_uv = attn.w_uv  # [N, V, L]
-        self.w_uv_t = attn.w_uv.transpose(1, 2)  # [N, L, V]
+        w_uk_t, self.w_uv = attn.kv_b_proj.halves()  # [N, L, P], [N, V, L]
+        self.w_uk = w_uk_t.transpose(1, 2)  # [N, P, L]
+        self.w_uv_t = self.w_uv.transpose(1, 2)  # [N, L, V]
         self.w_o = attn.o_proj.weight
 
     def __call__(self, x, positions, write_slots, cache: LayerCache, attend, cos_sin) -> torch.Tensor:
@@ -367,8 +367,9 @@ def check_plain_weights(model: GlmMoeLite) -> None:
     """The kernel path multiplies plain weight tensors; quantized modules stay on the CPU path."""
     for name, module in model.named_modules():
         plain = (
-            isinstance(module, nn.Linear) if name.endswith(("_proj", "lm_head"))
-            else isinstance(module, RoutedExperts) if name.endswith(".experts")
+            type(module) is KVBProjection if name.endswith(".kv_b_proj")
+            else isinstance(module, nn.Linear) if name.endswith(("_proj", "lm_head"))
+            else type(module) is RoutedExperts if name.endswith(".experts")
             else True
         )  # fmt: skip
         if not plain:
