@@ -10,6 +10,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    # Some torch modules import triton as a side effect. On a machine without CUDA the kernel
+    # tests need it imported in interpreter mode first, whatever other test areas load before.
+    from tests.kernels.conftest import import_triton_kernels
+
+    import_triton_kernels()
+
+
 def load_tiny_checkpoint_writer():
     """scripts/make_tiny_checkpoint.py as a module (scripts/ is not a package)."""
     path = ROOT / "scripts" / "make_tiny_checkpoint.py"

@@ -34,7 +34,7 @@ def _triton_is_interpreted() -> bool:
     return isinstance(standard.cdiv, InterpretedFunction)
 
 
-def _import_triton_kernels() -> str | None:
+def import_triton_kernels() -> str | None:
     """Import the Triton kernel modules; returns why the Triton tests must be skipped, or None."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (it is in the test extras)"
@@ -59,7 +59,7 @@ def _import_triton_kernels() -> str | None:
 
 
 try:
-    TRITON_SKIP_REASON = _import_triton_kernels()
+    TRITON_SKIP_REASON = import_triton_kernels()
 except ImportError as error:  # a broken or incompatible install
     TRITON_SKIP_REASON = f"triton is not importable: {error}"
 
