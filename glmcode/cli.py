@@ -173,7 +173,6 @@ def _fenced(text: str) -> str:
 
 def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, verify: bool) -> int:
     """Run the agent on one request to the end, render it, and return the exit code."""
-    _check_output_format(flags.output_format)
     repo = find_repo(flags.repo)
     settings = load_settings(repo, flags.overrides())
     stats = RunStats(model=model_label(settings, flags.replay))
@@ -319,17 +318,28 @@ def fix(
 
 
 def _read_issue(issue: str) -> str:
+    """The issue text: stdin for `-`, the file's contents if `issue` names a file, else `issue` itself."""
     if issue == "-":
-        text = _piped_stdin() if not sys.stdin.isatty() else ""
+        text = _piped_stdin()
         if not text.strip():
             raise UsageError("`glmcode fix -` reads the issue from stdin, but stdin is empty")
         return text
-    path = Path(issue)
-    if len(issue) < 4096 and "\n" not in issue and path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
     if not issue.strip():
         raise UsageError("the issue is empty")
-    return issue
+    path = Path(issue)
+    if "\n" in issue or not _is_file(path):
+        return issue
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise UsageError(f"cannot read the issue file {path}: {error.strerror}") from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a one-line issue longer than a file name may be
+        return False
 
 
 @app.command()
