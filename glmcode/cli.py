@@ -32,7 +32,6 @@ from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.launch import (
     backend_label,
     build_agent,
-    changes_diff,
     ctrl_c_cancels,
     describe_failure,
     exit_code_for,
@@ -187,7 +186,7 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     except GlmcodeError as error:  # the run could not start; JSON consumers still get a result
         if isinstance(renderer, JsonRenderer):
             renderer.finish(RunReport(status="error", exit_code=error.exit_code, result="", turns=0,
-                                      duration_ms=_since(started), usage=usage_dict({}), error=str(error)))
+                                      duration_ms=_since(started), usage=usage_dict(), error=str(error)))
         raise
     report.duration_ms = _since(started)
     renderer.finish(report)
@@ -216,7 +215,7 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Any, re
     status, error = result.status, describe_failure(result)
     tests = diff = None
     if verify:
-        diff = changes_diff(parts.agent, repo)
+        diff = parts.agent.checkpoints.diff()
         if status == "done":
             tests = run_tests(settings.test_command, repo, secrets=secrets_of(settings))
             if tests["command"] is not None and not tests["passed"]:

@@ -29,7 +29,6 @@ from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
 from glmcode.launch import (
     backend_label,
     build_agent,
-    changes_diff,
     ctrl_c_cancels,
     describe_failure,
     model_label,
@@ -215,7 +214,7 @@ class Repl:
         self.say(f"mode: {argument}")
 
     def cmd_diff(self, argument: str) -> None:
-        diff = changes_diff(self.parts.agent, self.repo)
+        diff = self.parts.agent.checkpoints.diff()
         if diff.strip():
             self.renderer.print_diff(diff)
         else:
