@@ -200,7 +200,7 @@ def _since(started: float) -> int:
 def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Any, renderer: Any,
                prompt: str, command: str, read_only: bool, verify: bool) -> RunReport:
     stats = renderer.stats
-    stats.context_window = getattr(backend, "context_window", None)
+    stats.context_window = backend.context_window
     session = open_session(settings, repo, resume=flags.resume_id(), meta={"command": command})
     cancel = threading.Event()
     interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
