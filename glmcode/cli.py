@@ -32,7 +32,6 @@ from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.launch import (
     backend_label,
     build_agent,
-    changes_diff,
     ctrl_c_cancels,
     describe_failure,
     exit_code_for,
@@ -173,7 +172,6 @@ def _fenced(text: str) -> str:
 
 def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, verify: bool) -> int:
     """Run the agent on one request to the end, render it, and return the exit code."""
-    _check_output_format(flags.output_format)
     repo = find_repo(flags.repo)
     settings = load_settings(repo, flags.overrides())
     stats = RunStats(model=model_label(settings, flags.replay))
@@ -188,7 +186,7 @@ def run_task(flags: RunFlags, prompt: str, *, command: str, read_only: bool, ver
     except GlmcodeError as error:  # the run could not start; JSON consumers still get a result
         if isinstance(renderer, JsonRenderer):
             renderer.finish(RunReport(status="error", exit_code=error.exit_code, result="", turns=0,
-                                      duration_ms=_since(started), usage=usage_dict({}), error=str(error)))
+                                      duration_ms=_since(started), usage=usage_dict(), error=str(error)))
         raise
     report.duration_ms = _since(started)
     renderer.finish(report)
@@ -202,7 +200,7 @@ def _since(started: float) -> int:
 def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Any, renderer: Any,
                prompt: str, command: str, read_only: bool, verify: bool) -> RunReport:
     stats = renderer.stats
-    stats.context_window = getattr(backend, "context_window", None)
+    stats.context_window = backend.context_window
     session = open_session(settings, repo, resume=flags.resume_id(), meta={"command": command})
     cancel = threading.Event()
     interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
@@ -217,7 +215,7 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Any, re
     status, error = result.status, describe_failure(result)
     tests = diff = None
     if verify:
-        diff = changes_diff(parts.agent, repo)
+        diff = parts.agent.checkpoints.diff()
         if status == "done":
             tests = run_tests(settings.test_command, repo, secrets=secrets_of(settings))
             if tests["command"] is not None and not tests["passed"]:
@@ -319,17 +317,28 @@ def fix(
 
 
 def _read_issue(issue: str) -> str:
+    """The issue text: stdin for `-`, the file's contents if `issue` names a file, else `issue` itself."""
     if issue == "-":
-        text = _piped_stdin() if not sys.stdin.isatty() else ""
+        text = _piped_stdin()
         if not text.strip():
             raise UsageError("`glmcode fix -` reads the issue from stdin, but stdin is empty")
         return text
-    path = Path(issue)
-    if len(issue) < 4096 and "\n" not in issue and path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
     if not issue.strip():
         raise UsageError("the issue is empty")
-    return issue
+    path = Path(issue)
+    if "\n" in issue or not _is_file(path):
+        return issue
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as error:
+        raise UsageError(f"cannot read the issue file {path}: {error.strerror}") from None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a one-line issue longer than a file name may be
+        return False
 
 
 @app.command()

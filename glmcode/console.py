@@ -29,6 +29,8 @@ from rich.markdown import Markdown
 from rich.syntax import Syntax
 from rich.text import Text
 
+from glmcode.tools.base import ToolResult
+
 # --- the JSON output contract --------------------------------------------------------------
 
 NoneType = type(None)
@@ -179,14 +181,13 @@ def tool_call_line(name: str, arguments: dict[str, Any]) -> str:
     return f"{name} {_one_line(json.dumps(arguments, ensure_ascii=False), 100)}" if arguments else name
 
 
-def tool_result_line(result: Any, denied: bool) -> str:
-    output = getattr(result, "output", "") or ""
-    lines = output.splitlines()
+def tool_result_line(result: ToolResult, denied: bool) -> str:
+    lines = result.output.splitlines()
     first = _one_line(lines[0], 100) if lines else ""
     if denied:
         return f"denied: {first}" if first else "denied"
     more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
-    prefix = "error: " if getattr(result, "is_error", False) else ""
+    prefix = "error: " if result.is_error else ""
     return f"{prefix}{first}{more}" if first else f"{prefix}(no output)"
 
 
@@ -318,10 +319,10 @@ class TerminalRenderer(Renderer):
 
     def on_ToolFinished(self, event: Any) -> None:
         self.pause()
-        failed = event.denied or getattr(event.result, "is_error", False)
+        failed = event.denied or event.result.is_error
         line = Text("  ⎿ " + tool_result_line(event.result, event.denied), style="red" if failed else "dim")
         self.console.print(line)
-        diff = extract_diff(getattr(event.result, "output", "") or "")
+        diff = extract_diff(event.result.output)
         if not failed and diff and diff.strip() != self._previewed_diff:
             self.print_diff(diff)
         self._previewed_diff = None
@@ -520,10 +521,9 @@ class JsonRenderer(Renderer):
 
     def on_ToolFinished(self, event: Any) -> None:
         self._close_block()
-        self._announce(event.call_id, event.name, getattr(event, "arguments", {}) or {})
-        self._emit({"type": "tool_result", "id": event.call_id, "name": event.name,
-                    "output": getattr(event.result, "output", ""),
-                    "is_error": bool(getattr(event.result, "is_error", False)), "denied": bool(event.denied)})
+        self._announce(event.call_id, event.name, {})  # a no-op after ToolStarted, which carries the arguments
+        self._emit({"type": "tool_result", "id": event.call_id, "name": event.name, "output": event.result.output,
+                    "is_error": event.result.is_error, "denied": event.denied})
 
     def on_ToolCallError(self, event: Any) -> None:
         self._close_block()

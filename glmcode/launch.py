@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from glmcode.errors import BackendUnavailable, GlmcodeError, Interrupted, UsageError
+from glmcode.events import Usage
 from glmcode.settings import Settings
 from glmcode.weights import require_checkpoint
 
@@ -204,10 +204,9 @@ def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Ite
         raise Interrupted("interrupted")
 
 
-def usage_dict(usage: Any) -> dict[str, int]:
-    if isinstance(usage, dict):
-        return {key: int(usage.get(key, 0)) for key in ("prompt_tokens", "completion_tokens", "cached_tokens")}
-    return {key: int(getattr(usage, key, 0) or 0) for key in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+def usage_dict(usage: Usage = Usage(0, 0)) -> dict[str, int]:
+    """Token counts as the JSON output reports them (prompt, completion, cached)."""
+    return asdict(usage)
 
 
 # --- verifying a fix -------------------------------------------------------------------------------
@@ -228,19 +227,6 @@ def run_tests(command: str | None, repo: Path, timeout: float = 1800.0, secrets:
     if outcome.timed_out:
         tail += f"\n(timed out after {timeout:.0f}s)"
     return {"command": command, "passed": outcome.exit_code == 0, "exit_code": outcome.exit_code, "output": tail}
-
-
-def changes_diff(agent: Any, repo: Path) -> str:
-    """The changes made in this run: the agent's checkpoints where it keeps them, else `git diff`."""
-    checkpoints = getattr(agent, "checkpoints", None)
-    if checkpoints is not None and hasattr(checkpoints, "diff"):
-        return checkpoints.diff()
-    try:
-        completed = subprocess.run(["git", "diff", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=60,
-                                   check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return completed.stdout if completed.returncode == 0 else ""
 
 
 def describe_failure(result: Any) -> str | None:

@@ -29,7 +29,6 @@ from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
 from glmcode.launch import (
     backend_label,
     build_agent,
-    changes_diff,
     ctrl_c_cancels,
     describe_failure,
     model_label,
@@ -215,7 +214,7 @@ class Repl:
         self.say(f"mode: {argument}")
 
     def cmd_diff(self, argument: str) -> None:
-        diff = changes_diff(self.parts.agent, self.repo)
+        diff = self.parts.agent.checkpoints.diff()
         if diff.strip():
             self.renderer.print_diff(diff)
         else:
@@ -251,7 +250,7 @@ class Repl:
     def cmd_sessions(self, argument: str) -> None:
         from glmcode.agent.session import SessionStore
 
-        current = getattr(self.parts.session, "id", None)
+        current = self.parts.session.id
         for info in SessionStore(self.settings.sessions_path()).list(repo=str(self.repo))[:20]:
             marker = "*" if info.id == current else " "
             self.say(f"{marker} {info.id}  {' '.join(info.first_user_message.split())[:60]}")
@@ -269,9 +268,9 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
     renderer = TerminalRenderer(stats, console, show_thinking=settings.show_thinking)
     backend = open_backend(settings, replay=replay, show_progress=True)
     try:
-        stats.context_window = getattr(backend, "context_window", None)
+        stats.context_window = backend.context_window
         session = open_session(settings, repo, resume=resume, meta={"command": "chat"})
-        approval_prompt = ApprovalPrompt(renderer, console, lambda text: ask_line(text))
+        approval_prompt = ApprovalPrompt(renderer, console, ask_line)
         ask = (lambda request: True) if yes else approval_prompt
         parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=renderer.event,
                             session=session)

@@ -47,7 +47,7 @@ def checkpoint_problems(model_dir: Path) -> list[str]:
 
 def require_checkpoint(settings: Settings) -> Path:
     model_dir = settings.model_dir()
-    if not model_dir.exists() or not any(model_dir.iterdir()):
+    if not model_dir.exists() or (model_dir.is_dir() and not any(model_dir.iterdir())):
         raise BackendUnavailable(no_weights_message(model_dir))
     problems = checkpoint_problems(model_dir)
     if problems:

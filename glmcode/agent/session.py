@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from glmcode.errors import UsageError
+from glmcode.settings import data_home
 
 SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
 REDACTED = "[REDACTED]"
@@ -42,8 +43,7 @@ _SECRET_KEYS = re.compile(r"(?i)^(api[_-]?key|secret|password|passwd|access[_-]?
 
 
 def default_sessions_dir(env: Mapping[str, str] = os.environ) -> Path:
-    data_home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "glmcode" / "sessions"
+    return data_home(env) / "sessions"
 
 
 def known_secrets(env: Mapping[str, str] = os.environ) -> list[str]:

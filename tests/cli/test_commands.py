@@ -74,6 +74,13 @@ def test_an_incomplete_checkpoint_exits_3_naming_what_is_missing(cli: Cli, tmp_p
     assert "weight shards missing" in assert_one_line_error(result)
 
 
+def test_a_model_path_that_is_a_file_exits_3_with_one_line(cli: Cli, tmp_path: Path) -> None:
+    checkpoint = write_checkpoint(tmp_path / "ckpt")
+    result = cli("ask", "hi", "--model", str(checkpoint / "config.json"))
+    assert result.returncode == 3
+    assert "is not a directory" in assert_one_line_error(result)
+
+
 def test_model_info_describes_a_checkpoint(cli: Cli, tmp_path: Path) -> None:
     checkpoint = write_checkpoint(tmp_path / "ckpt")
     result = cli("model", "info", str(checkpoint), "--json")

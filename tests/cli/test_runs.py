@@ -203,3 +203,11 @@ def test_ask_over_a_remote_server(cli: Cli, repo: Path) -> None:
     assert result.returncode == 3, result.stdout + result.stderr
     record = json.loads(result.stdout)
     assert record["status"] == "error" and "GLMCODE_API_KEY" in record["error"]
+
+
+def test_fix_takes_a_long_one_line_issue_as_text(cli: Cli, repo: Path, script) -> None:
+    # longer than a file name may be: checking whether it names a file must not crash
+    issue = "add() subtracts " + "instead of adding " * 20
+    result = cli("fix", issue, "--yes", "--replay", script(FIX_SCRIPT))
+    assert result.returncode == 0, result.stderr
+    assert any(issue.strip() in m for m in session_user_messages(cli.home))
