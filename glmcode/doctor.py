@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmcode.agent.session import SECRET_ENV_VARS
 from glmcode.settings import Settings
 from glmcode.weights import checkpoint_problems
 
@@ -21,7 +22,6 @@ from glmcode.weights import checkpoint_problems
 # the runtime needs on top for activations and a modest KV cache.
 WEIGHT_BYTES = {"bfloat16": 60.0e9, "int8": 31.0e9, "int4": 17.3e9}
 RUNTIME_HEADROOM_BYTES = 2.5e9
-REMOTE_KEY_VARIABLES = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def check_model(settings: Settings) -> Check:
 
 
 def check_remote_key(settings: Settings, env: Mapping[str, str]) -> Check:
-    present = [name for name in REMOTE_KEY_VARIABLES if env.get(name)]
+    present = [name for name in SECRET_ENV_VARS if env.get(name)]
     if settings.api_key:
         present.append(f"api_key in {settings.sources.get('api_key')}")
     if present:

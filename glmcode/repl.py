@@ -276,6 +276,8 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
                             session=session)
         history = data_home() / "history"
         history.parent.mkdir(parents=True, exist_ok=True)
+        history.touch(mode=0o600)  # what the user typed may hold secrets: keep it private
+        history.chmod(0o600)
         prompt_session: PromptSession[str] = PromptSession(
             history=FileHistory(str(history)),
             completer=ReplCompleter(repo),
