@@ -219,6 +219,9 @@ def _print_table(result: dict, scale: float) -> None:
         base = LLAMA_CPP.get(key)
         ratio = f"{value / base:.2f}" if base and scale == 1 else "-"
         print(f"{key + ' tok/s':<16}{value:>10}{base or '-':>12}{ratio:>8}", file=sys.stderr)
+    # Ours builds random weights in quantized form; llama.cpp's figure is a load from page cache.
+    for key, base_key, label in (("peak_rss_gb", "rss_gb", "peak RSS GB"), ("build_s", "load_s", "build/load s")):
+        print(f"{label:<16}{result[key]:>10}{LLAMA_CPP[base_key]:>12}{'-':>8}", file=sys.stderr)
     if scale != 1:
         print(f"({scale:.0%} of the layers: not comparable to llama.cpp's full-model figures)", file=sys.stderr)
 

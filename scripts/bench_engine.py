@@ -303,8 +303,9 @@ def run_cpu_quant(args) -> None:
     spec = importlib.util.spec_from_file_location("bench_cpu_quant", ROOT / "scripts" / "bench_cpu_quant.py")
     module = sys.modules["bench_cpu_quant"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    layers = {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
-    forwarded = ["--quantization", args.quantization, "--layers", str(layers), "--contexts", args.contexts,
+    layers = args.layers or {"full": FULL["num_hidden_layers"], "small": SMALL["num_hidden_layers"], "tiny": 1}[args.config]
+    contexts = args.contexts or ("512,4096,32768" if args.long_context else "512,4096")
+    forwarded = ["--quantization", args.quantization, "--layers", str(layers), "--contexts", contexts,
                  "--decode-steps", str(args.decode_steps), "--prefill-tokens", str(args.prefill_tokens)]  # fmt: skip
     forwarded += ["--threads", str(args.threads)] if args.threads else []
     forwarded += ["--json", str(args.json)] if args.json else []
@@ -316,7 +317,11 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    parser.add_argument("--contexts", default="512,4096,16384", help="decode context lengths")
+    parser.add_argument("--contexts", default=None,
+                        help="decode context lengths (default 512,4096,16384; with --quantization 512,4096)")
+    parser.add_argument("--long-context", action="store_true", help="with --quantization: also decode at 32K (slow)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --quantization: fewer decoder layers than --config has, for a quick check")
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=16, help="timed glmcode decode steps per context")
@@ -333,7 +338,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in (args.contexts or "512,4096,16384").split(",")]
 
     max_context = max(contexts) + max(args.decode_steps, args.hf_decode_steps) + 4
     with tempfile.TemporaryDirectory(prefix="glmcode-bench-") as tmp:

@@ -67,6 +67,40 @@ def expanded_is_cheaper(config: ModelConfig, num_queries: int) -> bool:
     return num_queries * (absorbed_pair - expanded_pair) > expansion
 
 
+class KVBProjection(nn.Module):
+    """kv_b_proj, kept as its two per-head halves for absorbed attention.
+
+    The checkpoint's kv_b_proj [N * (P + V), L] is split into W_UK transposed [N, L, P] and
+    W_UV [N, V, L], each contiguous per head and laid out so that decode multiplies them as the
+    left operand (the fast matrix-vector orientation on CPU). A quantized variant replaces this
+    module whole, keeping its methods.
+    """
+
+    def __init__(self, heads: int, latent_dim: int, nope_dim: int, v_dim: int):
+        super().__init__()
+        self.w_uk_t = nn.Parameter(torch.empty(heads, latent_dim, nope_dim))
+        self.w_uv = nn.Parameter(torch.empty(heads, v_dim, latent_dim))
+
+    def load(self, weight: torch.Tensor) -> None:
+        """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
+        heads, latent, nope = self.w_uk_t.shape
+        per_head = weight.view(heads, nope + self.w_uv.shape[1], latent)
+        self.w_uk_t.copy_(per_head[:, :nope].transpose(1, 2))
+        self.w_uv.copy_(per_head[:, nope:])
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [N, T, P] -> its keys' weights folded in: [N, T, L]."""
+        return torch.bmm(self.w_uk_t, q_nope.transpose(1, 2)).transpose(1, 2)
+
+    def values(self, latent: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents [N, T, L] -> per-head values [N, T, V]."""
+        return torch.bmm(self.w_uv, latent.transpose(1, 2)).transpose(1, 2)
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK transposed [N, L, P], W_UV [N, V, L]) as plain tensors, for expanding a context."""
+        return self.w_uk_t, self.w_uv
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -87,11 +121,7 @@ class MLAttention(nn.Module):
             self.q_proj = linear(hidden, q_out)
         self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
-        # The checkpoint's kv_b_proj [N * (P + V), L] is kept as its two halves, each contiguous
-        # per head and laid out so that decode multiplies them as the left operand (the fast
-        # matrix-vector orientation on CPU): W_UK transposed [N, L, P] and W_UV [N, V, L].
-        self.w_uk_t = nn.Parameter(torch.empty(heads, self.latent_dim, self.nope_dim))
-        self.w_uv = nn.Parameter(torch.empty(heads, self.v_dim, self.latent_dim))
+        self.kv_b_proj = KVBProjection(heads, self.latent_dim, self.nope_dim, self.v_dim)
         self.o_proj = linear(heads * self.v_dim, hidden)
 
     @property
@@ -99,10 +129,7 @@ class MLAttention(nn.Module):
         return (self.num_heads * (self.nope_dim + self.v_dim), self.latent_dim)
 
     def load_kv_b_proj(self, weight: torch.Tensor) -> None:
-        """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
-        per_head = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)
-        self.w_uk_t.copy_(per_head[:, : self.nope_dim].transpose(1, 2))
-        self.w_uv.copy_(per_head[:, self.nope_dim :])
+        self.kv_b_proj.load(weight)
 
     def forward(
         self,
@@ -131,11 +158,12 @@ class MLAttention(nn.Module):
         """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
         (seq,) = batch.sequences
         queries = torch.cat([q_nope, q_pe], -1) * self.scale  # [N, T, P + R]
+        w_uk_t, w_uv = self.kv_b_proj.halves()
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            k_nope = torch.matmul(latent, self.w_uk_t)  # [N, S, P]
-            v = F.linear(latent, self.w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
+            k_nope = torch.matmul(latent, w_uk_t)  # [N, S, P]
+            v = F.linear(latent, w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
             k_pe = k_pe.expand(self.num_heads, -1, -1)  # one rope key shared by all heads
             scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
             return scores, v.transpose(0, 1)  # [N, S, V]
@@ -145,7 +173,7 @@ class MLAttention(nn.Module):
 
     def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        q_latent = torch.bmm(self.w_uk_t, q_nope.transpose(1, 2)).transpose(1, 2)  # [N, T, L]
+        q_latent = self.kv_b_proj.absorb_query(q_nope)  # [N, T, L]
         queries = torch.cat([q_latent, q_pe], -1) * self.scale  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : self.latent_dim])
         for seq in batch.sequences:
@@ -158,7 +186,7 @@ class MLAttention(nn.Module):
 
             out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return torch.bmm(self.w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, N, V]
+        return self.kv_b_proj.values(out_latent).transpose(0, 1)  # [T, N, V]
 
     def _attend(
         self,

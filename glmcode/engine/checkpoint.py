@@ -114,7 +114,7 @@ def _checkpoint_slots(model: GlmMoeLite) -> dict[str, _Slot]:
             kv_b = f"{name}.kv_b_proj.weight"
             slots[kv_b] = _Slot(list(module.kv_b_proj_shape), module.load_kv_b_proj, [kv_b])
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith(("self_attn.w_uk_t", "self_attn.w_uv")):
+        if name.endswith(("self_attn.kv_b_proj.w_uk_t", "self_attn.kv_b_proj.w_uv")):
             continue  # filled from kv_b_proj above
         if name.endswith("mlp.experts.gate_up_proj"):
             _add_experts(slots, name, tensor, ("gate_proj", "up_proj"))

@@ -17,6 +17,7 @@ packed-weight ops on CPU, else a plain dequantize (other devices).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -182,6 +183,34 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight memory
+
+_HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor in memory the kernel may back with 2 MB pages (Linux transparent
+    huge pages, which are often enabled only on request).
+
+    Decode streams every weight from memory once per token; with 4 KB pages the hardware
+    prefetcher stops at each page and the TLB misses, which costs a single core 10-20% of its
+    read bandwidth here. Tensors under 2 MB, and other platforms, are returned as they are.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return tensor
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -raw.data_ptr() % _HUGE_PAGE
+    # Only whole 2 MB pages inside the tensor are advised: the tail stays in small pages, so no
+    # memory past the tensor's end is ever faulted in.
+    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % _HUGE_PAGE)
+    copy = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    copy.copy_(tensor)
+    return copy
+
+
+# ---------------------------------------------------------------------------------------------
 # Kernels: ours (AVX-512 VNNI), then the aten packed-weight ops, then a plain dequantize
 
 
@@ -231,7 +260,7 @@ class Int8Linear(_QuantizedLinear):
             self.register_buffer("sums", sums)
         else:
             packed, scales = values.contiguous(), weight.scales.to(device=device, dtype=dtype)
-        self.register_buffer("packed", packed)
+        self.register_buffer("packed", in_huge_pages(packed))
         self.register_buffer("scales", scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +289,7 @@ class Int4Linear(_QuantizedLinear):
         else:
             packed, scales = weight.nibbles.to(device), weight.scales.to(device)
             self.register_buffer("zeros", weight.zeros.to(device))
-        self.register_buffer("packed", packed)
+        self.register_buffer("packed", in_huge_pages(packed))
         self.register_buffer("scales", scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,6 +330,68 @@ def quantized_linear(
     if isinstance(weight, Int8Weight):
         return Int8Linear(weight, dtype=dtype, device=device)
     return Int4Linear(weight, dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# MLA's absorbed kv_b_proj halves
+
+
+class Int8KVBProjection(nn.Module):
+    """KVBProjection (W_UK transposed [N, L, P], W_UV [N, V, L]) with int8 per-row weights.
+
+    Decode reads both halves of every layer for each token; in int8 that is half the bytes of
+    bfloat16, and one kernel call covers all heads.
+    """
+
+    def __init__(self, w_uk_t: torch.Tensor, w_uv: torch.Tensor, *, dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = dtype
+        for name, weight in (("uk", w_uk_t), ("uv", w_uv)):
+            group = cpu_quant.activation_group(weight.shape[2])
+            packs = [cpu_quant.pack_int8(q.values, q.scales, group) for q in map(quantize_int8, weight)]
+            setattr(self, f"{name}_group", group)
+            setattr(self, f"{name}_rows", weight.shape[1])  # the kernel pads rows to whole tiles
+            for i, part in enumerate(("packed", "scales", "sums")):
+                self.register_buffer(f"{name}_{part}", in_huge_pages(torch.stack([p[i] for p in packs])))
+
+    def _heads(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        packed, scales, sums = (getattr(self, f"{name}_{part}") for part in ("packed", "scales", "sums"))
+        y = cpu_quant.ops().int8_linear_heads(x.to(self.compute_dtype), packed, scales, sums, getattr(self, f"{name}_group"))
+        return y[..., : getattr(self, f"{name}_rows")].to(x.dtype)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        return self._heads("uk", q_nope)
+
+    def values(self, latent: torch.Tensor) -> torch.Tensor:
+        return self._heads("uv", latent)
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._dense("uk"), self._dense("uv")
+
+    def _dense(self, name: str) -> torch.Tensor:
+        """The weights back from the kernel layout: [H, N/16, K/4, (16, 4)] -> [H, N, K]."""
+        packed, scales = getattr(self, f"{name}_packed"), getattr(self, f"{name}_scales")
+        heads, tiles, blocks, _ = packed.shape
+        values = packed.view(heads, tiles, blocks, TILE_ROWS, 4).permute(0, 1, 3, 2, 4).reshape(heads, tiles * TILE_ROWS, -1)
+        weight = values.to(self.compute_dtype) * scales[..., None].to(self.compute_dtype)
+        return weight[:, : getattr(self, f"{name}_rows")].contiguous()
+
+
+TILE_ROWS = cpu_quant.TILE
+
+
+def kv_b_projection(weight: torch.Tensor, empty: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The attention's kv_b_proj module for ``weight`` [N * (P + V), L], given its ``empty``
+    (meta) KVBProjection: int8 for our kernels on CPU, else that module filled in ``dtype``."""
+    vnni = select_kernel(8, device) == "vnni"
+    halves = type(empty)(*_kv_b_dims(empty)).to(device=device, dtype=torch.float32 if vnni else dtype)
+    halves.requires_grad_(False).load(weight.to(device=device, dtype=halves.w_uk_t.dtype))
+    return Int8KVBProjection(halves.w_uk_t, halves.w_uv, dtype=dtype) if vnni else halves
+
+
+def _kv_b_dims(module: nn.Module) -> tuple[int, int, int, int]:
+    heads, latent, nope = module.w_uk_t.shape
+    return heads, latent, nope, module.w_uv.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +470,7 @@ class StackedInt4Experts(_RoutedExperts):
         for prefix, weights in (("up", gate_up), ("down", down)):
             packs = [cpu_quant.pack_int4(w.nibbles, w.scales, w.zeros) for w in weights]
             for i, part in enumerate(("packed", "scales", "zeros")):
-                self.register_buffer(f"{prefix}_{part}", torch.stack([p[i] for p in packs]))
+                self.register_buffer(f"{prefix}_{part}", in_huge_pages(torch.stack([p[i] for p in packs])))
 
     def _linear(self, prefix: str, index: int, x: torch.Tensor, group: int) -> torch.Tensor:
         packed, scales, zeros = (getattr(self, f"{prefix}_{part}")[index] for part in ("packed", "scales", "zeros"))

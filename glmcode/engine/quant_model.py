@@ -28,6 +28,7 @@ from glmcode.engine.quant import (
     concat_rows,
     dequantize,
     int4_group_size,
+    kv_b_projection,
     quantized_experts,
     quantized_linear,
 )
@@ -38,7 +39,8 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up
 _GATE_OR_UP = re.compile(r"^(.*)\.(gate_proj|up_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
-# Split by the attention into per-head W_UK / W_UV weight tensors: dequantized at load.
+# Split by the attention into per-head W_UK / W_UV halves: dequantized at load, then requantized
+# per head (kv_b_projection).
 _DENSE_AT_LOAD = (".kv_b_proj.weight",)
 
 
@@ -173,11 +175,7 @@ class _Placer:
         attention = self.model.get_submodule(attention_path)
         if tuple(weight.shape) != tuple(attention.kv_b_proj_shape):
             raise CheckpointError(f"{attention_path}.kv_b_proj has shape {list(weight.shape)}, expected {list(attention.kv_b_proj_shape)}")
-        # The attention's own parameters (not its submodules') are the kv_b_proj halves.
-        for leaf, param in list(attention.named_parameters(recurse=False)):
-            empty = torch.empty(param.shape, dtype=self.dtype, device=self.device)
-            setattr(attention, leaf, nn.Parameter(empty, requires_grad=False))
-        attention.load_kv_b_proj(weight.to(self.dtype))
+        attention.kv_b_proj = kv_b_projection(weight, attention.kv_b_proj, dtype=self.dtype, device=self.device)
 
     def _set_module(self, path: str, module: nn.Module) -> None:
         parent, _, leaf = path.rpartition(".")
@@ -234,10 +232,10 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         model = GlmMoeLite(config)
     shapes: dict[str, tuple[int, ...]] = {}
     kv_b_halves = {
-        f"{path}.{leaf}": path
+        f"{path}.kv_b_proj.{leaf}": path
         for path, module in model.named_modules()
         if isinstance(module, MLAttention)
-        for leaf, _ in module.named_parameters(recurse=False)
+        for leaf, _ in module.kv_b_proj.named_parameters()
     }
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if name in kv_b_halves:

@@ -190,3 +190,23 @@ def test_latent_quantization_keeps_each_part_on_its_own_scale():
     back = quant.dequantize_latent(values, scales, split=512)
     assert ((back - latent).abs()[:, :512] <= scales[:, :1] / 2 + 1e-7).all()
     assert ((back - latent).abs()[:, 512:] <= scales[:, 1:] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_kv_b_projection_matches_the_float_halves(kernel, rows):
+    """kv_b_proj's absorbed halves (int8 per head with our kernels) against float32 bmm."""
+    from glmcode.engine.attention import KVBProjection
+
+    heads, latent, nope, v = 3, 64, 48, 32  # v rows are not a whole number of 16-row tiles below
+    with torch.device("meta"):
+        empty = KVBProjection(heads, latent, nope, v - 8)
+    weight = torch.randn(heads * (nope + v - 8), latent)
+    module = quant.kv_b_projection(weight, empty, dtype=torch.float32, device=torch.device("cpu"))
+    reference = KVBProjection(heads, latent, nope, v - 8).requires_grad_(False)
+    reference.load(weight)
+    q_nope, latents = torch.randn(heads, rows, nope), torch.randn(heads, rows, latent)
+    tolerance = 0.02 if kernel == "vnni" else 1e-5
+    assert _relative_error(module.absorb_query(q_nope), reference.absorb_query(q_nope)) < tolerance
+    assert _relative_error(module.values(latents), reference.values(latents)) < tolerance
+    for got, expected in zip(module.halves(), reference.halves()):
+        assert got.shape == expected.shape and _relative_error(got, expected) < tolerance

@@ -27,6 +27,12 @@ namespace {
 
 constexpr int kTile = 16;
 constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight tile
+// Weights stream from memory once per token: prefetching this far ahead keeps enough cache-line
+// requests in flight for one core to approach its memory bandwidth (the hardware prefetcher
+// alone stops at page boundaries).
+constexpr int64_t kPrefetchBytes = 1536;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
 struct QuantizedRows {
   std::vector<int8_t> values;  // [M, K]
@@ -37,8 +43,9 @@ struct QuantizedRows {
 template <typename T>
 float to_float(T v) { return static_cast<float>(v); }
 
+// biased: store q + 128 (as the byte q ^ 0x80), the unsigned operand the int8 kernel wants.
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRows& out) {
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRows& out, bool biased = false) {
   const int64_t G = K / group;
   out.values.resize(M * K);
   out.scales.resize(M * G);
@@ -59,7 +66,7 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRow
       int32_t sum = 0;
       for (int64_t i = 0; i < group; ++i) {
         const int32_t q = static_cast<int32_t>(std::nearbyint(buf[i] * inv));
-        dst[i] = static_cast<int8_t>(q);
+        dst[i] = static_cast<int8_t>(biased ? q ^ 0x80 : q);
         sum += q;
       }
       out.scales[mg] = scale;
@@ -105,6 +112,8 @@ void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16*
       for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
     const uint8_t* wg = w + g * (group / 8) * 64;
     for (int64_t b = 0; b < group / 8; b += 2) {  // group is a multiple of 32: b pairs exist
+      prefetch(wg + b * 64);
+      prefetch(wg + (b + 1) * 64);
       const __m512i v0 = _mm512_loadu_si512(wg + b * 64);
       const __m512i v1 = _mm512_loadu_si512(wg + (b + 1) * 64);
       const __m512i lo0 = _mm512_and_si512(v0, low_nibbles);
@@ -139,7 +148,6 @@ template <int MB, typename Out>
 void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const QuantizedRows& x,
                int64_t m0, int64_t K, int64_t group, Out* y, int64_t N, int64_t tile) {
   const int64_t G = K / group;
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -147,12 +155,13 @@ void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const 
     for (int r = 0; r < MB; ++r)
       for (int c = 0; c < 4; ++c) dot[r][c] = _mm512_setzero_si512();
     const int8_t* wg = w + g * (group / 4) * 64;
-    // x + 128 as unsigned: flipping the sign bit of each activation byte
+    // the activations were stored biased (x + 128, unsigned): see quantize_input
     auto step = [&](int64_t b, int chain) {
+      prefetch(wg + b * 64);
       const __m512i v = _mm512_loadu_si512(wg + b * 64);
       for (int r = 0; r < MB; ++r) {
         const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 4;
-        dot[r][chain] = _mm512_dpbusd_epi32(dot[r][chain], _mm512_xor_si512(broadcast_word(xp), bias), v);
+        dot[r][chain] = _mm512_dpbusd_epi32(dot[r][chain], broadcast_word(xp), v);
       }
     };
     int64_t b = 0;
@@ -194,13 +203,13 @@ void for_each_tile(int64_t M, int64_t tiles, TileFn fn) {
   });
 }
 
-QuantizedRows quantize_input(const at::Tensor& x, int64_t group) {
+QuantizedRows quantize_input(const at::Tensor& x, int64_t group, bool biased = false) {
   QuantizedRows q;
   const int64_t M = x.size(0), K = x.size(1);
   if (x.scalar_type() == at::kBFloat16) {
-    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, group, q);
+    quantize_rows(x.data_ptr<at::BFloat16>(), M, K, group, q, biased);
   } else {
-    quantize_rows(x.data_ptr<float>(), M, K, group, q);
+    quantize_rows(x.data_ptr<float>(), M, K, group, q, biased);
   }
   return q;
 }
@@ -242,7 +251,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   check_input(x, K, group);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.size(2) == 64, "packed must be int8 [N/16, K/4, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && sums.scalar_type() == at::kInt, "scales f32, sums int32");
-  const QuantizedRows q = quantize_input(x, group);
+  const QuantizedRows q = quantize_input(x, group, /*biased=*/true);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* w = packed.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -252,6 +261,39 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     scalar_t* out = y.data_ptr<scalar_t>();
     for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
       int8_tile<decltype(mb)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out, N, t);
+    });
+  });
+  return y;
+}
+
+// Per-head products y[h] = x[h] @ w[h].T with int8 weights stacked per head (MLA's absorbed
+// W_UK / W_UV): x [H, M, K]; packed [H, N/16, K/4, 64], scales [H, N], sums [H, N/16, K/group, 16].
+at::Tensor int8_linear_heads(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales,
+                             const at::Tensor& sums, int64_t group) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 3 && packed.dim() == 4 && x.size(0) == packed.size(0), "x [H, M, K] and packed [H, ...]");
+  const int64_t H = x.size(0), M = x.size(1), tiles = packed.size(1), K = packed.size(2) * 4, N = tiles * kTile;
+  const at::Tensor rows = x.view({H * M, x.size(2)});
+  check_input(rows, K, group);
+  TORCH_CHECK(packed.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && sums.scalar_type() == at::kInt,
+              "packed int8, scales f32, sums int32");
+  const QuantizedRows q = quantize_input(rows, group, /*biased=*/true);
+  at::Tensor y = at::empty({H, M, N}, x.options());
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  const int32_t* ws = sums.data_ptr<int32_t>();
+  const int64_t G = K / group;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_linear_heads", [&] {
+    scalar_t* out = y.data_ptr<scalar_t>();
+    at::parallel_for(0, H * tiles, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t h = job / tiles, t = job % tiles;
+        const int8_t* wt = w + (h * tiles + t) * (K / 4) * 64;
+        const int32_t* st = ws + (h * tiles + t) * G * kTile;
+        int64_t m = 0;
+        for (; m + kMaxRows <= M; m += kMaxRows) int8_tile<kMaxRows>(wt, s + h * N, st, q, h * M + m, K, group, out, N, t);
+        for (; m < M; ++m) int8_tile<1>(wt, s + h * N, st, q, h * M + m, K, group, out, N, t);
+      }
     });
   });
   return y;
@@ -385,4 +427,5 @@ TORCH_LIBRARY(glmcode_cpu, m) {
   m.def("pack_int8_values(Tensor values, int group) -> Tensor[]", &pack_int8_values);
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor", &int4_linear);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear);
+  m.def("int8_linear_heads(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear_heads);
 }
