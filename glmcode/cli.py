@@ -87,7 +87,8 @@ RemoteOpt = Annotated[str | None, _model_option(
 RemoteModelOpt = Annotated[str | None, _model_option("--remote-model", help="Model name for --remote.")]
 DeviceOpt = Annotated[str | None, _model_option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str | None, _model_option("--dtype", help="float32, bfloat16 or float16.")]
-QuantOpt = Annotated[str | None, _model_option("--quantization", "-q", help="int4 or int8 weight-only quantization.")]
+QuantOpt = Annotated[str | None, _model_option(
+    "--quantization", "-q", help="Weight-only: int4 (int4 experts, int8 elsewhere), int4-all or int8.")]
 ApprovalOpt = Annotated[str | None, _agent_option("--approval", "-a", help="plan, ask, auto-edit or yolo.")]
 YesOpt = Annotated[bool, _agent_option("--yes", "-y", help="Approve everything the approval mode would ask about.")]
 NoThinkOpt = Annotated[bool, _agent_option("--no-think", help="Answer without thinking first.")]
@@ -479,11 +480,8 @@ def model_quantize(
     """Write a weight-only int4/int8 copy of a checkpoint (streams tensor by tensor, bounded memory)."""
     if bits not in (4, 8):
         raise UsageError(f"--bits must be 4 or 8, not {bits}")
-    try:
-        from glmcode.engine.quant_checkpoint import quantize_checkpoint
-    except ImportError:
-        raise GlmcodeError("checkpoint quantization is not available in this build "
-                           "(glmcode.engine.quant_checkpoint is missing)") from None
+    from glmcode.engine.quant_checkpoint import quantize_checkpoint
+
     written = quantize_checkpoint(source, destination, bits=bits, progress=sys.stderr.isatty())
     print(f"wrote an int{bits} checkpoint to {written}; use it with --model {written}")
 

@@ -23,7 +23,7 @@ from glmcode.errors import UsageError
 
 APPROVAL_MODES = ("plan", "ask", "auto-edit", "yolo")
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int4", "int8")
+QUANTIZATIONS = ("int4", "int4-all", "int8")
 REMOTE_PRESETS = ("zhipu", "zai")
 SECRET_KEYS = frozenset({"api_key"})
 NOT_FROM_ENV = frozenset({"api_key"})
@@ -248,7 +248,8 @@ DESCRIPTIONS = {
     "api_key": "API key for --remote (prefer the environment variable; never printed)",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "dtype": "float32, bfloat16 or float16 (unset = the checkpoint's)",
-    "quantization": "int4 or int8 weight-only quantization (unset = none)",
+    "quantization": "weight-only quantization on load: int4 (experts int4, the rest int8), int4-all or int8 "
+                    "(unset = none, or what a quantized checkpoint holds)",
     "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
     "context_tokens": "cap on the context the agent uses, in tokens (unset = the model's window)",
     "approval": "plan (read-only), ask, auto-edit (edits without asking) or yolo (nothing asked)",

@@ -1,6 +1,8 @@
 """Which files a repository holds: git's view when it is a git repo, a .gitignore-aware walk if not.
 
-Both skip `.git/` and glmcode's own state directory `.glmcode/`.
+Both skip `.git/`, glmcode's own state directory `.glmcode/`, and installed dependencies that
+are not ignored: virtualenvs (a directory holding `pyvenv.cfg`) and `node_modules/`. Those hold
+tens of thousands of files that are not the project's, and would bury it (and the repo map).
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ STATE_DIR = ".glmcode"
 _ALWAYS_SKIPPED = {".git", STATE_DIR}
 
 
+_DEPENDENCY_DIR_NAMES = {"node_modules"}
+_VENV_MARKER = "pyvenv.cfg"
+
+
 def list_repo_files(root: Path, use_git: bool) -> list[str]:
     """Sorted POSIX paths, relative to `root`, of the (non-ignored) files under it."""
     files = _git_files(root) if use_git else _walk_files(root)
-    return sorted(f for f in files if f.split("/")[0] not in _ALWAYS_SKIPPED)
+    venvs = tuple(f.removesuffix(_VENV_MARKER) for f in files if f.endswith("/" + _VENV_MARKER))
+    return sorted(f for f in files if f.split("/")[0] not in _ALWAYS_SKIPPED and not _is_dependency(f, venvs))
+
+
+def _is_dependency(path: str, venv_prefixes: tuple[str, ...]) -> bool:
+    return path.startswith(venv_prefixes) or not _DEPENDENCY_DIR_NAMES.isdisjoint(path.split("/")[:-1])
 
 
 def _git_files(root: Path) -> list[str]:
@@ -44,6 +55,8 @@ def _walk_files(root: Path) -> list[str]:
         for name in sorted(dirs):
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if name in _ALWAYS_SKIPPED or _ignored(rules, rel, is_dir=True):
+                continue
+            if name in _DEPENDENCY_DIR_NAMES or (Path(current) / name / _VENV_MARKER).is_file():
                 continue
             kept_dirs.append(name)
             rules_by_dir[rel] = rules

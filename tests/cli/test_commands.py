@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -147,13 +146,13 @@ def test_fix_from_empty_stdin_is_a_usage_error(cli: Cli) -> None:
     assert "stdin" in assert_one_line_error(result)
 
 
-def test_quantize_without_the_converter_is_a_clear_error(cli: Cli, tmp_path: Path) -> None:
-    if importlib.util.find_spec("glmcode.engine.quant_checkpoint") is not None:
-        pytest.skip("the converter is present in this build")
+def test_quantize_bad_bits_and_a_missing_source_are_clear_errors(cli: Cli, tmp_path: Path) -> None:
     checkpoint = write_checkpoint(tmp_path / "ckpt")
-    result = cli("model", "quantize", str(checkpoint), str(tmp_path / "out"), "--bits", "4")
-    assert result.returncode == 1
-    assert "quantization is not available" in assert_one_line_error(result)
+    result = cli("model", "quantize", str(checkpoint), str(tmp_path / "out"), "--bits", "3")
+    assert result.returncode == 2 and "--bits must be 4 or 8" in assert_one_line_error(result)
+    result = cli("model", "quantize", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert result.returncode == 3 and "nowhere" in assert_one_line_error(result)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bare_remote_means_zhipu_and_keeps_the_prompt() -> None:

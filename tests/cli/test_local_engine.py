@@ -46,3 +46,40 @@ def test_ask_runs_on_the_local_engine(cli: Cli, tmp_path: Path) -> None:
     assert records[0]["backend"] == "local" and records[0]["model"] == "tiny"
     usage = records[-1]["usage"]
     assert usage["prompt_tokens"] > 1000 and 0 < usage["completion_tokens"] <= 8
+
+
+# The aten int4/int8 ops: our AVX-512 kernels would be compiled into the temporary HOME's cache
+# on every run (tens of seconds); which kernels run does not matter to these tests.
+ATEN_KERNELS = {"GLMCODE_CPU_KERNELS": "0"}
+
+
+def test_quantization_flag_reaches_the_engine(cli: Cli, tmp_path: Path) -> None:
+    from glmcode.engine.quant_checkpoint import quantize_checkpoint
+
+    # The engine refuses to read an int4 checkpoint as int8: proof the flag got there. (Loading with
+    # the flag is shown by the Ctrl-C test below, and in tests/quant.)
+    int4_model = quantize_checkpoint(tiny_checkpoint(tmp_path / "tiny"), tmp_path / "tiny-int4", bits=4, progress=False)
+    other = cli("ask", "hi", "--model", str(int4_model), "--quantization", "int8", "--device", "cpu", env=ATEN_KERNELS)
+    assert other.returncode == 2 and "already quantized" in other.stderr and "not as int8" in other.stderr, other.stderr
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tmp_path: Path, home: Path, workdir: Path) -> None:
+    """At a terminal: wait for the loading progress (int4 on the fly: many tensors, seconds of
+    work on this size), press Ctrl-C, and the command ends at once with 130 and one line."""
+    pexpect = pytest.importorskip("pexpect")
+    from .conftest import clean_env
+
+    model = tiny_checkpoint(tmp_path / "many-tensors", num_hidden_layers=8, n_routed_experts=32, hidden_size=128,
+                            moe_intermediate_size=128, intermediate_size=128)
+    child = pexpect.spawn(sys.executable, ["-m", "glmcode", "ask", "hi", "--model", str(model), "--device", "cpu",
+                                           "--quantization", "int4"],
+                          cwd=str(workdir), env=clean_env(home, **ATEN_KERNELS), encoding="utf-8", timeout=120, dimensions=(24, 120))
+    try:
+        child.expect(r"loading int4 weights [1-9]\d* tensors")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    shown = child.before or ""
+    assert child.exitstatus == 130, shown
+    assert "glmcode: interrupted while loading the model" in shown and "Traceback" not in shown, shown

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from glmcode.tools.files import MAX_READ_LINES
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, write
@@ -213,6 +215,19 @@ def test_list_files_honours_gitignore_without_git(plain: Path) -> None:
     write(plain, ".git/config", "[core]\n")
     output = call(Workspace(plain), "list_files").output.splitlines()
     assert output == [".gitignore", "a.txt", "keep.log", "src/.gitignore", "src/pkg/core.py"]
+
+
+@pytest.mark.parametrize("kind", ["repo", "plain"])
+def test_installed_dependencies_are_not_listed_even_when_not_ignored(kind: str, request) -> None:
+    root = request.getfixturevalue(kind)
+    write(root, "src/app.py", "x = 1\n")
+    write(root, "venv/pyvenv.cfg", "home = /usr/bin\n")
+    write(root, "venv/lib/python3.11/site-packages/big/__init__.py", "y = 2\n")
+    write(root, "web/node_modules/left-pad/index.js", "module.exports = 1\n")
+    write(root, "web/app.js", "1\n")
+    listed = call(Workspace(root), "list_files").output.splitlines()
+    assert "src/app.py" in listed and "web/app.js" in listed
+    assert not [f for f in listed if f.startswith("venv/") or "node_modules" in f], listed
 
 
 def test_list_files_depth_summarizes_deeper_directories(repo: Path) -> None:
