@@ -20,6 +20,7 @@ import torch
 from glmcode.engine.attention import AttentionBatch, SequenceSlice, expanded_is_cheaper
 from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
+from glmcode.engine.cpu_decode import FusedDecoder
 from glmcode.engine.cuda_runner import CudaRunner
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
@@ -135,6 +136,8 @@ class LLM:
         if self.kernel_path:
             self.runner = CudaRunner(self.model, self.kv_cache, max_batch=max_num_seqs,
                                      max_context=self.max_context, scratch_slot=num_blocks * self.block_size)  # fmt: skip
+        # Batch-1 decode of a quantized model on CPU in one C++ call per token (None: modules).
+        self.fused_decoder = None if self.kernel_path else FusedDecoder.for_model(self.model, self.kv_cache.data)
         self.num_real_tokens = min(self.tokenizer.vocab_size, self.config.vocab_size)
         self.default_stop_ids = self.tokenizer.stop_token_ids() or list(self.config.eos_token_ids)
         self.stats = RequestStats()  # of the most recent request
@@ -291,6 +294,9 @@ class LLM:
         seqs = [r.seq for r in running]
         if self.runner is not None:
             logits = self.runner.decode(seqs)
+        elif self.fused_decoder is not None and len(seqs) == 1:
+            (seq,) = seqs
+            logits = self.fused_decoder.logits(seq.token_ids[-1], len(seq) - 1, seq.block_table, self.block_size, self.kv_cache.data)
         else:
             logits = self._decode_on_modules(seqs)
         for seq in seqs:

@@ -37,7 +37,7 @@ def _top1_agreement(reference: LLM, quantized: LLM, token_ids: list[int], first:
     return (got == expected).float().mean().item()
 
 
-@pytest.mark.parametrize(("quantization", "threshold"), [("int8", 0.98), ("int4", 0.90)])
+@pytest.mark.parametrize(("quantization", "threshold"), [("int8", 0.98), ("int4", 0.90), ("int4-all", 0.90)])
 def test_greedy_top1_agrees_with_float32(trained_checkpoint, tmp_path, quantization, threshold):
     """The float32 model's greedy continuation, teacher-forced through the quantized model."""
     reference = LLM(trained_checkpoint, progress=False)
@@ -45,8 +45,8 @@ def test_greedy_top1_agrees_with_float32(trained_checkpoint, tmp_path, quantizat
     continuation = reference.generate(prompt, GREEDY).token_ids
     assert len(continuation) == 256
 
-    bits = 4 if quantization == "int4" else 8
-    quantized_dir = quantize_checkpoint(trained_checkpoint, tmp_path / "q", bits=bits, progress=False)
+    bits, linear_bits = {"int8": (8, 8), "int4": (4, 8), "int4-all": (4, 4)}[quantization]
+    quantized_dir = quantize_checkpoint(trained_checkpoint, tmp_path / "q", bits=bits, linear_bits=linear_bits, progress=False)
     quantized = LLM(quantized_dir, progress=False)
     agreement = _top1_agreement(reference, quantized, prompt + continuation, len(prompt) - 1)
     print(f"{quantization} top-1 agreement with float32: {agreement:.3f}")

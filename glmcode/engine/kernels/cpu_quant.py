@@ -1,5 +1,8 @@
 """Our AVX-512 VNNI kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
 
+The same extension holds the fused decode step (cpu_decode.cpp, driven by engine/cpu_decode.py);
+both build on the tile kernels of cpu_kernels.h.
+
 The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
 cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
 :func:`available` is False and the quantized modules fall back to the aten packed-weight ops.
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 TILE = 16
-_SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_decode.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
@@ -42,7 +45,7 @@ def available() -> bool:
 
         load(
             name="glmcode_cpu_quant",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=_FLAGS + _OPENMP,
             extra_ldflags=_OPENMP,
             is_python_module=False,

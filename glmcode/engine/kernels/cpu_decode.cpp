@@ -1,0 +1,778 @@
+// One decode step of one sequence through a quantized GLM-4.7-Flash, every layer in one call.
+//
+// A decoded token streams ~2 GB of int4 weights from memory through a few hundred small
+// matrix-vector products. Run op by op from Python, the norms, rope, routing and the fork/join
+// of every parallel region cost about as much as the weight reads themselves. Here the whole
+// step runs inside one OpenMP parallel region:
+//
+// - every matrix-vector product (a "phase": one or more projections) is shared out in chunks
+//   of whole 16-row tiles that the threads take from a counter, writing a shared output, and
+//   is followed by one barrier;
+// - everything small (norms, rope, routing, silu, residual adds, activation quantization) is
+//   computed by every thread on its own copy, identically, so it needs no barrier at all;
+// - attention splits the heads between the threads; each reads the cached latents once for
+//   all of its heads, block by block, with an online softmax.
+//
+// Each output element is computed by exactly one thread with the same code whatever the thread
+// count, so results do not depend on it. Activations stay float32 throughout.
+#include "cpu_kernels.h"
+
+#include <omp.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <functional>
+#include <type_traits>
+#include <limits>
+
+namespace {
+
+using namespace glmcode_cpu;
+
+
+// One projection in the tile layout of cpu_quant.py (int4 or int8); see cpu_quant.cpp.
+struct Linear {
+  int64_t bits = 0, rows = 0, in = 0, group = 0, tiles = 0;
+  const uint8_t* packed = nullptr;
+  const at::BFloat16* scales4 = nullptr;  // int4: [tiles, in/group, 16]
+  const at::BFloat16* zeros = nullptr;
+  const float* scales8 = nullptr;  // int8: [tiles * 16]
+  const int32_t* sums = nullptr;   // int8: [tiles, in/group, 16]
+
+  int64_t padded_rows() const { return tiles * kTile; }
+  int64_t tile_bytes() const { return bits == 4 ? in / 2 * kTile : in * kTile; }
+
+  void tile(int64_t t, const QuantizedRows& x, float* y) const {
+    const int64_t groups = in / group;
+    if (bits == 4) {
+      int4_tile<1>(packed + t * (in / 8) * 64, scales4 + t * groups * kTile, zeros + t * groups * kTile, x, 0, in,
+                   group, y, padded_rows(), t);
+    } else {
+      int8_tile<1>(reinterpret_cast<const int8_t*>(packed) + t * (in / 4) * 64, scales8, sums + t * groups * kTile, x,
+                   0, in, group, y, padded_rows(), t);
+    }
+  }
+};
+
+// y = w @ x for one input row x (w->in floats) into y (w->padded_rows() floats).
+struct Product {
+  const Linear* w;
+  const float* x;
+  float* y;
+};
+
+struct Layer {
+  std::vector<float> input_norm, post_norm, q_a_norm, kv_a_norm;
+  Linear q_a, q_b, kv_a, o_proj;  // without q_lora, q_b is q_proj and q_a is unused
+  std::vector<Linear> w_uk, w_uv;  // per head: [latent, nope] and [v, latent]
+  bool dense = false;
+  Linear gate_up, down;  // the dense MLP, or the shared expert of a MoE layer
+  const float* router = nullptr;  // [experts, hidden]
+  const float* router_bias = nullptr;
+  std::vector<Linear> expert_gate_up, expert_down;
+};
+
+struct Config {
+  int64_t hidden, heads, nope, rope, v_dim, latent, q_lora, experts, top_k, n_group, topk_group, normalize, vocab;
+  double rms_eps, latent_eps, softmax_scale, routed_scaling;
+};
+
+// Reads the flat description that cpu_decode.py writes: tensors and integers in order.
+struct Reader {
+  const std::vector<at::Tensor>& tensors;
+  const std::vector<int64_t>& ints;
+  size_t next_tensor = 0, next_int = 0;
+
+  at::Tensor tensor() {
+    TORCH_CHECK(next_tensor < tensors.size(), "decode plan: too few tensors");
+    at::Tensor t = tensors[next_tensor++];
+    TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "decode plan: tensors must be contiguous CPU tensors");
+    return t;
+  }
+  int64_t integer() {
+    TORCH_CHECK(next_int < ints.size(), "decode plan: too few integers");
+    return ints[next_int++];
+  }
+  std::vector<float> floats() {
+    at::Tensor t = tensor();
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "decode plan: norm weights must be float32");
+    return std::vector<float>(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+  }
+  Linear linear() {
+    Linear l;
+    l.bits = integer();
+    l.rows = integer();
+    l.group = integer();
+    const at::Tensor packed = tensor();
+    TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64, "decode plan: packed weights must be [tiles, blocks, 64]");
+    l.tiles = packed.size(0);
+    l.packed = static_cast<const uint8_t*>(packed.data_ptr());
+    TORCH_CHECK(l.rows <= l.padded_rows(), "decode plan: more rows than tiles");
+    if (l.bits == 4) {
+      l.in = packed.size(1) * 8;
+      l.scales4 = tensor().data_ptr<at::BFloat16>();
+      l.zeros = tensor().data_ptr<at::BFloat16>();
+    } else {
+      TORCH_CHECK(l.bits == 8, "decode plan: bits must be 4 or 8");
+      l.in = packed.size(1) * 4;
+      l.scales8 = tensor().data_ptr<float>();
+      l.sums = tensor().data_ptr<int32_t>();
+    }
+    TORCH_CHECK(l.group > 0 && l.in % l.group == 0, "decode plan: group must divide the input size");
+    return l;
+  }
+  std::vector<Linear> linears(int64_t count) {
+    std::vector<Linear> out;
+    for (int64_t i = 0; i < count; ++i) out.push_back(linear());
+    return out;
+  }
+};
+
+// What each thread keeps for itself: the residual stream and its copies of small results.
+struct ThreadState {
+  int64_t phase = 0;  // products() calls so far this step: indexes the shared tickets
+  std::vector<float> x, normed, q_a, q_nope, q_pe, cos, sin, values, act, attn_scores;
+  std::vector<QuantizedRows> quantized;
+};
+
+inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) { return load_bf16(p); }
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+
+void rms_norm(const float* x, const std::vector<float>& weight, double eps, float* out) {
+  const int64_t n = static_cast<int64_t>(weight.size());
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  const float inv = static_cast<float>(1.0 / std::sqrt(total / n + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
+}
+
+// Interleaved pairs in, de-interleaved out (the engine's rope layout; see layers.Rotary).
+void rope(const float* in, const std::vector<float>& cos, const std::vector<float>& sin, float* out) {
+  const size_t half = cos.size();
+  for (size_t i = 0; i < half; ++i) {
+    const float even = in[2 * i], odd = in[2 * i + 1];
+    out[i] = even * cos[i] - odd * sin[i];
+    out[half + i] = odd * cos[i] + even * sin[i];
+  }
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+#define GLMCODE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// Attention over a bfloat16 cache with VDPBF16PS, which multiplies and sums pairs of bf16: the
+// cache is read as stored, and one instruction does the work of two float FMAs and their
+// conversions. Queries and softmax weights are rounded to bf16 first, as the module path does.
+// Scores: dots[h][t] = q[h] . row[t] over D values (q zero-padded to a multiple of 32).
+template <int H>
+GLMCODE_BF16 void bf16_scores(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* block, int64_t count,
+                              int64_t D, float* scores, int64_t s_stride) {
+  const int64_t chunks = (D + 31) / 32;
+  const __mmask32 tail = D % 32 ? (1u << (D % 32)) - 1 : 0xFFFFFFFFu;
+  for (int64_t t = 0; t < count; ++t) {
+    const at::BFloat16* row = block + t * D;
+    __m512 acc[H];
+    for (int h = 0; h < H; ++h) acc[h] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask32 mask = c + 1 == chunks ? tail : 0xFFFFFFFFu;
+      const __m512i r = _mm512_maskz_loadu_epi16(mask, row + c * 32);
+      for (int h = 0; h < H; ++h)
+        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_loadu_si512(q + h * q_stride + c * 32), (__m512bh)r);
+    }
+    for (int h = 0; h < H; ++h) scores[h * s_stride + t] = _mm512_reduce_add_ps(acc[h]);
+  }
+}
+
+// out[h] += sum_t p[h][t] * latent[t][:L] for H heads, tokens in pairs: two cache rows
+// interleaved by 16-bit unpacks meet one broadcast pair (p[t], p[t+1]). The unpacks permute
+// the output dims within each 128-bit lane; `out` keeps that order (see unpermute).
+template <int H>
+GLMCODE_BF16 void bf16_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, const at::BFloat16* p,
+                              int64_t p_stride, float* out) {
+  for (int64_t i = 0; i < L; i += 32) {
+    __m512 lo_acc[H], hi_acc[H];
+    for (int h = 0; h < H; ++h) {
+      lo_acc[h] = _mm512_loadu_ps(out + h * L + i);
+      hi_acc[h] = _mm512_loadu_ps(out + h * L + i + 16);
+    }
+    for (int64_t t = 0; t < count; t += 2) {
+      const __m512i a = _mm512_loadu_si512(block + t * D + i);
+      const __m512i b = t + 1 < count ? _mm512_loadu_si512(block + (t + 1) * D + i) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
+      for (int h = 0; h < H; ++h) {
+        int32_t pair;
+        std::memcpy(&pair, p + h * p_stride + t, 4);  // p is zero-padded past count
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(pair);
+        lo_acc[h] = _mm512_dpbf16_ps(lo_acc[h], (__m512bh)lo, w);
+        hi_acc[h] = _mm512_dpbf16_ps(hi_acc[h], (__m512bh)hi, w);
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      _mm512_storeu_ps(out + h * L + i, lo_acc[h]);
+      _mm512_storeu_ps(out + h * L + i + 16, hi_acc[h]);
+    }
+  }
+}
+
+// bf16_values' order back to natural: in each 32-value chunk, slot 4j+m of the first 16 holds
+// value 8j+m and slot 4j+m of the second 16 holds value 8j+4+m.
+inline void unpermute(float* out, int64_t L) {
+  float tmp[32];
+  for (int64_t i = 0; i < L; i += 32) {
+    for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < 4; ++m) {
+        tmp[8 * j + m] = out[i + 4 * j + m];
+        tmp[8 * j + 4 + m] = out[i + 16 + 4 * j + m];
+      }
+    std::copy(tmp, tmp + 32, out + i);
+  }
+}
+
+GLMCODE_BF16 void to_bf16(const float* in, int64_t n, at::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(in + i)));
+  for (; i < n; ++i) out[i] = at::BFloat16(in[i]);
+}
+
+class DecodePlan : public torch::CustomClassHolder {
+ public:
+  DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats)
+      : tensors_(std::move(tensors)) {
+    Reader r{tensors_, ints};
+    TORCH_CHECK(floats.size() == 4, "decode plan: four floats expected");
+    cfg_ = Config{r.integer(), r.integer(), r.integer(), r.integer(), r.integer(), r.integer(), r.integer(),
+                  r.integer(), r.integer(), r.integer(), r.integer(), r.integer(), r.integer(),
+                  floats[0], floats[1], floats[2], floats[3]};
+    TORCH_CHECK(cfg_.latent % 32 == 0 && cfg_.hidden % 16 == 0,
+                "decode plan: latent must be a multiple of 32 and hidden of 16");
+    const int64_t num_layers = r.integer();
+    inv_freq_ = r.floats();
+    final_norm_ = r.floats();
+    lm_head_ = r.linear();
+    for (int64_t i = 0; i < num_layers; ++i) {
+      Layer layer;
+      layer.input_norm = r.floats();
+      layer.post_norm = r.floats();
+      if (cfg_.q_lora) {
+        layer.q_a = r.linear();
+        layer.q_a_norm = r.floats();
+      }
+      layer.q_b = r.linear();
+      layer.kv_a = r.linear();
+      layer.kv_a_norm = r.floats();
+      layer.w_uk = r.linears(cfg_.heads);
+      layer.w_uv = r.linears(cfg_.heads);
+      layer.o_proj = r.linear();
+      layer.dense = r.integer() != 0;
+      layer.gate_up = r.linear();
+      layer.down = r.linear();
+      if (!layer.dense) {
+        const at::Tensor router = r.tensor(), bias = r.tensor();
+        TORCH_CHECK(router.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat, "router must be float32");
+        layer.router = router.data_ptr<float>();
+        layer.router_bias = bias.data_ptr<float>();
+        layer.expert_gate_up = r.linears(cfg_.experts);
+        layer.expert_down = r.linears(cfg_.experts);
+      }
+      layers_.push_back(std::move(layer));
+    }
+    TORCH_CHECK(r.next_tensor == tensors_.size() && r.next_int == ints.size(), "decode plan: unread entries");
+    allocate();
+  }
+
+  // x: the token's embedding [hidden]; kv_cache: [layers, slots, latent + rope] (this token's
+  // latent is written at its slot); block_table: the sequence's blocks. Returns float32 logits.
+  at::Tensor step(const at::Tensor& x_in, int64_t position, const at::Tensor& block_table_in, int64_t block_size,
+                  const at::Tensor& kv_cache) {
+    const at::Tensor x = x_in.to(at::kFloat).contiguous();
+    const at::Tensor block_table = block_table_in.to(at::kLong).contiguous();
+    TORCH_CHECK(x.numel() == cfg_.hidden, "step: x must have hidden_size values");
+    TORCH_CHECK(kv_cache.is_contiguous() && kv_cache.dim() == 3 && kv_cache.size(0) == (int64_t)layers_.size() &&
+                    kv_cache.size(2) == cfg_.latent + cfg_.rope,
+                "step: kv_cache must be [layers, slots, latent + rope]");
+    const int64_t seq_len = position + 1;
+    TORCH_CHECK(block_size > 0 && block_table.numel() * block_size >= seq_len, "step: block table too short");
+    const int64_t* table = block_table.data_ptr<int64_t>();
+    for (int64_t b = 0; b * block_size < seq_len; ++b)
+      TORCH_CHECK(table[b] >= 0 && (table[b] + 1) * block_size <= kv_cache.size(1), "step: block out of range");
+    at::Tensor logits = at::empty({lm_head_.padded_rows()}, x.options());
+    if (kv_cache.scalar_type() == at::kBFloat16) {
+      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<at::BFloat16>(), kv_cache.size(1),
+          logits.data_ptr<float>());
+    } else {
+      TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "step: kv_cache must be bfloat16 or float32");
+      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<float>(), kv_cache.size(1),
+          logits.data_ptr<float>());
+    }
+    return logits.narrow(0, 0, cfg_.vocab);
+  }
+
+ private:
+  std::vector<at::Tensor> tensors_;  // keeps every weight alive
+  Config cfg_;
+  std::vector<float> inv_freq_, final_norm_;
+  Linear lm_head_;
+  std::vector<Layer> layers_;
+  // One work counter per products() call of a step; threads take chunks of tiles from it, so a
+  // thread that runs slower (the main thread, one that got interrupted) just takes fewer.
+  std::vector<std::atomic<int64_t>> tickets_;
+  static constexpr int64_t kChunkBytes = 32 << 10;
+  bool has_bf16_ = __builtin_cpu_supports("avx512bf16");
+  // Outputs of the products, shared by the threads.
+  std::vector<float> q_a_out_, q_out_, kv_a_out_, q_latent_, attn_latent_, v_out_, o_out_, router_out_,
+      gate_up_out_, down_out_;
+  int64_t q_stride_ = 0, uk_stride_ = 0, uv_stride_ = 0, gate_up_stride_ = 0, down_stride_ = 0;
+
+  void allocate() {
+    int64_t max_gate_up = 0, max_down = 0;
+    for (const Layer& l : layers_) {
+      q_a_out_.resize(std::max<size_t>(q_a_out_.size(), cfg_.q_lora ? l.q_a.padded_rows() : 0));
+      q_out_.resize(std::max<size_t>(q_out_.size(), l.q_b.padded_rows()));
+      kv_a_out_.resize(std::max<size_t>(kv_a_out_.size(), l.kv_a.padded_rows()));
+      o_out_.resize(std::max<size_t>(o_out_.size(), l.o_proj.padded_rows()));
+      uk_stride_ = std::max(uk_stride_, l.w_uk[0].padded_rows());
+      uv_stride_ = std::max(uv_stride_, l.w_uv[0].padded_rows());
+      max_gate_up = std::max(max_gate_up, l.gate_up.padded_rows());
+      max_down = std::max(max_down, l.down.padded_rows());
+      for (const Linear& e : l.expert_gate_up) max_gate_up = std::max(max_gate_up, e.padded_rows());
+      for (const Linear& e : l.expert_down) max_down = std::max(max_down, e.padded_rows());
+    }
+    q_stride_ = cfg_.nope + cfg_.rope;
+    q_latent_.resize(cfg_.heads * uk_stride_);
+    attn_latent_.resize(cfg_.heads * cfg_.latent);
+    v_out_.resize(cfg_.heads * uv_stride_);
+    router_out_.resize(((cfg_.experts + kTile - 1) / kTile) * kTile);
+    gate_up_stride_ = max_gate_up;
+    down_stride_ = max_down;
+    gate_up_out_.resize((cfg_.top_k + 1) * max_gate_up);
+    down_out_.resize((cfg_.top_k + 1) * max_down);
+  }
+
+  // Every thread quantizes all inputs (identically), then the threads take chunks of tiles
+  // from this call's ticket until none are left. No barrier: the caller puts one after.
+  void products(const std::vector<Product>& jobs, ThreadState& state) {
+    if (state.quantized.size() < jobs.size()) state.quantized.resize(jobs.size());
+    int64_t total_tiles = 0;
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const Linear& w = *jobs[j].w;
+      const bool shared_input = j > 0 && jobs[j].x == jobs[j - 1].x && w.in == jobs[j - 1].w->in &&
+                                w.group == jobs[j - 1].w->group && w.bits == jobs[j - 1].w->bits;
+      if (shared_input) {
+        state.quantized[j] = state.quantized[j - 1];
+      } else {
+        quantize_one(jobs[j].x, w, state.quantized[j]);
+      }
+      total_tiles += w.tiles;
+    }
+    std::atomic<int64_t>& next = tickets_[state.phase++];
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / jobs[0].w->tile_bytes());
+    size_t j = 0;
+    int64_t job_first = 0;  // global index of job j's first tile
+    for (int64_t start; (start = next.fetch_add(chunk, std::memory_order_relaxed)) < total_tiles;) {
+      for (int64_t g = start; g < std::min(start + chunk, total_tiles); ++g) {
+        while (g >= job_first + jobs[j].w->tiles) job_first += jobs[j++].w->tiles;
+        jobs[j].w->tile(g - job_first, state.quantized[j], jobs[j].y);
+      }
+    }
+  }
+
+  static void quantize_one(const float* x, const Linear& w, QuantizedRows& q) {
+    const int64_t groups = w.in / w.group;
+    q.values.resize(w.in);
+    q.scales.resize(groups);
+    q.sums.resize(groups);
+    for (int64_t g = 0; g < groups; ++g)
+      q.sums[g] = quantize_group(x + g * w.group, w.group, w.bits == 8, q.values.data() + g * w.group, &q.scales[g]);
+  }
+
+  template <typename C>
+  void run(const float* embedding, int64_t position, const int64_t* table, int64_t block_size, C* cache,
+           int64_t slots, float* logits) {
+    const int nth = std::max(1, at::get_num_threads());
+    if (tickets_.size() < 16 * layers_.size() + 4) tickets_ = std::vector<std::atomic<int64_t>>(16 * layers_.size() + 4);
+    for (auto& ticket : tickets_) ticket.store(0, std::memory_order_relaxed);
+#pragma omp parallel num_threads(nth)
+    {
+      const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+      ThreadState s;
+      s.x.assign(embedding, embedding + cfg_.hidden);
+      s.normed.resize(std::max<int64_t>(cfg_.hidden, cfg_.q_lora ? q_a_out_.size() : 0));
+      s.q_a.resize(q_a_out_.size());
+      s.q_nope.resize(cfg_.heads * cfg_.nope);
+      s.q_pe.resize(cfg_.heads * cfg_.rope);
+      s.values.resize(cfg_.heads * cfg_.v_dim);
+      s.act.resize((cfg_.top_k + 1) * gate_up_stride_ / 2);
+      s.cos.resize(inv_freq_.size());
+      s.sin.resize(inv_freq_.size());
+      for (size_t i = 0; i < inv_freq_.size(); ++i) {
+        const float angle = static_cast<float>(position) * inv_freq_[i];
+        s.cos[i] = std::cos(angle);
+        s.sin[i] = std::sin(angle);
+      }
+      const int64_t slot = table[position / block_size] * block_size + position % block_size;
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        C* layer_cache = cache + i * slots * (cfg_.latent + cfg_.rope);
+        attention(layers_[i], s, tid, threads, position, table, block_size, layer_cache, slot);
+        mlp(layers_[i], s, tid, threads);
+      }
+      rms_norm(s.x.data(), final_norm_, cfg_.rms_eps, s.normed.data());
+      products({{&lm_head_, s.normed.data(), logits}}, s);
+    }
+  }
+
+  template <typename C>
+  void attention(const Layer& l, ThreadState& s, int tid, int nth, int64_t position, const int64_t* table,
+                 int64_t block_size, C* cache, int64_t slot) {
+    const int64_t H = cfg_.heads, L = cfg_.latent, R = cfg_.rope;
+    rms_norm(s.x.data(), l.input_norm, cfg_.rms_eps, s.normed.data());
+    if (cfg_.q_lora) {
+      products({{&l.q_a, s.normed.data(), q_a_out_.data()}, {&l.kv_a, s.normed.data(), kv_a_out_.data()}}, s);
+#pragma omp barrier
+      rms_norm(q_a_out_.data(), l.q_a_norm, cfg_.latent_eps, s.q_a.data());
+      write_latent(l, cache, slot, tid, s);
+      products({{&l.q_b, s.q_a.data(), q_out_.data()}}, s);
+    } else {
+      products({{&l.q_b, s.normed.data(), q_out_.data()}, {&l.kv_a, s.normed.data(), kv_a_out_.data()}}, s);
+#pragma omp barrier
+      write_latent(l, cache, slot, tid, s);
+    }
+#pragma omp barrier
+    for (int64_t h = 0; h < H; ++h) {
+      const float* q = q_out_.data() + h * q_stride_;
+      std::copy(q, q + cfg_.nope, s.q_nope.begin() + h * cfg_.nope);
+      rope(q + cfg_.nope, s.cos, s.sin, s.q_pe.data() + h * R);
+    }
+    std::vector<Product> absorb;
+    for (int64_t h = 0; h < H; ++h) absorb.push_back({&l.w_uk[h], s.q_nope.data() + h * cfg_.nope, q_latent_.data() + h * uk_stride_});
+    products(absorb, s);
+#pragma omp barrier
+    const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
+    attend_heads(h0, h1, s, position + 1, table, block_size, cache);
+#pragma omp barrier
+    std::vector<Product> values;
+    for (int64_t h = 0; h < H; ++h) values.push_back({&l.w_uv[h], attn_latent_.data() + h * L, v_out_.data() + h * uv_stride_});
+    products(values, s);
+#pragma omp barrier
+    for (int64_t h = 0; h < H; ++h)
+      std::copy(v_out_.data() + h * uv_stride_, v_out_.data() + h * uv_stride_ + cfg_.v_dim, s.values.begin() + h * cfg_.v_dim);
+    products({{&l.o_proj, s.values.data(), o_out_.data()}}, s);
+#pragma omp barrier
+    for (int64_t i = 0; i < cfg_.hidden; ++i) s.x[i] += o_out_[i];
+  }
+
+  // The new token's normed latent and roped key into its cache slot (thread 0; read only after
+  // the barriers that follow).
+  template <typename C>
+  void write_latent(const Layer& l, C* cache, int64_t slot, int tid, ThreadState& s) {
+    if (tid != 0) return;
+    const int64_t L = cfg_.latent, R = cfg_.rope;
+    std::vector<float> entry(L + R);
+    rms_norm(kv_a_out_.data(), l.kv_a_norm, cfg_.latent_eps, entry.data());
+    rope(kv_a_out_.data() + L, s.cos, s.sin, entry.data() + L);
+    C* dst = cache + slot * (L + R);
+    for (int64_t i = 0; i < L + R; ++i) dst[i] = static_cast<C>(entry[i]);
+  }
+
+  // Heads [h0, h1) attend over the first seq_len cached tokens. q_latent_ holds each head's
+  // absorbed query; the result (softmax-weighted latents) goes to attn_latent_.
+  template <typename C>
+  void attend_heads(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table, int64_t block_size,
+                    const C* cache) {
+    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0;
+    if (n <= 0) return;
+    if constexpr (std::is_same_v<C, at::BFloat16>) {
+      if (has_bf16_) return attend_heads_bf16(h0, h1, s, seq_len, table, block_size, cache);
+    }
+    const float scale = static_cast<float>(cfg_.softmax_scale);
+    // Queries with the scale folded in, laid out as [head][latent | rope] like a cache row.
+    std::vector<float> queries(n * D);
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t i = 0; i < L; ++i) queries[h * D + i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
+      for (int64_t i = 0; i < R; ++i) queries[h * D + L + i] = s.q_pe[(h0 + h) * R + i] * scale;
+    }
+    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
+    float* out = attn_latent_.data() + h0 * L;
+    std::fill(out, out + n * L, 0.f);
+    s.attn_scores.resize(n * block_size);
+    std::vector<float> rows(kTokens * D);
+    for (int64_t start = 0; start < seq_len; start += block_size) {
+      const int64_t count = std::min(block_size, seq_len - start);
+      const C* block = cache + table[start / block_size] * block_size * D;
+      float* scores = s.attn_scores.data();  // [head][token of this block]
+      for (int64_t t = 0; t < count; t += kTokens) {
+        const int64_t m = std::min<int64_t>(kTokens, count - t);
+        for (int64_t i = 0; i < m * D; ++i) rows[i] = static_cast<float>(block[t * D + i]);
+        for (int64_t i = m * D; i < kTokens * D; ++i) rows[i] = 0.f;
+        for (int64_t h = 0; h < n; ++h) {
+          float dots[kTokens];
+          dot_rows(queries.data() + h * D, rows.data(), D, dots);
+          for (int64_t k = 0; k < m; ++k) scores[h * block_size + t + k] = dots[k];
+        }
+      }
+      // online softmax: rescale what was accumulated when a head's running max grows
+      for (int64_t h = 0; h < n; ++h) {
+        float* sc = scores + h * block_size;
+        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
+        const float correction = std::exp(max_score[h] - new_max);
+        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
+        max_score[h] = new_max;
+        if (correction != 1.f)
+          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
+      }
+      for_head_groups(n, [&](auto heads, int64_t h) {
+        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size, out + h * L);
+      });
+    }
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
+  }
+
+  // fn(std::integral_constant<int, H>, first head) for groups of up to kHeads of n heads
+  template <typename Fn>
+  static void for_head_groups(int64_t n, Fn fn) {
+    for (int64_t h = 0; h < n; h += kHeads) {
+      switch (std::min<int64_t>(kHeads, n - h)) {
+        case 8: fn(std::integral_constant<int, 8>{}, h); break;
+        case 7: fn(std::integral_constant<int, 7>{}, h); break;
+        case 6: fn(std::integral_constant<int, 6>{}, h); break;
+        case 5: fn(std::integral_constant<int, 5>{}, h); break;
+        case 4: fn(std::integral_constant<int, 4>{}, h); break;
+        case 3: fn(std::integral_constant<int, 3>{}, h); break;
+        case 2: fn(std::integral_constant<int, 2>{}, h); break;
+        default: fn(std::integral_constant<int, 1>{}, h); break;
+      }
+    }
+  }
+
+  // attend_heads for a bfloat16 cache on VDPBF16PS (see bf16_scores / bf16_values)
+  GLMCODE_BF16 void attend_heads_bf16(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
+                                      int64_t block_size, const at::BFloat16* cache) {
+    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0, padded = (D + 31) / 32 * 32;
+    const float scale = static_cast<float>(cfg_.softmax_scale);
+    std::vector<at::BFloat16> queries(n * padded, at::BFloat16(0.f));
+    std::vector<float> q(D);
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t i = 0; i < L; ++i) q[i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
+      for (int64_t i = 0; i < R; ++i) q[L + i] = s.q_pe[(h0 + h) * R + i] * scale;
+      to_bf16(q.data(), D, queries.data() + h * padded);
+    }
+    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
+    float* out = attn_latent_.data() + h0 * L;
+    std::fill(out, out + n * L, 0.f);
+    s.attn_scores.resize(n * block_size);
+    const int64_t p_stride = block_size + 2;  // room for the zero that pairs an odd last token
+    std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
+    for (int64_t start = 0; start < seq_len; start += block_size) {
+      const int64_t count = std::min(block_size, seq_len - start);
+      const at::BFloat16* block = cache + table[start / block_size] * block_size * D;
+      float* scores = s.attn_scores.data();
+      for_head_groups(n, [&](auto heads, int64_t h) {
+        bf16_scores<decltype(heads)::value>(queries.data() + h * padded, padded, block, count, D, scores + h * block_size, block_size);
+      });
+      for (int64_t h = 0; h < n; ++h) {
+        float* sc = scores + h * block_size;
+        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
+        const float correction = std::exp(max_score[h] - new_max);
+        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
+        max_score[h] = new_max;
+        if (correction != 1.f)
+          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
+        to_bf16(sc, count, weights.data() + h * p_stride);
+        weights[h * p_stride + count] = at::BFloat16(0.f);
+      }
+      for_head_groups(n, [&](auto heads, int64_t h) {
+        bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L);
+      });
+    }
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
+      unpermute(out + h * L, L);
+    }
+  }
+
+  static constexpr int kTokens = 4;  // cache rows scored together, sharing each query load
+  static constexpr int kHeads = 8;   // heads accumulated together, sharing each cache load
+
+  // dots[k] = q . rows[k] for kTokens rows of D floats
+  static void dot_rows(const float* q, const float* rows, int64_t D, float* dots) {
+    __m512 acc[kTokens];
+    for (int k = 0; k < kTokens; ++k) acc[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= D; i += 16) {
+      const __m512 qv = _mm512_loadu_ps(q + i);
+      for (int k = 0; k < kTokens; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + k * D + i), acc[k]);
+    }
+    for (int k = 0; k < kTokens; ++k) {
+      dots[k] = reduce(acc[k]);
+      for (int64_t j = i; j < D; ++j) dots[k] += q[j] * rows[k * D + j];
+    }
+  }
+
+  // p[t] = exp(p[t] - shift) for t < count; returns their sum.
+  static float exp_shifted(float* p, int64_t count, float shift) {
+    float total = 0.f;
+    int64_t t = 0;
+    const __m512 s = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (; t + 16 <= count; t += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), s));
+      _mm512_storeu_ps(p + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total = reduce(sum);
+    for (; t < count; ++t) {
+      p[t] = std::exp(p[t] - shift);
+      total += p[t];
+    }
+    return total;
+  }
+
+  // exp of 16 floats: 2^n * e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+  // (relative error ~1e-7, like expf).
+  static __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for accuracy
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  // out[h] += sum_t p[h][t] * latent[t] for M heads, 32 latent values at a time, so that the
+  // accumulators stay in registers while the block's tokens stream by.
+  template <int M, typename C>
+  void accumulate_values(const C* block, int64_t count, const float* p, int64_t p_stride, float* out) const {
+    const int64_t L = cfg_.latent, D = cfg_.latent + cfg_.rope;
+    for (int64_t i = 0; i < L; i += 32) {
+      __m512 acc[M][2];
+      for (int k = 0; k < M; ++k) {
+        acc[k][0] = _mm512_loadu_ps(out + k * L + i);
+        acc[k][1] = _mm512_loadu_ps(out + k * L + i + 16);
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        const __m512 v0 = load16(block + t * D + i), v1 = load16(block + t * D + i + 16);
+        for (int k = 0; k < M; ++k) {
+          const __m512 w = _mm512_set1_ps(p[k * p_stride + t]);
+          acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);
+          acc[k][1] = _mm512_fmadd_ps(w, v1, acc[k][1]);
+        }
+      }
+      for (int k = 0; k < M; ++k) {
+        _mm512_storeu_ps(out + k * L + i, acc[k][0]);
+        _mm512_storeu_ps(out + k * L + i + 16, acc[k][1]);
+      }
+    }
+  }
+
+  void mlp(const Layer& l, ThreadState& s, int tid, int nth) {
+    rms_norm(s.x.data(), l.post_norm, cfg_.rms_eps, s.normed.data());
+    if (l.dense) {
+      gated(l.gate_up, l.down, s);
+      return;
+    }
+    const int64_t E = cfg_.experts;
+    // router: float32 weights, a product the threads split by rows
+    const int64_t rows_per_thread = (E + nth - 1) / nth;
+    for (int64_t e = tid * rows_per_thread; e < std::min(E, (tid + 1) * rows_per_thread); ++e) {
+      const float* w = l.router + e * cfg_.hidden;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < cfg_.hidden; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(s.normed.data() + i), acc);
+      router_out_[e] = reduce(acc);
+    }
+#pragma omp barrier
+    std::vector<int64_t> chosen;
+    std::vector<float> weights;
+    route(l, chosen, weights);
+    // the chosen experts and the shared one, as one gate_up phase and one down phase
+    std::vector<Product> up;
+    for (size_t r = 0; r < chosen.size(); ++r) up.push_back({&l.expert_gate_up[chosen[r]], s.normed.data(), gate_up_out_.data() + r * gate_up_stride_});
+    up.push_back({&l.gate_up, s.normed.data(), gate_up_out_.data() + chosen.size() * gate_up_stride_});
+    products(up, s);
+#pragma omp barrier
+    std::vector<Product> down;
+    for (size_t r = 0; r < up.size(); ++r) {
+      const Linear& d = r < chosen.size() ? l.expert_down[chosen[r]] : l.down;
+      float* act = s.act.data() + r * (gate_up_stride_ / 2);
+      silu_mul(gate_up_out_.data() + r * gate_up_stride_, d.in, act);
+      down.push_back({&d, act, down_out_.data() + r * down_stride_});
+    }
+    products(down, s);
+#pragma omp barrier
+    weights.push_back(1.f);  // the shared expert
+    for (size_t r = 0; r < down.size(); ++r) {
+      const float* y = down_out_.data() + r * down_stride_;
+      for (int64_t i = 0; i < cfg_.hidden; ++i) s.x[i] += weights[r] * y[i];
+    }
+  }
+
+  static void silu_mul(const float* gate_up, int64_t width, float* out) {
+    for (int64_t i = 0; i < width; ++i) out[i] = silu(gate_up[i]) * gate_up[width + i];
+  }
+
+  // x += down(silu(gate) * up) of normed x
+  void gated(const Linear& gate_up, const Linear& down, ThreadState& s) {
+    products({{&gate_up, s.normed.data(), gate_up_out_.data()}}, s);
+#pragma omp barrier
+    silu_mul(gate_up_out_.data(), down.in, s.act.data());
+    products({{&down, s.act.data(), down_out_.data()}}, s);
+#pragma omp barrier
+    for (int64_t i = 0; i < cfg_.hidden; ++i) s.x[i] += down_out_[i];
+  }
+
+  // The sigmoid router's choice (see moe.Router), from router_out_.
+  void route(const Layer& l, std::vector<int64_t>& chosen, std::vector<float>& weights) const {
+    const int64_t E = cfg_.experts;
+    std::vector<float> scores(E), choice(E);
+    for (int64_t e = 0; e < E; ++e) {
+      scores[e] = 1.f / (1.f + std::exp(-router_out_[e]));
+      choice[e] = scores[e] + l.router_bias[e];
+    }
+    if (cfg_.n_group > 1) {
+      const int64_t per_group = E / cfg_.n_group;
+      std::vector<std::pair<float, int64_t>> groups;
+      for (int64_t g = 0; g < cfg_.n_group; ++g) {
+        std::vector<float> members(choice.begin() + g * per_group, choice.begin() + (g + 1) * per_group);
+        std::partial_sort(members.begin(), members.begin() + 2, members.end(), std::greater<float>());
+        groups.push_back({members[0] + members[1], g});
+      }
+      std::partial_sort(groups.begin(), groups.begin() + cfg_.topk_group, groups.end(), std::greater<>());
+      std::vector<bool> keep(cfg_.n_group, false);
+      for (int64_t i = 0; i < cfg_.topk_group; ++i) keep[groups[i].second] = true;
+      for (int64_t e = 0; e < E; ++e)
+        if (!keep[e / per_group]) choice[e] = -std::numeric_limits<float>::infinity();
+    }
+    std::vector<int64_t> order(E);
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + cfg_.top_k, order.end(),
+                      [&](int64_t a, int64_t b) { return choice[a] > choice[b] || (choice[a] == choice[b] && a < b); });
+    chosen.assign(order.begin(), order.begin() + cfg_.top_k);
+    float total = 0.f;
+    for (int64_t e : chosen) total += scores[e];
+    for (int64_t e : chosen) {
+      const float w = cfg_.normalize ? scores[e] / (total + 1e-20f) : scores[e];
+      weights.push_back(w * static_cast<float>(cfg_.routed_scaling));
+    }
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(glmcode_cpu, m) {
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
+      .def("step", &DecodePlan::step);
+}
