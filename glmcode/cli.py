@@ -475,15 +475,19 @@ def model_pull(
 def model_quantize(
     source: Annotated[Path, typer.Argument(help="Checkpoint to read.")],
     destination: Annotated[Path, typer.Argument(help="Directory to write the quantized checkpoint to.")],
-    bits: Annotated[int, typer.Option("--bits", help="4 or 8.")] = 4,
+    bits: Annotated[int, typer.Option("--bits", help="Routed and shared experts: 4 or 8.")] = 4,
+    linear_bits: Annotated[
+        int, typer.Option("--linear-bits", help="Attention, dense MLP and lm_head: 8, or 4 for the fastest decode.")
+    ] = 8,
 ) -> None:
     """Write a weight-only int4/int8 copy of a checkpoint (streams tensor by tensor, bounded memory)."""
-    if bits not in (4, 8):
-        raise UsageError(f"--bits must be 4 or 8, not {bits}")
+    for name, value in (("--bits", bits), ("--linear-bits", linear_bits)):
+        if value not in (4, 8):
+            raise UsageError(f"{name} must be 4 or 8, not {value}")
     from glmcode.engine.quant_checkpoint import quantize_checkpoint
 
-    written = quantize_checkpoint(source, destination, bits=bits, progress=sys.stderr.isatty())
-    print(f"wrote an int{bits} checkpoint to {written}; use it with --model {written}")
+    written = quantize_checkpoint(source, destination, bits=bits, linear_bits=linear_bits, progress=sys.stderr.isatty())
+    print(f"wrote an int{bits} checkpoint (int{linear_bits} elsewhere) to {written}; use it with --model {written}")
 
 
 # --- config -----------------------------------------------------------------------------------------

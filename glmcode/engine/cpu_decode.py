@@ -32,10 +32,14 @@ class Unsupported(Exception):
 
 
 class FusedDecoder:
-    def __init__(self, model: GlmMoeLite):
-        """Raises Unsupported when some part of ``model`` is not one the plan runs."""
+    def __init__(self, model: GlmMoeLite, *, allow_amx: bool = True):
+        """Raises Unsupported when some part of ``model`` is not one the plan runs.
+
+        allow_amx: attend on AMX tiles where the CPU has them (bf16 cache); False keeps the
+        AVX-512 attention (for comparing the two).
+        """
         self.embedding = model.model.embed_tokens.weight
-        plan = _PlanWriter(model)
+        plan = _PlanWriter(model, allow_amx)
         self.plan = torch.classes.glmcode_cpu.DecodePlan(plan.tensors, plan.ints, plan.floats)
 
     @classmethod
@@ -70,7 +74,7 @@ def _on_our_kernels(module: nn.Module) -> bool:
 class _PlanWriter:
     """The flat description cpu_decode.cpp's DecodePlan reads, in its order."""
 
-    def __init__(self, model: GlmMoeLite):
+    def __init__(self, model: GlmMoeLite, allow_amx: bool):
         config = model.config
         if config.rope_dim != config.qk_rope_head_dim or config.hidden_size % 16 or config.kv_lora_rank % 32:
             raise Unsupported("shapes")
@@ -79,7 +83,7 @@ class _PlanWriter:
             config.hidden_size, config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
             config.v_head_dim, config.kv_lora_rank, int(config.q_lora_rank is not None), config.n_routed_experts,
             config.num_experts_per_tok, config.n_group, config.topk_group, int(config.norm_topk_prob),
-            model.lm_head.out_features, config.num_hidden_layers,
+            model.lm_head.out_features, config.num_hidden_layers, int(allow_amx),
         ]  # fmt: skip
         self.floats = [config.rms_norm_eps, LATENT_NORM_EPS, config.softmax_scale, config.routed_scaling_factor]
         self.tensors.append(model.rotary.inv_freq.float().contiguous())

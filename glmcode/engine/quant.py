@@ -91,6 +91,10 @@ class QuantScheme:
             return None
         if "embed_tokens" in name or name.endswith(".mlp.gate.weight"):
             return None
+        if name.endswith(".kv_b_proj.weight"):
+            # Decode reads it as int8 per head in any scheme (Int8KVBProjection): int4 in the
+            # checkpoint would only lose precision.
+            return 8
         bits = self.expert_bits if ".experts." in name or ".shared_experts." in name else self.linear_bits
         # int4 groups need 32 | in_features; only toy shapes miss that, and they get int8.
         return 8 if bits == 4 and shape[1] % 32 else bits

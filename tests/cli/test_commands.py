@@ -150,6 +150,8 @@ def test_quantize_bad_bits_and_a_missing_source_are_clear_errors(cli: Cli, tmp_p
     checkpoint = write_checkpoint(tmp_path / "ckpt")
     result = cli("model", "quantize", str(checkpoint), str(tmp_path / "out"), "--bits", "3")
     assert result.returncode == 2 and "--bits must be 4 or 8" in assert_one_line_error(result)
+    result = cli("model", "quantize", str(checkpoint), str(tmp_path / "out"), "--linear-bits", "2")
+    assert result.returncode == 2 and "--linear-bits must be 4 or 8" in assert_one_line_error(result)
     result = cli("model", "quantize", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert result.returncode == 3 and "nowhere" in assert_one_line_error(result)
     assert not (tmp_path / "out").exists()

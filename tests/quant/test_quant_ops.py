@@ -179,6 +179,7 @@ def test_scheme_classifies_checkpoint_tensors():
     assert QuantScheme.named("int8").bits_for("model.layers.1.mlp.experts.0.up_proj.weight", (64, 64)) == 8
     assert scheme.bits_for("model.layers.1.mlp.experts.0.down_proj.weight", (64, 48)) == 8  # 48 inputs: no int4 group
     assert QuantScheme.named("int4-all").bits_for("lm_head.weight", (64, 64)) == 4
+    assert QuantScheme.named("int4-all").bits_for("model.layers.1.self_attn.kv_b_proj.weight", (64, 64)) == 8
     with pytest.raises(ValueError):
         QuantScheme.named("int3")
 

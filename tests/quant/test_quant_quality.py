@@ -6,7 +6,7 @@ import torch
 from glmcode.engine import LLM, SamplingParams
 from glmcode.engine.kernels import cpu_quant
 from glmcode.engine.quant import Int4Linear, Int8Linear, QuantizedExperts, StackedInt4Experts
-from glmcode.engine.quant_checkpoint import quantize_checkpoint
+from glmcode.engine.quant_checkpoint import quantization_config, quantize_checkpoint
 from glmcode.errors import CheckpointError, UsageError
 from tests.conftest import load_tiny_checkpoint_writer
 
@@ -112,11 +112,13 @@ def test_cli_quantizes_a_checkpoint_that_then_loads_and_generates(tiny_checkpoin
     root = Path(__file__).resolve().parents[2]
     destination = tmp_path / "tiny-int4"
     done = subprocess.run(
-        [sys.executable, "-m", "glmcode", "model", "quantize", str(tiny_checkpoint), str(destination), "--bits", "4"],
+        [sys.executable, "-m", "glmcode", "model", "quantize", str(tiny_checkpoint), str(destination), "--bits", "4",
+         "--linear-bits", "4"],
         cwd=root, capture_output=True, text=True, timeout=300,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert str(destination) in done.stdout
+    assert quantization_config(destination)["linear_bits"] == 4
     llm = LLM(destination, progress=False)
     assert isinstance(llm.model.model.layers[1].mlp.experts, (StackedInt4Experts, QuantizedExperts))
     completion = llm.generate(llm.tokenizer.encode("import os"), SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[]))

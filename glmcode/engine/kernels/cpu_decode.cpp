@@ -17,7 +17,10 @@
 // count, so results do not depend on it. Activations stay float32 throughout.
 #include "cpu_kernels.h"
 
+#include <cpuid.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -242,6 +245,107 @@ GLMCODE_BF16 void to_bf16(const float* in, int64_t n, at::BFloat16* out) {
   for (; i < n; ++i) out[i] = at::BFloat16(in[i]);
 }
 
+// ---- AMX: attention as tile products (TDPBF16PS: a 16x32 by 32x16 bf16 product per instruction)
+
+#define GLMCODE_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers.
+bool amx_available() {
+  static const bool available = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return available;
+}
+
+// Tiles: 0 scores [16 tokens x n heads] f32, 1 cache rows [16 tokens x 32 values] bf16,
+// 2 queries as pairs [16 value pairs x n heads], 3 outputs [n heads x 16 latent values] f32,
+// 4 weights [n heads x 32 tokens] bf16, 5 cache values as pairs [16 token pairs x 16 values].
+GLMCODE_AMX void configure_attention_tiles(int64_t n) {
+  TileConfig config;
+  const uint16_t heads_bytes = static_cast<uint16_t>(n * 4);
+  const uint8_t heads = static_cast<uint8_t>(n);
+  const uint16_t bytes[6] = {heads_bytes, 64, heads_bytes, 64, 64, 64};
+  const uint8_t rows[6] = {16, 16, 16, heads, heads, 16};
+  for (int i = 0; i < 6; ++i) {
+    config.bytes_per_row[i] = bytes[i];
+    config.rows[i] = rows[i];
+  }
+  _tile_loadconfig(&config);
+}
+
+// Queries [n][D] (float, scale applied) to the pair layout of tile 2, one 16 x n block per 32
+// values: pairs[c][k][h] = (q[h][32c + 2k], q[h][32c + 2k + 1]).
+GLMCODE_AMX void query_pairs(const float* q, int64_t n, int64_t D, at::BFloat16* pairs) {
+  for (int64_t c = 0; c < D / 32; ++c)
+    for (int64_t k = 0; k < 16; ++k)
+      for (int64_t h = 0; h < n; ++h)
+        for (int64_t e = 0; e < 2; ++e)
+          pairs[((c * 16 + k) * n + h) * 2 + e] = at::BFloat16(q[h * D + c * 32 + 2 * k + e]);
+}
+
+// scores[h][t] = q[h] . row[t] for the block's first `count` tokens (count rounded up to 16
+// rows are read: block sizes are multiples of 16, so they stay inside the block).
+GLMCODE_AMX void amx_scores(const at::BFloat16* block, int64_t count, int64_t D, const at::BFloat16* pairs, int64_t n,
+                            float* scores, int64_t s_stride) {
+  alignas(64) float tile[16 * 16];
+  for (int64_t t = 0; t < count; t += 16) {
+    _tile_zero(0);
+    for (int64_t c = 0; c < D / 32; ++c) {
+      _tile_loadd(1, block + t * D + c * 32, D * 2);
+      _tile_loadd(2, pairs + c * 16 * n * 2, n * 4);
+      _tile_dpbf16ps(0, 1, 2);
+    }
+    _tile_stored(0, tile, n * 4);
+    for (int64_t r = 0; r < std::min<int64_t>(16, count - t); ++r)
+      for (int64_t h = 0; h < n; ++h) scores[h * s_stride + t + r] = tile[r * n + h];
+  }
+}
+
+// out[h][:L] += sum_t p[h][t] * latent[t] over the block's first `count` tokens; p is bf16
+// [n][p_stride], zero from count up to the next multiple of 32.
+GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, const at::BFloat16* p,
+                            int64_t p_stride, int64_t n, float* out) {
+  alignas(64) at::BFloat16 pairs[16 * 32];
+  alignas(64) float tile[16 * 16];
+  // word 2i of the result is a[i], word 2i + 1 is b[i]: two tokens' values interleaved
+  alignas(64) int16_t order[32];
+  for (int i = 0; i < 16; ++i) {
+    order[2 * i] = static_cast<int16_t>(i);
+    order[2 * i + 1] = static_cast<int16_t>(32 + i);
+  }
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int64_t d = 0; d < L; d += 16) {
+    _tile_zero(3);
+    for (int64_t t = 0; t < count; t += 32) {
+      for (int64_t k = 0; k < 16; ++k) {
+        const int64_t first = t + 2 * k;
+        const __m512i a = first < count ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + first * D + d)))
+                                        : _mm512_setzero_si512();
+        const __m512i b = first + 1 < count ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (first + 1) * D + d)))
+                                            : _mm512_setzero_si512();
+        _mm512_store_si512(pairs + k * 32, _mm512_permutex2var_epi16(a, interleave, b));
+      }
+      _tile_loadd(4, p + t, p_stride * 2);
+      _tile_loadd(5, pairs, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(3, tile, 64);
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t i = 0; i < 16; ++i) out[h * L + d + i] += tile[h * 16 + i];
+  }
+}
+
 class DecodePlan : public torch::CustomClassHolder {
  public:
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats)
@@ -254,6 +358,7 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(cfg_.latent % 32 == 0 && cfg_.hidden % 16 == 0,
                 "decode plan: latent must be a multiple of 32 and hidden of 16");
     const int64_t num_layers = r.integer();
+    use_amx_ = r.integer() != 0 && amx_available();
     inv_freq_ = r.floats();
     final_norm_ = r.floats();
     lm_head_ = r.linear();
@@ -326,6 +431,7 @@ class DecodePlan : public torch::CustomClassHolder {
   std::vector<std::atomic<int64_t>> tickets_;
   static constexpr int64_t kChunkBytes = 32 << 10;
   bool has_bf16_ = __builtin_cpu_supports("avx512bf16");
+  bool use_amx_ = false;
   // Outputs of the products, shared by the threads.
   std::vector<float> q_a_out_, q_out_, kv_a_out_, q_latent_, attn_latent_, v_out_, o_out_, router_out_,
       gate_up_out_, down_out_;
@@ -489,6 +595,10 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0;
     if (n <= 0) return;
     if constexpr (std::is_same_v<C, at::BFloat16>) {
+      if (use_amx_ && has_bf16_ && D % 32 == 0 && block_size % 32 == 0) {
+        for (int64_t h = h0; h < h1; h += 16) attend_heads_amx(h, std::min(h1, h + 16), s, seq_len, table, block_size, cache);
+        return;
+      }
       if (has_bf16_) return attend_heads_bf16(h0, h1, s, seq_len, table, block_size, cache);
     }
     const float scale = static_cast<float>(cfg_.softmax_scale);
@@ -550,6 +660,48 @@ class DecodePlan : public torch::CustomClassHolder {
         default: fn(std::integral_constant<int, 1>{}, h); break;
       }
     }
+  }
+
+  // attend_heads for a bfloat16 cache on AMX tiles, at most 16 heads (see amx_scores / amx_values)
+  GLMCODE_AMX void attend_heads_amx(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
+                                    int64_t block_size, const at::BFloat16* cache) {
+    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0;
+    const float scale = static_cast<float>(cfg_.softmax_scale);
+    std::vector<float> q(n * D);
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t i = 0; i < L; ++i) q[h * D + i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
+      for (int64_t i = 0; i < R; ++i) q[h * D + L + i] = s.q_pe[(h0 + h) * R + i] * scale;
+    }
+    std::vector<at::BFloat16> pairs(D / 32 * 16 * n * 2);
+    query_pairs(q.data(), n, D, pairs.data());
+    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
+    float* out = attn_latent_.data() + h0 * L;
+    std::fill(out, out + n * L, 0.f);
+    s.attn_scores.resize(n * block_size);
+    const int64_t p_stride = block_size + 32;
+    std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
+    configure_attention_tiles(n);
+    for (int64_t start = 0; start < seq_len; start += block_size) {
+      const int64_t count = std::min(block_size, seq_len - start);
+      const at::BFloat16* block = cache + table[start / block_size] * block_size * D;
+      float* scores = s.attn_scores.data();
+      amx_scores(block, count, D, pairs.data(), n, scores, block_size);
+      for (int64_t h = 0; h < n; ++h) {
+        float* sc = scores + h * block_size;
+        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
+        const float correction = std::exp(max_score[h] - new_max);
+        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
+        max_score[h] = new_max;
+        if (correction != 1.f)
+          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
+        to_bf16(sc, count, weights.data() + h * p_stride);
+        std::fill(weights.data() + h * p_stride + count, weights.data() + h * p_stride + (count + 31) / 32 * 32, at::BFloat16(0.f));
+      }
+      amx_values(block, count, D, L, weights.data(), p_stride, n, out);
+    }
+    _tile_release();
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
   }
 
   // attend_heads for a bfloat16 cache on VDPBF16PS (see bf16_scores / bf16_values)
