@@ -150,10 +150,13 @@ inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
 
 void rms_norm(const float* x, const std::vector<float>& weight, double eps, float* out) {
   const int64_t n = static_cast<int64_t>(weight.size());
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
-  const float inv = static_cast<float>(1.0 / std::sqrt(total / n + eps));
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
+  __m512 squares = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) squares = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), squares);
+  float total = reduce(squares);
+  for (; i < n; ++i) total += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(total / n + static_cast<float>(eps));
+  for (i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
 }
 
 // Interleaved pairs in, de-interleaved out (the engine's rope layout; see layers.Rotary).
@@ -429,7 +432,8 @@ class DecodePlan : public torch::CustomClassHolder {
   // One work counter per products() call of a step; threads take chunks of tiles from it, so a
   // thread that runs slower (the main thread, one that got interrupted) just takes fewer.
   std::vector<std::atomic<int64_t>> tickets_;
-  static constexpr int64_t kChunkBytes = 32 << 10;
+  // Each chunk starts a new memory stream: chunks of 256 KB measured ~7% faster than 32 KB.
+  static constexpr int64_t kChunkBytes = 256 << 10;
   bool has_bf16_ = __builtin_cpu_supports("avx512bf16");
   bool use_amx_ = false;
   // Outputs of the products, shared by the threads.
@@ -479,7 +483,10 @@ class DecodePlan : public torch::CustomClassHolder {
       total_tiles += w.tiles;
     }
     std::atomic<int64_t>& next = tickets_[state.phase++];
-    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / jobs[0].w->tile_bytes());
+    int64_t total_bytes = 0;
+    for (const Product& job : jobs) total_bytes += job.w->tiles * job.w->tile_bytes();
+    const int64_t chunk_bytes = std::min(kChunkBytes, total_bytes / (4 * omp_get_num_threads()));
+    const int64_t chunk = std::max<int64_t>(1, chunk_bytes / jobs[0].w->tile_bytes());
     size_t j = 0;
     int64_t job_first = 0;  // global index of job j's first tile
     for (int64_t start; (start = next.fetch_add(chunk, std::memory_order_relaxed)) < total_tiles;) {
@@ -872,7 +879,13 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   static void silu_mul(const float* gate_up, int64_t width, float* out) {
-    for (int64_t i = 0; i < width; ++i) out[i] = silu(gate_up[i]) * gate_up[width + i];
+    int64_t i = 0;
+    for (; i + 16 <= width; i += 16) {
+      const __m512 gate = _mm512_loadu_ps(gate_up + i);
+      const __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), _mm512_loadu_ps(gate_up + width + i)));
+    }
+    for (; i < width; ++i) out[i] = silu(gate_up[i]) * gate_up[width + i];
   }
 
   // x += down(silu(gate) * up) of normed x

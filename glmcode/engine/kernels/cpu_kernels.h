@@ -21,7 +21,7 @@ constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight t
 // Weights stream from memory once per token: prefetching this far ahead keeps enough cache-line
 // requests in flight for one core to approach its memory bandwidth (the hardware prefetcher
 // alone stops at page boundaries).
-constexpr int64_t kPrefetchBytes = 1536;
+constexpr int64_t kPrefetchBytes = 3072;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
@@ -37,7 +37,7 @@ float to_float(T v) { return static_cast<float>(v); }
 // One group of activations to int8 with one scale; returns the sum of the int8 values.
 // biased: store q + 128 (as the byte q ^ 0x80), the unsigned operand the int8 kernel wants.
 template <typename T>
-int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+int32_t quantize_group_scalar(const T* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
   float amax = 0.f;
   for (int64_t i = 0; i < group; ++i) amax = std::max(amax, std::fabs(to_float(src[i])));
   const float scale = amax > 0.f ? amax / 127.f : 1.f;
@@ -50,6 +50,32 @@ int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, fl
   }
   *scale_out = scale;
   return sum;
+}
+
+template <typename T>
+int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+  return quantize_group_scalar(src, group, biased, dst, scale_out);
+}
+
+// The same for float input, 16 values at a time (bit-identical: max is exact and the
+// conversion rounds to nearest even, as nearbyint does).
+template <>
+inline int32_t quantize_group<float>(const float* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+  if (group % 16) return quantize_group_scalar(src, group, biased, dst, scale_out);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+  const float max_abs = _mm512_reduce_max_ps(amax);
+  const float scale = max_abs > 0.f ? max_abs / 127.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(1.f / scale);
+  __m512i sum = _mm512_setzero_si512();
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
+  for (int64_t i = 0; i < group; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+    sum = _mm512_add_epi32(sum, q);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
+  }
+  *scale_out = scale;
+  return _mm512_reduce_add_epi32(sum);
 }
 
 template <typename T>
