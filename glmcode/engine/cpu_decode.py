@@ -1,15 +1,16 @@
-"""A decode step of one sequence on CPU as one call: the quantized model's fused C++ plan.
+"""A decode step of one sequence on CPU as one call: the model's fused C++ plan.
 
-Run module by module, a decode step of the quantized model is a few thousand small torch ops
-around the weight-streaming kernels; on a 2-core machine their overhead and the fork/join of
-each kernel's threads cost as much as reading the weights. ``kernels/cpu_decode.cpp`` runs the
-whole step (all layers, the final norm and lm_head) inside one parallel region instead.
+Run module by module, a decode step is a few thousand small torch ops around the
+weight-streaming matrix-vector products; on a 2-core machine their overhead and the fork/join
+of each kernel's threads cost as much as reading the weights. ``kernels/cpu_decode.cpp`` runs
+the whole step (all layers, the final norm and lm_head) inside one parallel region instead.
 
 ``FusedDecoder.for_model`` flattens the model into the plan the C++ side reads: the very
-buffers the quantized modules hold (views, nothing copied but the small norm weights). It
-returns None when the model is not one the plan runs (float weights, the aten fallback kernels,
-an int8 latent cache...): the LLM then decodes on its modules as before. Prefill always runs on
-the modules, which batch a chunk's tokens through each weight.
+buffers the modules hold (views, nothing copied but the small norm weights), for int4 / int8
+weights on our VNNI kernels and for bfloat16 weights on a CPU with AVX512_BF16. It returns None
+when the model is not one the plan runs (float32 weights, the aten fallback kernels, an int8
+latent cache...): the LLM then decodes on its modules as before. Prefill always runs on the
+modules, which batch a chunk's tokens through each weight.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch import nn
 
 from glmcode.engine.config import LATENT_NORM_EPS
 from glmcode.engine.kernels import cpu_quant
-from glmcode.engine.layers import GatedMLP
+from glmcode.engine.attention import KVBProjection
+from glmcode.engine.layers import GatedMLP, Linear
 from glmcode.engine.model import GlmMoeLite
-from glmcode.engine.moe import MoE
+from glmcode.engine.moe import MoE, RoutedExperts
 from glmcode.engine.quant import Int4Linear, Int8KVBProjection, Int8Linear, QuantizedExperts, StackedInt4Experts
 
 
@@ -52,8 +54,7 @@ class FusedDecoder:
             return None
         if not isinstance(kv_data, torch.Tensor) or kv_data.device.type != "cpu":
             return None
-        # Quantized modules on our kernels imply the extension (and so the plan) is built.
-        if kv_data.dtype not in (torch.bfloat16, torch.float32) or not _on_our_kernels(model.lm_head):
+        if kv_data.dtype not in (torch.bfloat16, torch.float32) or _bits(model.lm_head) is None:
             return None
         try:
             return cls(model)
@@ -67,8 +68,16 @@ class FusedDecoder:
         return self.plan.step(self.embedding[token_id], position, table, block_size, kv_data)[None]
 
 
-def _on_our_kernels(module: nn.Module) -> bool:
-    return isinstance(module, (Int4Linear, Int8Linear)) and module.kernel == "vnni"
+def _bits(module: nn.Module) -> int | None:
+    """4 / 8 / 16: how the plan runs this projection; None: it cannot."""
+    if isinstance(module, (Int4Linear, Int8Linear)):
+        # on our kernels, which implies the extension (and so the plan) is built
+        return (4 if isinstance(module, Int4Linear) else 8) if module.kernel == "vnni" else None
+    return 16 if _bf16_runs(module.weight) else None
+
+
+def _bf16_runs(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.bfloat16 and cpu_quant.has_bf16_dot() and cpu_quant.available()
 
 
 class _PlanWriter:
@@ -126,18 +135,32 @@ class _PlanWriter:
         self.tensors.append(module.weight.detach().float().contiguous())
 
     def linear(self, module: nn.Module) -> None:
-        if not _on_our_kernels(module):
-            raise Unsupported(type(module).__name__)
-        if isinstance(module, Int4Linear):
+        bits = _bits(module) if isinstance(module, (Int4Linear, Int8Linear, Linear)) else None
+        if bits == 4:
             self.weight(4, module.out_features, module.group_size, module.packed, module.scales, module.zeros)
-        else:
+        elif bits == 8:
             self.weight(8, module.out_features, module.group, module.packed, module.scales, module.sums)
+        elif bits == 16:
+            self.rows(module.weight)
+        else:
+            raise Unsupported(type(module).__name__)
+
+    def rows(self, weight: torch.Tensor) -> None:
+        """A bfloat16 weight [out, in] as stored."""
+        if not _bf16_runs(weight):
+            raise Unsupported(str(weight.dtype))
+        self.weight(16, weight.shape[0], weight.shape[1], weight)
 
     def weight(self, bits: int, rows: int, group: int, *tensors: torch.Tensor) -> None:
         self.ints += [bits, rows, group]
         self.tensors += [t.contiguous() for t in tensors]
 
     def heads(self, kv_b: nn.Module) -> None:
+        if isinstance(kv_b, KVBProjection):
+            for half in (kv_b.w_uk_t, kv_b.w_uv):  # [heads, latent, nope] and [heads, v, latent]
+                for head in half:
+                    self.rows(head)
+            return
         if not isinstance(kv_b, Int8KVBProjection):
             raise Unsupported(type(kv_b).__name__)
         for name in ("uk", "uv"):
@@ -156,5 +179,9 @@ class _PlanWriter:
             for modules in (experts.gate_up, experts.down):
                 for module in modules:
                     self.linear(module)
+        elif isinstance(experts, RoutedExperts):
+            for stacked in (experts.gate_up_proj, experts.down_proj):
+                for weight in stacked:
+                    self.rows(weight)
         else:
             raise Unsupported(type(experts).__name__)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
+from glmcode.engine.cpu_decode import FusedDecoder
 from glmcode.engine.kernels import cpu_quant
 from glmcode.engine.quant_checkpoint import quantize_checkpoint
 from tests.conftest import load_tiny_checkpoint_writer
@@ -111,6 +112,34 @@ def test_fused_step_with_a_bfloat16_cache_stays_close_to_float32(quantized):
     assert similarity[True] >= similarity[False] - 1e-3
 
 
+def similarity_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return torch.cosine_similarity(logits, reference, dim=-1).mean().item()
+
+
+@pytest.mark.skipif(not cpu_quant.has_bf16_dot(), reason="bfloat16 weights run fused only with AVX512_BF16")
+def test_bfloat16_weights_run_fused_as_close_to_float32_as_the_modules(tiny_checkpoint):
+    reference = decode_logits(float32_llm(tiny_checkpoint), False)
+    llm = LLM(tiny_checkpoint, dtype="bfloat16", block_size=16, enable_prefix_caching=False, progress=False)
+    assert llm.fused_decoder is not None
+    fused, modules = decode_logits(llm, True), decode_logits(llm, False)
+    assert similarity_to(reference, fused) > 0.99
+    assert similarity_to(reference, fused) >= similarity_to(reference, modules) - 1e-3
+
+
+@pytest.mark.skipif(not cpu_quant.has_bf16_dot(), reason="needs AVX512_BF16")
+def test_amx_attention_matches_the_avx512_attention(tmp_path):
+    """Attention on AMX tiles (where the CPU has them) against the VDPBF16PS attention: 96 cached
+    values per token (a multiple of 32, as the tiles need), blocks of 32, a bf16 cache."""
+    path = load_tiny_checkpoint_writer().make_tiny_checkpoint(tmp_path, kv_lora_rank=64, qk_rope_head_dim=32)
+    llm = LLM(path, dtype="bfloat16", block_size=32, enable_prefix_caching=False, progress=False)
+    amx = decode_logits(llm, True)
+    llm.fused_decoder = FusedDecoder(llm.model, allow_amx=False)
+    avx = decode_logits(llm, True)
+    # both round queries and weights to bf16 and sum in float32, in different orders
+    assert torch.cosine_similarity(amx, avx, dim=-1).min() > 0.9999
+    assert (amx.argmax(-1) == avx.argmax(-1)).float().mean() >= 0.95
+
+
 def test_results_do_not_depend_on_the_thread_count(quantized):
     llm = float32_llm(quantized("base", "int4"))
     threads = torch.get_num_threads()
@@ -137,7 +166,7 @@ def test_greedy_generation_is_the_same_on_both_paths(quantized):
 def test_used_only_where_it_applies(quantized, tiny_checkpoint, monkeypatch):
     path = quantized("base", "int4")
     assert LLM(path, progress=False).fused_decoder is not None
-    assert LLM(tiny_checkpoint, progress=False).fused_decoder is None  # float weights
+    assert LLM(tiny_checkpoint, dtype="float32", progress=False).fused_decoder is None  # float32 weights
     assert LLM(path, kv_cache_dtype="int8", progress=False).fused_decoder is None
     monkeypatch.setenv("GLMCODE_FUSED_DECODE", "0")
     assert LLM(path, progress=False).fused_decoder is None

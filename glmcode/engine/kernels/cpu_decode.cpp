@@ -1,4 +1,5 @@
-// One decode step of one sequence through a quantized GLM-4.7-Flash, every layer in one call.
+// One decode step of one sequence through GLM-4.7-Flash on CPU (int4 / int8 / bfloat16
+// weights), every layer in one call.
 //
 // A decoded token streams ~2 GB of int4 weights from memory through a few hundred small
 // matrix-vector products. Run op by op from Python, the norms, rope, routing and the fork/join
@@ -34,26 +35,59 @@ namespace {
 using namespace glmcode_cpu;
 
 
-// One projection in the tile layout of cpu_quant.py (int4 or int8); see cpu_quant.cpp.
+#define GLMCODE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// A product's input as its kernel wants it: int8 groups (int4 / int8 weights) or bfloat16
+// zero-padded to a multiple of 32 values (bfloat16 weights).
+struct Input {
+  QuantizedRows quantized;
+  std::vector<at::BFloat16> bf16;
+};
+
+// Rows [16t, 16t + 16) of y = w @ x for bfloat16 weights w [N, K], four rows at a time sharing
+// each load of x. Rows past N are computed from row 16t and dropped (no reads past the end).
+GLMCODE_BF16 void bf16_tile(const at::BFloat16* w, int64_t N, int64_t K, int64_t t, const at::BFloat16* x, float* y) {
+  const int64_t first = t * kTile, last = std::min(N, first + kTile), chunks = (K + 31) / 32;
+  const __mmask32 tail = K % 32 ? (1u << (K % 32)) - 1 : 0xFFFFFFFFu;
+  for (int64_t r = first; r < last; r += 4) {
+    const at::BFloat16* rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = w + (r + k < last ? r + k : first) * K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __mmask32 mask = c + 1 == chunks ? tail : 0xFFFFFFFFu;
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + c * 32);
+      for (int k = 0; k < 4; ++k) {
+        prefetch(rows[k] + c * 32);
+        acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_maskz_loadu_epi16(mask, rows[k] + c * 32), xv);
+      }
+    }
+    for (int k = 0; k < 4 && r + k < last; ++k) y[r + k] = _mm512_reduce_add_ps(acc[k]);
+  }
+}
+
+// One projection: int4 / int8 in the tile layout of cpu_quant.py (see cpu_quant.cpp), or
+// bfloat16 as stored ([N, K] rows).
 struct Linear {
   int64_t bits = 0, rows = 0, in = 0, group = 0, tiles = 0;
-  const uint8_t* packed = nullptr;
+  const uint8_t* packed = nullptr;  // int4 / int8 tiles, or the bf16 rows
   const at::BFloat16* scales4 = nullptr;  // int4: [tiles, in/group, 16]
   const at::BFloat16* zeros = nullptr;
   const float* scales8 = nullptr;  // int8: [tiles * 16]
   const int32_t* sums = nullptr;   // int8: [tiles, in/group, 16]
 
   int64_t padded_rows() const { return tiles * kTile; }
-  int64_t tile_bytes() const { return bits == 4 ? in / 2 * kTile : in * kTile; }
+  int64_t tile_bytes() const { return in * bits / 8 * kTile; }
 
-  void tile(int64_t t, const QuantizedRows& x, float* y) const {
+  void tile(int64_t t, const Input& x, float* y) const {
     const int64_t groups = in / group;
     if (bits == 4) {
-      int4_tile<1>(packed + t * (in / 8) * 64, scales4 + t * groups * kTile, zeros + t * groups * kTile, x, 0, in,
-                   group, y, padded_rows(), t);
-    } else {
-      int8_tile<1>(reinterpret_cast<const int8_t*>(packed) + t * (in / 4) * 64, scales8, sums + t * groups * kTile, x,
+      int4_tile<1>(packed + t * (in / 8) * 64, scales4 + t * groups * kTile, zeros + t * groups * kTile, x.quantized,
                    0, in, group, y, padded_rows(), t);
+    } else if (bits == 8) {
+      int8_tile<1>(reinterpret_cast<const int8_t*>(packed) + t * (in / 4) * 64, scales8, sums + t * groups * kTile,
+                   x.quantized, 0, in, group, y, padded_rows(), t);
+    } else {
+      bf16_tile(reinterpret_cast<const at::BFloat16*>(packed), rows, in, t, x.bf16.data(), y);
     }
   }
 };
@@ -108,6 +142,15 @@ struct Reader {
     l.rows = integer();
     l.group = integer();
     const at::Tensor packed = tensor();
+    if (l.bits == 16) {
+      TORCH_CHECK(__builtin_cpu_supports("avx512bf16"), "decode plan: bfloat16 weights need AVX512_BF16");
+      TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kBFloat16 && packed.size(0) == l.rows,
+                  "decode plan: bfloat16 weights must be [rows, in]");
+      l.in = l.group = packed.size(1);
+      l.tiles = (l.rows + kTile - 1) / kTile;
+      l.packed = static_cast<const uint8_t*>(packed.data_ptr());
+      return l;
+    }
     TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64, "decode plan: packed weights must be [tiles, blocks, 64]");
     l.tiles = packed.size(0);
     l.packed = static_cast<const uint8_t*>(packed.data_ptr());
@@ -117,7 +160,7 @@ struct Reader {
       l.scales4 = tensor().data_ptr<at::BFloat16>();
       l.zeros = tensor().data_ptr<at::BFloat16>();
     } else {
-      TORCH_CHECK(l.bits == 8, "decode plan: bits must be 4 or 8");
+      TORCH_CHECK(l.bits == 8, "decode plan: bits must be 4, 8 or 16");
       l.in = packed.size(1) * 4;
       l.scales8 = tensor().data_ptr<float>();
       l.sums = tensor().data_ptr<int32_t>();
@@ -136,7 +179,7 @@ struct Reader {
 struct ThreadState {
   int64_t phase = 0;  // products() calls so far this step: indexes the shared tickets
   std::vector<float> x, normed, q_a, q_nope, q_pe, cos, sin, values, act, attn_scores;
-  std::vector<QuantizedRows> quantized;
+  std::vector<Input> inputs;
 };
 
 inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -170,8 +213,6 @@ void rope(const float* in, const std::vector<float>& cos, const std::vector<floa
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-
-#define GLMCODE_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // Attention over a bfloat16 cache with VDPBF16PS, which multiplies and sums pairs of bf16: the
 // cache is read as stored, and one instruction does the work of two float FMAs and their
@@ -471,16 +512,16 @@ class DecodePlan : public torch::CustomClassHolder {
   // mostly streams one contiguous run of weights, and a slower thread just does less. No
   // barrier: the caller puts one after.
   void products(const std::vector<Product>& jobs, ThreadState& state) {
-    if (state.quantized.size() < jobs.size()) state.quantized.resize(jobs.size());
+    if (state.inputs.size() < jobs.size()) state.inputs.resize(jobs.size());
     int64_t total_tiles = 0;
     for (size_t j = 0; j < jobs.size(); ++j) {
       const Linear& w = *jobs[j].w;
       const bool shared_input = j > 0 && jobs[j].x == jobs[j - 1].x && w.in == jobs[j - 1].w->in &&
                                 w.group == jobs[j - 1].w->group && w.bits == jobs[j - 1].w->bits;
       if (shared_input) {
-        state.quantized[j] = state.quantized[j - 1];
+        state.inputs[j] = state.inputs[j - 1];
       } else {
-        quantize_one(jobs[j].x, w, state.quantized[j]);
+        prepare(jobs[j].x, w, state.inputs[j]);
       }
       total_tiles += w.tiles;
     }
@@ -504,11 +545,17 @@ class DecodePlan : public torch::CustomClassHolder {
     int64_t job_first = 0;  // index of job j's first tile
     for (int64_t g = begin; g < end; ++g) {
       while (g >= job_first + jobs[j].w->tiles) job_first += jobs[j++].w->tiles;
-      jobs[j].w->tile(g - job_first, state.quantized[j], jobs[j].y);
+      jobs[j].w->tile(g - job_first, state.inputs[j], jobs[j].y);
     }
   }
 
-  static void quantize_one(const float* x, const Linear& w, QuantizedRows& q) {
+  static void prepare(const float* x, const Linear& w, Input& input) {
+    if (w.bits == 16) {
+      input.bf16.assign((w.in + 31) / 32 * 32, at::BFloat16(0.f));
+      to_bf16(x, w.in, input.bf16.data());
+      return;
+    }
+    QuantizedRows& q = input.quantized;
     const int64_t groups = w.in / w.group;
     q.values.resize(w.in);
     q.scales.resize(groups);

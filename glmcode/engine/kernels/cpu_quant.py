@@ -27,12 +27,21 @@ _OPENMP = ["-fopenmp"]
 log = logging.getLogger(__name__)
 
 
-def _cpu_has_vnni() -> bool:
+@functools.cache
+def _cpu_flags() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512_vnni" in flags and " avx512bw" in flags
+        return ""
+
+
+def _cpu_has_vnni() -> bool:
+    return " avx512_vnni" in _cpu_flags() and " avx512bw" in _cpu_flags()
+
+
+def has_bf16_dot() -> bool:
+    """Whether the CPU has AVX512_BF16 (bfloat16 dot products: the fused decode's bf16 weights)."""
+    return " avx512_bf16" in _cpu_flags()
 
 
 @functools.cache
