@@ -72,12 +72,17 @@ class EngineResult:
     fit: dict = field(default_factory=dict)  # the --fit-context check
     peak_memory_mb: float = 0.0
     weights_mb: float = 0.0
+    decode_weight_bytes: int = 0  # weights one batch-1 decode step reads (see decode_weight_bytes)
     experts_implementation: str | None = None  # transformers' MoE backend
     cache_layout: str | None = None  # what transformers' DynamicCache holds
     errors: dict[str, str] = field(default_factory=dict)  # measurement -> what went wrong
 
     def decode_tokens_per_s(self) -> dict[int, float]:
         return {c: 1000.0 / ms for c, ms in self.decode_ms.items()}
+
+    def decode_weight_gb_per_s(self) -> dict[int, float]:
+        """Weight bytes a decode step reads over its time: how close it runs to memory bandwidth."""
+        return {c: self.decode_weight_bytes / ms / 1e6 for c, ms in self.decode_ms.items()}
 
 
 # ----- memory and time -----
@@ -166,6 +171,7 @@ class GlmcodeEngine:
         fill_random_latents(self.llm.kv_cache)  # decode contexts are random latents
         self.vocab = self.llm.num_real_tokens
         self.result.weights_mb = weights_mb(self.llm.model)
+        self.result.decode_weight_bytes = decode_weight_bytes(self.llm.model, self.llm.config)
         self.prefill(list(range(32)))  # warm-up
         for batch in sorted({1, *args.batch_sizes}):  # every decode bucket: Triton compiles, graphs captured
             decoder = self.decoder(16, torch.Generator().manual_seed(0), batch)
@@ -328,6 +334,20 @@ class TransformersDecoder:
 
 def weights_mb(model: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def decode_weight_bytes(model: torch.nn.Module, config) -> int:
+    """Bytes of weights a batch-1 decode step reads: all but the embedding (one row), and of
+    each layer's routed experts only the top-k share. Both engines hold the same weights."""
+    total = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if "embed_tokens" in name:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if ".mlp.experts." in name:
+            nbytes = nbytes * config.num_experts_per_tok // config.n_routed_experts
+        total += nbytes
+    return total
 
 
 def kv_bytes(path: Path, tokens: int, dtype: str) -> int:
@@ -533,6 +553,9 @@ def print_table(results: list[EngineResult], contexts: list[int], args) -> None:
                      theirs(lambda r: r.batch_decode_tokens_per_s, b), True))  # fmt: skip
     for c in contexts:
         rows.append((f"decode ms/token @ {c}", ours.decode_ms.get(c), theirs(lambda r: r.decode_ms, c), False))
+    for c in contexts:
+        rows.append((f"decode weight GB/s @ {c}", ours.decode_weight_gb_per_s().get(c),
+                     theirs(lambda r: r.decode_weight_gb_per_s(), c), True))  # fmt: skip
     for name, count in ours.kernels_per_decode_step.items():
         hf_count = hf and next(iter(hf.kernels_per_decode_step.values()), None)
         rows.append((f"kernels/step ({name})", count, hf_count, False))
@@ -631,6 +654,8 @@ def main() -> None:
             measure(engines, contexts, args)
             results = [engine.result for engine in engines]
 
+    for result in results[1:]:  # the same weights
+        result.decode_weight_bytes = results[0].decode_weight_bytes
     print_table(results, contexts, args)
     report = {
         "config": args.config,
@@ -645,7 +670,10 @@ def main() -> None:
         "decode_timing": "median of timed steps; the first step of a turn untimed",
         "kernel_count": "CUDA kernels of one batch-1 decode step at context 512 (top-level aten ops on a CPU)",
         "peak_memory": "peak increase over the memory in use before loading (RSS on CPU)",
-        "results": [{**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s()} for r in results],
+        "decode_weight_gb_per_s": "weight bytes one decode step reads (glmcode's count, same weights for both) "
+                                  "over its median time: against the machine's memory bandwidth",
+        "results": [{**r.__dict__, "decode_tokens_per_s": r.decode_tokens_per_s(),
+                     "decode_weight_gb_per_s": r.decode_weight_gb_per_s()} for r in results],
     }
     if len(results) == 2:
         ours, hf = results
