@@ -390,6 +390,76 @@ GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D,
   }
 }
 
+// exp of 16 floats: 2^n * e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+// (relative error ~1e-7, like expf).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for accuracy
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// p[t] = exp(p[t] - shift) for t < count; returns their sum.
+inline float exp_shifted(float* p, int64_t count, float shift) {
+  float total = 0.f;
+  int64_t t = 0;
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (; t + 16 <= count; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), s));
+    _mm512_storeu_ps(p + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = reduce(sum);
+  for (; t < count; ++t) {
+    p[t] = std::exp(p[t] - shift);
+    total += p[t];
+  }
+  return total;
+}
+
+// Softmax attention over a context taken block by block: each block's scores are exponentiated
+// against the running max of their head, and what was accumulated before is rescaled whenever
+// that max grows. `out` [heads][width] accumulates the weighted values.
+class OnlineSoftmax {
+ public:
+  OnlineSoftmax(int64_t heads, int64_t width, float* out)
+      : heads_(heads), width_(width), out_(out), max_(heads, -std::numeric_limits<float>::infinity()), mass_(heads, 0.f) {
+    std::fill(out, out + heads * width, 0.f);
+  }
+
+  // scores [heads][stride], the first `count` of each row valid: exponentiated in place
+  void block(float* scores, int64_t stride, int64_t count) {
+    for (int64_t h = 0; h < heads_; ++h) {
+      float* row = scores + h * stride;
+      const float new_max = std::max(max_[h], *std::max_element(row, row + count));
+      const float correction = std::exp(max_[h] - new_max);
+      mass_[h] = mass_[h] * correction + exp_shifted(row, count, new_max);
+      max_[h] = new_max;
+      if (correction != 1.f)
+        for (int64_t i = 0; i < width_; ++i) out_[h * width_ + i] *= correction;
+    }
+  }
+
+  void finish() {
+    for (int64_t h = 0; h < heads_; ++h)
+      for (int64_t i = 0; i < width_; ++i) out_[h * width_ + i] /= mass_[h];
+  }
+
+ private:
+  int64_t heads_, width_;
+  float* out_;
+  std::vector<float> max_, mass_;
+};
+
 class DecodePlan : public torch::CustomClassHolder {
  public:
   DecodePlan(std::vector<at::Tensor> tensors, std::vector<int64_t> ints, std::vector<double> floats)
@@ -667,16 +737,8 @@ class DecodePlan : public torch::CustomClassHolder {
       }
       if (has_bf16_) return attend_heads_bf16(h0, h1, s, seq_len, table, block_size, cache);
     }
-    const float scale = static_cast<float>(cfg_.softmax_scale);
-    // Queries with the scale folded in, laid out as [head][latent | rope] like a cache row.
-    std::vector<float> queries(n * D);
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t i = 0; i < L; ++i) queries[h * D + i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
-      for (int64_t i = 0; i < R; ++i) queries[h * D + L + i] = s.q_pe[(h0 + h) * R + i] * scale;
-    }
-    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
-    float* out = attn_latent_.data() + h0 * L;
-    std::fill(out, out + n * L, 0.f);
+    const std::vector<float> queries = scaled_queries(h0, n, s);
+    OnlineSoftmax softmax(n, L, attn_latent_.data() + h0 * L);
     s.attn_scores.resize(n * block_size);
     std::vector<float> rows(kTokens * D);
     for (int64_t start = 0; start < seq_len; start += block_size) {
@@ -693,22 +755,26 @@ class DecodePlan : public torch::CustomClassHolder {
           for (int64_t k = 0; k < m; ++k) scores[h * block_size + t + k] = dots[k];
         }
       }
-      // online softmax: rescale what was accumulated when a head's running max grows
-      for (int64_t h = 0; h < n; ++h) {
-        float* sc = scores + h * block_size;
-        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
-        const float correction = std::exp(max_score[h] - new_max);
-        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
-        max_score[h] = new_max;
-        if (correction != 1.f)
-          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
-      }
+      softmax.block(scores, block_size, count);
       for_head_groups(n, [&](auto heads, int64_t h) {
-        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size, out + h * L);
+        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size,
+                                                  attn_latent_.data() + (h0 + h) * L);
       });
     }
-    for (int64_t h = 0; h < n; ++h)
-      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
+    softmax.finish();
+  }
+
+  // Queries of heads [h0, h0 + n) with the scale folded in, laid out [head][latent | rope] like
+  // a cache row.
+  std::vector<float> scaled_queries(int64_t h0, int64_t n, const ThreadState& s) const {
+    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R;
+    const float scale = static_cast<float>(cfg_.softmax_scale);
+    std::vector<float> queries(n * D);
+    for (int64_t h = 0; h < n; ++h) {
+      for (int64_t i = 0; i < L; ++i) queries[h * D + i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
+      for (int64_t i = 0; i < R; ++i) queries[h * D + L + i] = s.q_pe[(h0 + h) * R + i] * scale;
+    }
+    return queries;
   }
 
   // fn(std::integral_constant<int, H>, first head) for groups of up to kHeads of n heads
@@ -731,60 +797,41 @@ class DecodePlan : public torch::CustomClassHolder {
   // attend_heads for a bfloat16 cache on AMX tiles, at most 16 heads (see amx_scores / amx_values)
   GLMCODE_AMX void attend_heads_amx(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
                                     int64_t block_size, const at::BFloat16* cache) {
-    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0;
-    const float scale = static_cast<float>(cfg_.softmax_scale);
-    std::vector<float> q(n * D);
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t i = 0; i < L; ++i) q[h * D + i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
-      for (int64_t i = 0; i < R; ++i) q[h * D + L + i] = s.q_pe[(h0 + h) * R + i] * scale;
-    }
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = h1 - h0;
     std::vector<at::BFloat16> pairs(D / 32 * 16 * n * 2);
-    query_pairs(q.data(), n, D, pairs.data());
-    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
+    query_pairs(scaled_queries(h0, n, s).data(), n, D, pairs.data());
     float* out = attn_latent_.data() + h0 * L;
-    std::fill(out, out + n * L, 0.f);
+    OnlineSoftmax softmax(n, L, out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 32;
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
     configure_attention_tiles(n);
     for (int64_t start = 0; start < seq_len; start += block_size) {
-      const int64_t count = std::min(block_size, seq_len - start);
+      const int64_t count = std::min(block_size, seq_len - start), padded = (count + 31) / 32 * 32;
       const at::BFloat16* block = cache + table[start / block_size] * block_size * D;
       float* scores = s.attn_scores.data();
       amx_scores(block, count, D, pairs.data(), n, scores, block_size);
+      softmax.block(scores, block_size, count);
       for (int64_t h = 0; h < n; ++h) {
-        float* sc = scores + h * block_size;
-        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
-        const float correction = std::exp(max_score[h] - new_max);
-        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
-        max_score[h] = new_max;
-        if (correction != 1.f)
-          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
-        to_bf16(sc, count, weights.data() + h * p_stride);
-        std::fill(weights.data() + h * p_stride + count, weights.data() + h * p_stride + (count + 31) / 32 * 32, at::BFloat16(0.f));
+        at::BFloat16* row = weights.data() + h * p_stride;
+        to_bf16(scores + h * block_size, count, row);
+        std::fill(row + count, row + padded, at::BFloat16(0.f));
       }
       amx_values(block, count, D, L, weights.data(), p_stride, n, out);
     }
     _tile_release();
-    for (int64_t h = 0; h < n; ++h)
-      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
+    softmax.finish();
   }
 
   // attend_heads for a bfloat16 cache on VDPBF16PS (see bf16_scores / bf16_values)
   GLMCODE_BF16 void attend_heads_bf16(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
                                       int64_t block_size, const at::BFloat16* cache) {
-    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0, padded = (D + 31) / 32 * 32;
-    const float scale = static_cast<float>(cfg_.softmax_scale);
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = h1 - h0, padded = (D + 31) / 32 * 32;
+    const std::vector<float> scaled = scaled_queries(h0, n, s);
     std::vector<at::BFloat16> queries(n * padded, at::BFloat16(0.f));
-    std::vector<float> q(D);
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t i = 0; i < L; ++i) q[i] = q_latent_[(h0 + h) * uk_stride_ + i] * scale;
-      for (int64_t i = 0; i < R; ++i) q[L + i] = s.q_pe[(h0 + h) * R + i] * scale;
-      to_bf16(q.data(), D, queries.data() + h * padded);
-    }
-    std::vector<float> max_score(n, -std::numeric_limits<float>::infinity()), mass(n, 0.f);
+    for (int64_t h = 0; h < n; ++h) to_bf16(scaled.data() + h * D, D, queries.data() + h * padded);
     float* out = attn_latent_.data() + h0 * L;
-    std::fill(out, out + n * L, 0.f);
+    OnlineSoftmax softmax(n, L, out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 2;  // room for the zero that pairs an odd last token
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
@@ -795,25 +842,17 @@ class DecodePlan : public torch::CustomClassHolder {
       for_head_groups(n, [&](auto heads, int64_t h) {
         bf16_scores<decltype(heads)::value>(queries.data() + h * padded, padded, block, count, D, scores + h * block_size, block_size);
       });
+      softmax.block(scores, block_size, count);
       for (int64_t h = 0; h < n; ++h) {
-        float* sc = scores + h * block_size;
-        const float new_max = std::max(max_score[h], *std::max_element(sc, sc + count));
-        const float correction = std::exp(max_score[h] - new_max);
-        mass[h] = mass[h] * correction + exp_shifted(sc, count, new_max);
-        max_score[h] = new_max;
-        if (correction != 1.f)
-          for (int64_t i = 0; i < L; ++i) out[h * L + i] *= correction;
-        to_bf16(sc, count, weights.data() + h * p_stride);
+        to_bf16(scores + h * block_size, count, weights.data() + h * p_stride);
         weights[h * p_stride + count] = at::BFloat16(0.f);
       }
       for_head_groups(n, [&](auto heads, int64_t h) {
         bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L);
       });
     }
-    for (int64_t h = 0; h < n; ++h) {
-      for (int64_t i = 0; i < L; ++i) out[h * L + i] /= mass[h];
-      unpermute(out + h * L, L);
-    }
+    softmax.finish();
+    for (int64_t h = 0; h < n; ++h) unpermute(out + h * L, L);
   }
 
   static constexpr int kTokens = 4;  // cache rows scored together, sharing each query load
@@ -832,42 +871,6 @@ class DecodePlan : public torch::CustomClassHolder {
       dots[k] = reduce(acc[k]);
       for (int64_t j = i; j < D; ++j) dots[k] += q[j] * rows[k * D + j];
     }
-  }
-
-  // p[t] = exp(p[t] - shift) for t < count; returns their sum.
-  static float exp_shifted(float* p, int64_t count, float shift) {
-    float total = 0.f;
-    int64_t t = 0;
-    const __m512 s = _mm512_set1_ps(shift);
-    __m512 sum = _mm512_setzero_ps();
-    for (; t + 16 <= count; t += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), s));
-      _mm512_storeu_ps(p + t, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    total = reduce(sum);
-    for (; t < count; ++t) {
-      p[t] = std::exp(p[t] - shift);
-      total += p[t];
-    }
-    return total;
-  }
-
-  // exp of 16 floats: 2^n * e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-  // (relative error ~1e-7, like expf).
-  static __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for accuracy
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
   }
 
   // out[h] += sum_t p[h][t] * latent[t] for M heads, 32 latent values at a time, so that the
