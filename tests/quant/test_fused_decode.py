@@ -140,7 +140,8 @@ def test_amx_attention_matches_the_avx512_attention(tmp_path):
     assert (amx.argmax(-1) == avx.argmax(-1)).float().mean() >= 0.95
 
 
-def test_results_do_not_depend_on_the_thread_count(quantized):
+def test_the_thread_count_changes_only_rounding(quantized):
+    """Products come out the same; long contexts merge per-thread attention parts."""
     llm = float32_llm(quantized("base", "int4"))
     threads = torch.get_num_threads()
     try:
@@ -150,7 +151,8 @@ def test_results_do_not_depend_on_the_thread_count(quantized):
         two = decode_logits(llm, True)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+    assert torch.equal(one[:30], two[:30])  # contexts under 2 blocks per thread: split by heads
 
 
 def test_greedy_generation_is_the_same_on_both_paths(quantized):

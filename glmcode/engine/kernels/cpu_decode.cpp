@@ -11,11 +11,13 @@
 //   shared output, and is followed by one barrier;
 // - everything small (norms, rope, routing, silu, residual adds, activation quantization) is
 //   computed by every thread on its own copy, identically, so it needs no barrier at all;
-// - attention splits the heads between the threads; each reads the cached latents once for
-//   all of its heads, block by block, with an online softmax.
+// - attention splits the heads between the threads, each reading the cached latents block by
+//   block with an online softmax; over a long context the threads split the blocks instead
+//   (each then reads its part of the cache once, for all heads) and merge their parts.
 //
-// Each output element is computed by exactly one thread with the same code whatever the thread
-// count, so results do not depend on it. Activations stay float32 throughout.
+// Each product's outputs are computed by exactly one thread with the same code whatever the
+// thread count; only the merge of long-context attention parts depends on it (float rounding).
+// Activations stay float32 throughout.
 #include "cpu_kernels.h"
 
 #include <cpuid.h>
@@ -449,7 +451,14 @@ class OnlineSoftmax {
     }
   }
 
-  void finish() {
+  // Normalizes out, or, for a part of a context (max and mass given), leaves it as it is and
+  // saves each head's running max and mass for merging (see DecodePlan::merge_parts).
+  void end(float* max, float* mass) {
+    if (max != nullptr) {
+      std::copy(max_.begin(), max_.end(), max);
+      std::copy(mass_.begin(), mass_.end(), mass);
+      return;
+    }
     for (int64_t h = 0; h < heads_; ++h)
       for (int64_t i = 0; i < width_; ++i) out_[h * width_ + i] /= mass_[h];
   }
@@ -458,6 +467,18 @@ class OnlineSoftmax {
   int64_t heads_, width_;
   float* out_;
   std::vector<float> max_, mass_;
+};
+
+// One attention call: heads [h0, h1) over the cache blocks [first_block, last_block) of a
+// sequence of seq_len tokens, into out [heads][latent] (max and mass: see OnlineSoftmax::end).
+struct AttendJob {
+  int64_t h0, h1, first_block, last_block, seq_len, block_size;
+  const int64_t* table;
+  float* out;
+  float* max = nullptr;
+  float* mass = nullptr;
+
+  int64_t count(int64_t block) const { return std::min(block_size, seq_len - block * block_size); }
 };
 
 class DecodePlan : public torch::CustomClassHolder {
@@ -550,6 +571,7 @@ class DecodePlan : public torch::CustomClassHolder {
   // Outputs of the products, shared by the threads.
   std::vector<float> q_a_out_, q_out_, kv_a_out_, q_latent_, attn_latent_, v_out_, o_out_, router_out_,
       gate_up_out_, down_out_;
+  std::vector<float> parts_out_, parts_max_, parts_mass_;  // per thread: its part of a long context
   int64_t q_stride_ = 0, uk_stride_ = 0, uv_stride_ = 0, gate_up_stride_ = 0, down_stride_ = 0;
 
   void allocate() {
@@ -638,6 +660,9 @@ class DecodePlan : public torch::CustomClassHolder {
   void run(const float* embedding, int64_t position, const int64_t* table, int64_t block_size, C* cache,
            int64_t slots, float* logits) {
     const int nth = std::max(1, at::get_num_threads());
+    parts_out_.resize(nth * cfg_.heads * cfg_.latent);
+    parts_max_.resize(nth * cfg_.heads);
+    parts_mass_.resize(nth * cfg_.heads);
     const size_t tickets = (16 * layers_.size() + 4) * nth;
     if (tickets_.size() < tickets) tickets_ = std::vector<std::atomic<int64_t>>(tickets);
     for (auto& ticket : tickets_) ticket.store(0, std::memory_order_relaxed);
@@ -696,8 +721,19 @@ class DecodePlan : public torch::CustomClassHolder {
     for (int64_t h = 0; h < H; ++h) absorb.push_back({&l.w_uk[h], s.q_nope.data() + h * cfg_.nope, q_latent_.data() + h * uk_stride_});
     products(absorb, s);
 #pragma omp barrier
-    const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
-    attend_heads(h0, h1, s, position + 1, table, block_size, cache);
+    const int64_t seq_len = position + 1, blocks = (seq_len + block_size - 1) / block_size;
+    if (blocks >= 2 * nth) {
+      // Long context: each thread takes a run of blocks for all heads, so the cache is read
+      // once; then each merges the parts of some heads.
+      float* part = parts_out_.data() + tid * H * L;
+      attend({0, H, blocks * tid / nth, blocks * (tid + 1) / nth, seq_len, block_size, table, part,
+              parts_max_.data() + tid * H, parts_mass_.data() + tid * H}, s, cache);
+#pragma omp barrier
+      merge_parts(H * tid / nth, H * (tid + 1) / nth, nth);
+    } else {
+      const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
+      attend({h0, h1, 0, blocks, seq_len, block_size, table, attn_latent_.data() + h0 * L}, s, cache);
+    }
 #pragma omp barrier
     std::vector<Product> values;
     for (int64_t h = 0; h < H; ++h) values.push_back({&l.w_uv[h], attn_latent_.data() + h * L, v_out_.data() + h * uv_stride_});
@@ -723,27 +759,56 @@ class DecodePlan : public torch::CustomClassHolder {
     for (int64_t i = 0; i < L + R; ++i) dst[i] = static_cast<C>(entry[i]);
   }
 
-  // Heads [h0, h1) attend over the first seq_len cached tokens. q_latent_ holds each head's
-  // absorbed query; the result (softmax-weighted latents) goes to attn_latent_.
+  // Heads attend over cached tokens (see AttendJob). q_latent_ holds each head's absorbed
+  // query; the results are softmax-weighted latents.
   template <typename C>
-  void attend_heads(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table, int64_t block_size,
-                    const C* cache) {
-    const int64_t L = cfg_.latent, R = cfg_.rope, D = L + R, n = h1 - h0;
-    if (n <= 0) return;
+  void attend(const AttendJob& job, ThreadState& s, const C* cache) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope;
+    if (job.h1 <= job.h0) return;
     if constexpr (std::is_same_v<C, at::BFloat16>) {
-      if (use_amx_ && has_bf16_ && D % 32 == 0 && block_size % 32 == 0) {
-        for (int64_t h = h0; h < h1; h += 16) attend_heads_amx(h, std::min(h1, h + 16), s, seq_len, table, block_size, cache);
+      if (use_amx_ && has_bf16_ && D % 32 == 0 && job.block_size % 32 == 0) {
+        for (int64_t h = job.h0; h < job.h1; h += 16) {  // the tiles hold 16 heads
+          AttendJob part = job;
+          part.h0 = h, part.h1 = std::min(job.h1, h + 16), part.out = job.out + (h - job.h0) * L;
+          if (job.max != nullptr) part.max = job.max + (h - job.h0), part.mass = job.mass + (h - job.h0);
+          attend_amx(part, s, cache);
+        }
         return;
       }
-      if (has_bf16_) return attend_heads_bf16(h0, h1, s, seq_len, table, block_size, cache);
+      if (has_bf16_) return attend_bf16(job, s, cache);
     }
-    const std::vector<float> queries = scaled_queries(h0, n, s);
-    OnlineSoftmax softmax(n, L, attn_latent_.data() + h0 * L);
+    attend_generic(job, s, cache);
+  }
+
+  // out[h] = softmax-weighted latents of head h over the whole context, from the threads' parts
+  void merge_parts(int64_t h0, int64_t h1, int nth) {
+    const int64_t H = cfg_.heads, L = cfg_.latent;
+    for (int64_t h = h0; h < h1; ++h) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < nth; ++t) top = std::max(top, parts_max_[t * H + h]);
+      float mass = 0.f;
+      float* out = attn_latent_.data() + h * L;
+      std::fill(out, out + L, 0.f);
+      for (int t = 0; t < nth; ++t) {
+        const float share = std::exp(parts_max_[t * H + h] - top);
+        mass += share * parts_mass_[t * H + h];
+        const float* part = parts_out_.data() + (t * H + h) * L;
+        for (int64_t i = 0; i < L; ++i) out[i] += share * part[i];
+      }
+      for (int64_t i = 0; i < L; ++i) out[i] /= mass;
+    }
+  }
+
+  template <typename C>
+  void attend_generic(const AttendJob& job, ThreadState& s, const C* cache) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
+    const std::vector<float> queries = scaled_queries(job.h0, n, s);
+    OnlineSoftmax softmax(n, L, job.out);
     s.attn_scores.resize(n * block_size);
     std::vector<float> rows(kTokens * D);
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-      const int64_t count = std::min(block_size, seq_len - start);
-      const C* block = cache + table[start / block_size] * block_size * D;
+    for (int64_t b = job.first_block; b < job.last_block; ++b) {
+      const int64_t count = job.count(b);
+      const C* block = cache + job.table[b] * block_size * D;
       float* scores = s.attn_scores.data();  // [head][token of this block]
       for (int64_t t = 0; t < count; t += kTokens) {
         const int64_t m = std::min<int64_t>(kTokens, count - t);
@@ -757,11 +822,10 @@ class DecodePlan : public torch::CustomClassHolder {
       }
       softmax.block(scores, block_size, count);
       for_head_groups(n, [&](auto heads, int64_t h) {
-        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size,
-                                                  attn_latent_.data() + (h0 + h) * L);
+        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size, job.out + h * L);
       });
     }
-    softmax.finish();
+    softmax.end(job.max, job.mass);
   }
 
   // Queries of heads [h0, h0 + n) with the scale folded in, laid out [head][latent | rope] like
@@ -794,21 +858,19 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // attend_heads for a bfloat16 cache on AMX tiles, at most 16 heads (see amx_scores / amx_values)
-  GLMCODE_AMX void attend_heads_amx(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
-                                    int64_t block_size, const at::BFloat16* cache) {
-    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = h1 - h0;
+  // attend on AMX tiles (bfloat16 cache), at most 16 heads (see amx_scores / amx_values)
+  GLMCODE_AMX void attend_amx(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
     std::vector<at::BFloat16> pairs(D / 32 * 16 * n * 2);
-    query_pairs(scaled_queries(h0, n, s).data(), n, D, pairs.data());
-    float* out = attn_latent_.data() + h0 * L;
-    OnlineSoftmax softmax(n, L, out);
+    query_pairs(scaled_queries(job.h0, n, s).data(), n, D, pairs.data());
+    OnlineSoftmax softmax(n, L, job.out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 32;
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
     configure_attention_tiles(n);
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-      const int64_t count = std::min(block_size, seq_len - start), padded = (count + 31) / 32 * 32;
-      const at::BFloat16* block = cache + table[start / block_size] * block_size * D;
+    for (int64_t b = job.first_block; b < job.last_block; ++b) {
+      const int64_t count = job.count(b), padded = (count + 31) / 32 * 32;
+      const at::BFloat16* block = cache + job.table[b] * block_size * D;
       float* scores = s.attn_scores.data();
       amx_scores(block, count, D, pairs.data(), n, scores, block_size);
       softmax.block(scores, block_size, count);
@@ -817,27 +879,27 @@ class DecodePlan : public torch::CustomClassHolder {
         to_bf16(scores + h * block_size, count, row);
         std::fill(row + count, row + padded, at::BFloat16(0.f));
       }
-      amx_values(block, count, D, L, weights.data(), p_stride, n, out);
+      amx_values(block, count, D, L, weights.data(), p_stride, n, job.out);
     }
     _tile_release();
-    softmax.finish();
+    softmax.end(job.max, job.mass);
   }
 
-  // attend_heads for a bfloat16 cache on VDPBF16PS (see bf16_scores / bf16_values)
-  GLMCODE_BF16 void attend_heads_bf16(int64_t h0, int64_t h1, ThreadState& s, int64_t seq_len, const int64_t* table,
-                                      int64_t block_size, const at::BFloat16* cache) {
-    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = h1 - h0, padded = (D + 31) / 32 * 32;
-    const std::vector<float> scaled = scaled_queries(h0, n, s);
+  // attend on VDPBF16PS (bfloat16 cache; see bf16_scores / bf16_values)
+  GLMCODE_BF16 void attend_bf16(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, padded = (D + 31) / 32 * 32;
+    const int64_t block_size = job.block_size;
+    const std::vector<float> scaled = scaled_queries(job.h0, n, s);
     std::vector<at::BFloat16> queries(n * padded, at::BFloat16(0.f));
     for (int64_t h = 0; h < n; ++h) to_bf16(scaled.data() + h * D, D, queries.data() + h * padded);
-    float* out = attn_latent_.data() + h0 * L;
+    float* out = job.out;
     OnlineSoftmax softmax(n, L, out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 2;  // room for the zero that pairs an odd last token
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
-    for (int64_t start = 0; start < seq_len; start += block_size) {
-      const int64_t count = std::min(block_size, seq_len - start);
-      const at::BFloat16* block = cache + table[start / block_size] * block_size * D;
+    for (int64_t b = job.first_block; b < job.last_block; ++b) {
+      const int64_t count = job.count(b);
+      const at::BFloat16* block = cache + job.table[b] * block_size * D;
       float* scores = s.attn_scores.data();
       for_head_groups(n, [&](auto heads, int64_t h) {
         bf16_scores<decltype(heads)::value>(queries.data() + h * padded, padded, block, count, D, scores + h * block_size, block_size);
@@ -851,8 +913,8 @@ class DecodePlan : public torch::CustomClassHolder {
         bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L);
       });
     }
-    softmax.finish();
-    for (int64_t h = 0; h < n; ++h) unpermute(out + h * L, L);
+    for (int64_t h = 0; h < n; ++h) unpermute(out + h * L, L);  // linear: fine before normalizing
+    softmax.end(job.max, job.mass);
   }
 
   static constexpr int kTokens = 4;  // cache rows scored together, sharing each query load
