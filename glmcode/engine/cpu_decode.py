@@ -15,6 +15,7 @@ modules, which batch a chunk's tokens through each weight.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -27,6 +28,9 @@ from glmcode.engine.layers import GatedMLP, Linear
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.moe import MoE, RoutedExperts
 from glmcode.engine.quant import Int4Linear, Int8KVBProjection, Int8Linear, QuantizedExperts, StackedInt4Experts
+
+
+log = logging.getLogger(__name__)
 
 
 class Unsupported(Exception):
@@ -59,6 +63,9 @@ class FusedDecoder:
         try:
             return cls(model)
         except Unsupported:
+            return None
+        except RuntimeError as exc:  # the plan refused the model: decode on the modules instead
+            log.warning("fused CPU decode unavailable, decoding op by op: %s", str(exc).splitlines()[0])
             return None
 
     def logits(self, token_id: int, position: int, block_table: list[int], block_size: int, kv_data: torch.Tensor) -> torch.Tensor:
