@@ -66,13 +66,28 @@ def check_torch() -> tuple[list[Check], int | None]:
         return [Check("fail", "torch is not installed", fix)], None
     checks = [Check("ok", f"torch {torch.__version__}")]
     if not torch.cuda.is_available():
-        checks.append(Check("warn", "no CUDA GPU: the local engine runs on the CPU (a few tokens/s)",
-                            "use --quantization int4 on CPU, or --remote for speed"))
+        checks.append(Check("warn", "no CUDA GPU: the local engine runs on the CPU",
+                            "use --quantization int4 (or int4-all, the fastest) on CPU, or --remote for speed"))
         return checks, None
     name = torch.cuda.get_device_name(0)
     total = torch.cuda.get_device_properties(0).total_memory
     checks.append(Check("ok", f"CUDA {torch.version.cuda}: {name}, {_gb(total)} GPU memory"))
     return checks, total
+
+
+def check_cpu_kernels() -> Check:
+    """Whether glmcode's CPU kernels can be built here (checked from CPU flags, nothing compiled)."""
+    from glmcode.engine.kernels.cpu_quant import cpu_features
+
+    features = cpu_features()
+    if "AVX-512 VNNI" not in features:
+        return Check("warn", "this CPU lacks AVX-512 VNNI: int4/int8 run on torch's slower kernels",
+                     "expect ~1-3 tokens/s on CPU; --remote is faster")  # fmt: skip
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if missing:
+        return Check("warn", f"no {' or '.join(missing)} found: glmcode's CPU kernels cannot be built",
+                     "install a C++ compiler and ninja (e.g. apt install g++ ninja-build)")  # fmt: skip
+    return Check("ok", f"CPU kernels can be built ({', '.join(features)}): fused int4/int8 decode")
 
 
 def check_memory(total: int | None, available: int | None) -> Check:
@@ -141,6 +156,7 @@ def run_checks(settings: Settings, env: Mapping[str, str] = os.environ) -> list[
     return [
         check_python(),
         *torch_checks,
+        *([check_cpu_kernels()] if gpu_memory is None and torch_checks[0].verdict == "ok" else []),
         check_memory(total, available),
         *check_precisions(available, gpu_memory),
         check_model(settings),

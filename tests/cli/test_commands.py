@@ -107,6 +107,8 @@ def test_doctor_reports_each_check_and_the_fix(cli: Cli, tmp_path: Path) -> None
     assert any(line.startswith("✗ no model at") and "glmcode model pull" in line for line in lines)
     assert any("no remote API key set" in line and "ZHIPUAI_API_KEY" in line for line in lines)
     assert any("int4" in line for line in lines)
+    # on a CPU machine: whether our kernels can be built, from the CPU's flags
+    assert any("CPU kernels can be built" in line or "AVX-512 VNNI" in line or "ninja" in line for line in lines)
 
     checkpoint = write_checkpoint(tmp_path / "ckpt")
     result = cli("doctor", "--model", str(checkpoint), env={"ZAI_API_KEY": "k" * 20})

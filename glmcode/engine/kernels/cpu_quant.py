@@ -44,6 +44,13 @@ def has_bf16_dot() -> bool:
     return " avx512_bf16" in _cpu_flags()
 
 
+def cpu_features() -> list[str]:
+    """The instruction sets our kernels use that this CPU has, by name (no build needed)."""
+    features = {"AVX-512 VNNI": _cpu_has_vnni(), "AVX512_BF16": has_bf16_dot(),
+                "AMX": " amx_bf16" in _cpu_flags() and " amx_tile" in _cpu_flags()}  # fmt: skip
+    return [name for name, present in features.items() if present]
+
+
 @functools.cache
 def available() -> bool:
     """True once the extension is built and loaded (first call compiles, ~20 s, then cached)."""
