@@ -21,14 +21,13 @@ import os
 import torch
 from torch import nn
 
+from glmcode.engine.attention import KVBProjection
 from glmcode.engine.config import LATENT_NORM_EPS
 from glmcode.engine.kernels import cpu_quant
-from glmcode.engine.attention import KVBProjection
 from glmcode.engine.layers import GatedMLP, Linear
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.moe import MoE, RoutedExperts
 from glmcode.engine.quant import Int4Linear, Int8KVBProjection, Int8Linear, QuantizedExperts, StackedInt4Experts
-
 
 log = logging.getLogger(__name__)
 

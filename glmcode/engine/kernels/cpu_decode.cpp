@@ -182,6 +182,7 @@ struct ThreadState {
   int64_t phase = 0;  // products() calls so far this step: indexes the shared tickets
   std::vector<float> x, normed, q_a, q_nope, q_pe, cos, sin, values, act, attn_scores;
   std::vector<Input> inputs;
+  std::vector<size_t> input_of;  // job -> the job whose prepared input it shares
 };
 
 inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -605,20 +606,18 @@ class DecodePlan : public torch::CustomClassHolder {
   // barrier: the caller puts one after.
   void products(const std::vector<Product>& jobs, ThreadState& state) {
     if (state.inputs.size() < jobs.size()) state.inputs.resize(jobs.size());
-    int64_t total_tiles = 0;
+    state.input_of.resize(jobs.size());
+    int64_t total_tiles = 0, total_bytes = 0;
     for (size_t j = 0; j < jobs.size(); ++j) {
       const Linear& w = *jobs[j].w;
-      const bool shared_input = j > 0 && jobs[j].x == jobs[j - 1].x && w.in == jobs[j - 1].w->in &&
-                                w.group == jobs[j - 1].w->group && w.bits == jobs[j - 1].w->bits;
-      if (shared_input) {
-        state.inputs[j] = state.inputs[j - 1];
-      } else {
-        prepare(jobs[j].x, w, state.inputs[j]);
-      }
+      const Linear* previous = j > 0 ? jobs[j - 1].w : nullptr;
+      const bool shared_input = previous != nullptr && jobs[j].x == jobs[j - 1].x && w.in == previous->in &&
+                                w.group == previous->group && w.bits == previous->bits;
+      state.input_of[j] = shared_input ? state.input_of[j - 1] : j;
+      if (!shared_input) prepare(jobs[j].x, w, state.inputs[j]);
       total_tiles += w.tiles;
+      total_bytes += w.tiles * w.tile_bytes();
     }
-    int64_t total_bytes = 0;
-    for (const Product& job : jobs) total_bytes += job.w->tiles * job.w->tile_bytes();
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t chunk_bytes = std::min(kChunkBytes, total_bytes / (4 * nth));
     const int64_t chunk = std::max<int64_t>(1, chunk_bytes / jobs[0].w->tile_bytes());
@@ -637,7 +636,7 @@ class DecodePlan : public torch::CustomClassHolder {
     int64_t job_first = 0;  // index of job j's first tile
     for (int64_t g = begin; g < end; ++g) {
       while (g >= job_first + jobs[j].w->tiles) job_first += jobs[j++].w->tiles;
-      jobs[j].w->tile(g - job_first, state.inputs[j], jobs[j].y);
+      jobs[j].w->tile(g - job_first, state.inputs[state.input_of[j]], jobs[j].y);
     }
   }
 
@@ -671,7 +670,7 @@ class DecodePlan : public torch::CustomClassHolder {
       const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
       ThreadState s;
       s.x.assign(embedding, embedding + cfg_.hidden);
-      s.normed.resize(std::max<int64_t>(cfg_.hidden, cfg_.q_lora ? q_a_out_.size() : 0));
+      s.normed.resize(cfg_.hidden);
       s.q_a.resize(q_a_out_.size());
       s.q_nope.resize(cfg_.heads * cfg_.nope);
       s.q_pe.resize(cfg_.heads * cfg_.rope);
