@@ -127,14 +127,23 @@ def test_bfloat16_weights_run_fused_as_close_to_float32_as_the_modules(tiny_chec
 
 
 @pytest.mark.skipif(not cpu_quant.has_bf16_dot(), reason="needs AVX512_BF16")
-def test_amx_attention_matches_the_avx512_attention(tmp_path):
+@pytest.mark.parametrize("heads, threads", [(4, 2), (20, 1)])
+def test_amx_attention_matches_the_avx512_attention(tmp_path, heads, threads):
     """Attention on AMX tiles (where the CPU has them) against the VDPBF16PS attention: 96 cached
-    values per token (a multiple of 32, as the tiles need), blocks of 32, a bf16 cache."""
-    path = load_tiny_checkpoint_writer().make_tiny_checkpoint(tmp_path, kv_lora_rank=64, qk_rope_head_dim=32)
+    values per token (a multiple of 32, as the tiles need), blocks of 32, a bf16 cache. 20 heads
+    on one thread fill both tile groups (16 + 4) and read three blocks in a row."""
+    path = load_tiny_checkpoint_writer().make_tiny_checkpoint(
+        tmp_path, kv_lora_rank=64, qk_rope_head_dim=32, num_attention_heads=heads
+    )
     llm = LLM(path, dtype="bfloat16", block_size=32, enable_prefix_caching=False, progress=False)
-    amx = decode_logits(llm, True)
-    llm.fused_decoder = FusedDecoder(llm.model, allow_amx=False)
-    avx = decode_logits(llm, True)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        amx = decode_logits(llm, True)
+        llm.fused_decoder = FusedDecoder(llm.model, allow_amx=False)
+        avx = decode_logits(llm, True)
+    finally:
+        torch.set_num_threads(previous)
     # both round queries and weights to bf16 and sum in float32, in different orders
     assert torch.cosine_similarity(amx, avx, dim=-1).min() > 0.9999
     assert (amx.argmax(-1) == avx.argmax(-1)).float().mean() >= 0.95

@@ -323,24 +323,36 @@ bool amx_available() {
   return available;
 }
 
-// Tiles: 0 scores [16 tokens x n heads] f32, 1 cache rows [16 tokens x 32 values] bf16,
-// 2 queries as pairs [16 value pairs x n heads], 3 outputs [n heads x 16 latent values] f32,
-// 4 weights [n heads x 32 tokens] bf16, 5 cache values as pairs [16 token pairs x 16 values].
-GLMCODE_AMX void configure_attention_tiles(int64_t n) {
+// The heads of one attend_amx call, in the two groups that the tiles hold (a tile has at most
+// 16 rows and 16 float columns): up to 32 heads share each pass over the cache.
+struct HeadGroups {
+  int64_t n0, n1;  // heads in group 0 and group 1 (n1 may be 0)
+  explicit HeadGroups(int64_t n) : n0(std::min<int64_t>(n, 16)), n1(n - std::min<int64_t>(n, 16)) {}
+};
+
+// Scores phase tiles: 0 and 3 scores [16 tokens x heads] f32 (group 0, group 1), 1 cache rows
+// [16 tokens x 32 values] bf16, 2 and 4 queries as pairs [16 value pairs x heads].
+GLMCODE_AMX TileConfig score_tiles(HeadGroups g) {
   TileConfig config;
-  const uint16_t heads_bytes = static_cast<uint16_t>(n * 4);
-  const uint8_t heads = static_cast<uint8_t>(n);
-  const uint16_t bytes[6] = {heads_bytes, 64, heads_bytes, 64, 64, 64};
-  const uint8_t rows[6] = {16, 16, 16, heads, heads, 16};
-  for (int i = 0; i < 6; ++i) {
-    config.bytes_per_row[i] = bytes[i];
-    config.rows[i] = rows[i];
-  }
-  _tile_loadconfig(&config);
+  const uint16_t bytes[5] = {static_cast<uint16_t>(g.n0 * 4), 64, static_cast<uint16_t>(g.n0 * 4),
+                             static_cast<uint16_t>(g.n1 * 4), static_cast<uint16_t>(g.n1 * 4)};
+  const uint8_t rows[5] = {16, 16, 16, static_cast<uint8_t>(g.n1 ? 16 : 0), static_cast<uint8_t>(g.n1 ? 16 : 0)};
+  for (int i = 0; i < 5; ++i) config.bytes_per_row[i] = bytes[i], config.rows[i] = rows[i];
+  return config;
 }
 
-// Queries [n][D] (float, scale applied) to the pair layout of tile 2, one 16 x n block per 32
-// values: pairs[c][k][h] = (q[h][32c + 2k], q[h][32c + 2k + 1]).
+// Values phase tiles: 0 and 3 outputs [heads x 16 latent values] f32, 1 and 4 weights
+// [heads x 32 tokens] bf16, 2 cache values as pairs [16 token pairs x 16 values].
+GLMCODE_AMX TileConfig value_tiles(HeadGroups g) {
+  TileConfig config;
+  const uint8_t rows[5] = {static_cast<uint8_t>(g.n0), static_cast<uint8_t>(g.n0), 16, static_cast<uint8_t>(g.n1),
+                           static_cast<uint8_t>(g.n1)};
+  for (int i = 0; i < 5; ++i) config.bytes_per_row[i] = rows[i] ? 64 : 0, config.rows[i] = rows[i];
+  return config;
+}
+
+// Queries [n][D] (float, scale applied) to the pair layout of tiles 2 and 4, one 16 x n block
+// per 32 values: pairs[c][k][h] = (q[h][32c + 2k], q[h][32c + 2k + 1]).
 GLMCODE_AMX void query_pairs(const float* q, int64_t n, int64_t D, at::BFloat16* pairs) {
   for (int64_t c = 0; c < D / 32; ++c)
     for (int64_t k = 0; k < 16; ++k)
@@ -350,27 +362,56 @@ GLMCODE_AMX void query_pairs(const float* q, int64_t n, int64_t D, at::BFloat16*
 }
 
 // scores[h][t] = q[h] . row[t] for the block's first `count` tokens (count rounded up to 16
-// rows are read: block sizes are multiples of 16, so they stay inside the block).
-GLMCODE_AMX void amx_scores(const at::BFloat16* block, int64_t count, int64_t D, const at::BFloat16* pairs, int64_t n,
-                            float* scores, int64_t s_stride) {
+// rows are read: block sizes are multiples of 16, so they stay inside the block). pairs0 and
+// pairs1 are the query_pairs of the two head groups.
+GLMCODE_AMX void amx_scores(const at::BFloat16* block, int64_t count, int64_t D, HeadGroups g, const at::BFloat16* pairs0,
+                            const at::BFloat16* pairs1, float* scores, int64_t s_stride) {
   alignas(64) float tile[16 * 16];
+  auto scatter = [&](int64_t t, int64_t n, float* dst) {
+    for (int64_t r = 0; r < std::min<int64_t>(16, count - t); ++r)
+      for (int64_t h = 0; h < n; ++h) dst[h * s_stride + t + r] = tile[r * n + h];
+  };
   for (int64_t t = 0; t < count; t += 16) {
     _tile_zero(0);
+    if (g.n1) _tile_zero(3);
     for (int64_t c = 0; c < D / 32; ++c) {
       _tile_loadd(1, block + t * D + c * 32, D * 2);
-      _tile_loadd(2, pairs + c * 16 * n * 2, n * 4);
+      _tile_loadd(2, pairs0 + c * 16 * g.n0 * 2, g.n0 * 4);
       _tile_dpbf16ps(0, 1, 2);
+      if (g.n1) {
+        _tile_loadd(4, pairs1 + c * 16 * g.n1 * 2, g.n1 * 4);
+        _tile_dpbf16ps(3, 1, 4);
+      }
     }
-    _tile_stored(0, tile, n * 4);
-    for (int64_t r = 0; r < std::min<int64_t>(16, count - t); ++r)
-      for (int64_t h = 0; h < n; ++h) scores[h * s_stride + t + r] = tile[r * n + h];
+    _tile_stored(0, tile, g.n0 * 4);
+    scatter(t, g.n0, scores);
+    if (g.n1) {
+      _tile_stored(3, tile, g.n1 * 4);
+      scatter(t, g.n1, scores + g.n0 * s_stride);
+    }
   }
 }
 
+// The next cache block into L2, a few lines per step of this block's work: its reads overlap
+// the work instead of stalling the next block's first tile loads (blocks are pages scattered
+// in memory, which the hardware prefetcher cannot follow).
+struct LinePrefetch {
+  const char* next;
+  int64_t bytes, per_step, done = 0;
+
+  LinePrefetch(const void* block, int64_t block_bytes, int64_t steps)
+      : next(static_cast<const char*>(block)), bytes(block_bytes), per_step((block_bytes / 64 + steps - 1) / steps * 64) {}
+
+  void step() {
+    for (const int64_t end = std::min(bytes, done + per_step); done < end; done += 64) _mm_prefetch(next + done, _MM_HINT_T1);
+  }
+};
+
 // out[h][:L] += sum_t p[h][t] * latent[t] over the block's first `count` tokens; p is bf16
-// [n][p_stride], zero from count up to the next multiple of 32.
+// [n][p_stride], zero from count up to the next multiple of 32. Each 16 latent values of 32
+// tokens are interleaved into pairs once, for both head groups.
 GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, const at::BFloat16* p,
-                            int64_t p_stride, int64_t n, float* out) {
+                            int64_t p_stride, HeadGroups g, float* out, LinePrefetch& ahead) {
   alignas(64) at::BFloat16 pairs[16 * 32];
   alignas(64) float tile[16 * 16];
   // word 2i of the result is a[i], word 2i + 1 is b[i]: two tokens' values interleaved
@@ -380,8 +421,13 @@ GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D,
     order[2 * i + 1] = static_cast<int16_t>(32 + i);
   }
   const __m512i interleave = _mm512_load_si512(order);
+  auto add_out = [&](int64_t h0, int64_t n, int64_t d) {
+    for (int64_t h = 0; h < n; ++h)
+      for (int64_t i = 0; i < 16; ++i) out[(h0 + h) * L + d + i] += tile[h * 16 + i];
+  };
   for (int64_t d = 0; d < L; d += 16) {
-    _tile_zero(3);
+    _tile_zero(0);
+    if (g.n1) _tile_zero(3);
     for (int64_t t = 0; t < count; t += 32) {
       for (int64_t k = 0; k < 16; ++k) {
         const int64_t first = t + 2 * k;
@@ -391,13 +437,21 @@ GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D,
                                             : _mm512_setzero_si512();
         _mm512_store_si512(pairs + k * 32, _mm512_permutex2var_epi16(a, interleave, b));
       }
-      _tile_loadd(4, p + t, p_stride * 2);
-      _tile_loadd(5, pairs, 64);
-      _tile_dpbf16ps(3, 4, 5);
+      ahead.step();
+      _tile_loadd(2, pairs, 64);
+      _tile_loadd(1, p + t, p_stride * 2);
+      _tile_dpbf16ps(0, 1, 2);
+      if (g.n1) {
+        _tile_loadd(4, p + g.n0 * p_stride + t, p_stride * 2);
+        _tile_dpbf16ps(3, 4, 2);
+      }
     }
-    _tile_stored(3, tile, 64);
-    for (int64_t h = 0; h < n; ++h)
-      for (int64_t i = 0; i < 16; ++i) out[h * L + d + i] += tile[h * 16 + i];
+    _tile_stored(0, tile, 64);
+    add_out(0, g.n0, d);
+    if (g.n1) {
+      _tile_stored(3, tile, 64);
+      add_out(g.n0, g.n1, d);
+    }
   }
 }
 
@@ -774,9 +828,9 @@ class DecodePlan : public torch::CustomClassHolder {
     if (job.h1 <= job.h0) return;
     if constexpr (std::is_same_v<C, at::BFloat16>) {
       if (use_amx_ && has_bf16_ && D % 32 == 0 && job.block_size % 32 == 0) {
-        for (int64_t h = job.h0; h < job.h1; h += 16) {  // the tiles hold 16 heads
+        for (int64_t h = job.h0; h < job.h1; h += 32) {  // the tiles hold two groups of 16 heads
           AttendJob part = job;
-          part.h0 = h, part.h1 = std::min(job.h1, h + 16), part.out = job.out + (h - job.h0) * L;
+          part.h0 = h, part.h1 = std::min(job.h1, h + 32), part.out = job.out + (h - job.h0) * L;
           if (job.max != nullptr) part.max = job.max + (h - job.h0), part.mass = job.mass + (h - job.h0);
           attend_amx(part, s, cache);
         }
@@ -865,28 +919,37 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  // attend on AMX tiles (bfloat16 cache), at most 16 heads (see amx_scores / amx_values)
+  // attend on AMX tiles (bfloat16 cache), at most 32 heads (see amx_scores / amx_values)
   GLMCODE_AMX void attend_amx(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
     const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
+    const HeadGroups groups(n);
+    const std::vector<float> queries = scaled_queries(job.h0, n, s);
     std::vector<at::BFloat16> pairs(D / 32 * 16 * n * 2);
-    query_pairs(scaled_queries(job.h0, n, s).data(), n, D, pairs.data());
+    at::BFloat16* pairs1 = pairs.data() + D / 32 * 16 * groups.n0 * 2;
+    query_pairs(queries.data(), groups.n0, D, pairs.data());
+    query_pairs(queries.data() + groups.n0 * D, groups.n1, D, pairs1);
     OnlineSoftmax softmax(n, L, job.out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 32;
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
-    configure_attention_tiles(n);
+    const TileConfig scoring = score_tiles(groups), weighing = value_tiles(groups);
     for (int64_t b = job.first_block; b < job.last_block; ++b) {
       const int64_t count = job.count(b), padded = (count + 31) / 32 * 32;
       const at::BFloat16* block = cache + job.table[b] * block_size * D;
       float* scores = s.attn_scores.data();
-      amx_scores(block, count, D, pairs.data(), n, scores, block_size);
+      _tile_loadconfig(&scoring);
+      amx_scores(block, count, D, groups, pairs.data(), pairs1, scores, block_size);
       softmax.block(scores, block_size, count);
       for (int64_t h = 0; h < n; ++h) {
         at::BFloat16* row = weights.data() + h * p_stride;
         to_bf16(scores + h * block_size, count, row);
         std::fill(row + count, row + padded, at::BFloat16(0.f));
       }
-      amx_values(block, count, D, L, weights.data(), p_stride, n, job.out);
+      const bool last = b + 1 == job.last_block;
+      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D * 2,
+                         L / 16 * (padded / 32));
+      _tile_loadconfig(&weighing);
+      amx_values(block, count, D, L, weights.data(), p_stride, groups, job.out, ahead);
     }
     _tile_release();
     softmax.end(job.max, job.mass);
