@@ -256,7 +256,10 @@ class Int8Linear(_QuantizedLinear):
 
     def __init__(self, weight: Int8Weight, *, dtype: torch.dtype, device: torch.device | str = "cpu"):
         device = torch.device(device)
-        super().__init__(weight.shape, dtype, select_kernel(8, device))
+        kernel = select_kernel(8, device)
+        if kernel == "aten" and weight.shape[1] % 16:  # aten's int8 matmul crashes on such rows
+            kernel = "reference"
+        super().__init__(weight.shape, dtype, kernel)
         values = weight.values.to(device)
         if self.kernel == "vnni":
             self.group = cpu_quant.activation_group(self.in_features)
