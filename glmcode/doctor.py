@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmcode.agent.session import SECRET_ENV_VARS
-from glmcode.settings import Settings
+from glmcode.settings import SECRET_ENV_VARS, Settings
 from glmcode.weights import checkpoint_problems
 
 # Weight bytes of the full model per precision (29.9 B parameters without the MTP layer; int4 is

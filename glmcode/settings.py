@@ -21,6 +21,9 @@ from typing import Any
 
 from glmcode.errors import UsageError
 
+# The environment variables that hold glmcode's API keys (read by the remote backend).
+SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
+
 APPROVAL_MODES = ("plan", "ask", "auto-edit", "yolo")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int4", "int4-all", "int8")

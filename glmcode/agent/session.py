@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from glmcode.errors import UsageError
-from glmcode.settings import data_home
+from glmcode.settings import SECRET_ENV_VARS, data_home
 
-SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
 REDACTED = "[REDACTED]"
 
 # Shapes of credentials worth catching wherever they appear in text.

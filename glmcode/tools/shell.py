@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmcode.settings import SECRET_ENV_VARS
 from glmcode.tools.base import Tool, ToolResult
 from glmcode.tools.workspace import ToolError, Workspace
 
@@ -37,11 +38,18 @@ class ProcessOutcome:
     timed_out: bool
 
 
+def command_environment() -> dict[str, str]:
+    """Ours, without glmcode's API keys: a command the model wrote has no use for them, and
+    must not be able to send them anywhere."""
+    env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV_VARS}
+    return {**env, **_ENV_OVERRIDES}
+
+
 def run_process(command: str, cwd: Path, timeout: float) -> ProcessOutcome:
     """Run `command` with the shell; after `timeout` seconds kill its whole process group."""
     process = subprocess.Popen(
         command, shell=True, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **_ENV_OVERRIDES},
+        stderr=subprocess.STDOUT, start_new_session=True, env=command_environment(),
     )
     capture = _HeadTail()
     reader = threading.Thread(target=capture.consume, args=(process.stdout,), daemon=True)

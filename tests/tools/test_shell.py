@@ -53,6 +53,16 @@ def test_run_command_runs_in_the_root_and_returns_the_exit_code(repo: Path) -> N
     assert failed.is_error and failed.output.splitlines() == ["oops", "[exit code 3]"]
 
 
+def test_commands_do_not_see_the_api_keys(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZAI_API_KEY", "zai-key-0123456789")
+    monkeypatch.setenv("GLMCODE_API_KEY", "generic-key-0123456789")
+    monkeypatch.setenv("SOME_PROJECT_SETTING", "kept")
+    result = call(Workspace(repo), "run_command", command="env")
+    assert "SOME_PROJECT_SETTING=kept" in result.output
+    assert "ZAI_API_KEY" not in result.output and "GLMCODE_API_KEY" not in result.output
+    assert "0123456789" not in result.output
+
+
 def test_timeout_kills_the_whole_process_group(repo: Path) -> None:
     ws = Workspace(repo, command_timeout=1)
     result = call(ws, "run_command", command="sleep 600 & echo $! > child.pid; echo started; wait")
