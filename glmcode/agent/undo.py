@@ -6,6 +6,10 @@ In a git repository snapshots are commits on the private ref `refs/glmcode/check
 with git plumbing and a temporary index file, so the user's index, stash, HEAD and branches are
 never touched; elsewhere they live in `.glmcode/checkpoints/`. Undo puts the files covered by the
 last snapshot back exactly: content, mode, and existence (files created since are removed).
+
+Undo only reaches the snapshots of its own session, so old ones are let go: each session starts
+a new chain of commits on the ref (git gc collects the unreachable old chains once they are older
+than its prune expiry), and the directory store deletes snapshots older than KEEP_DAYS.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +32,7 @@ from glmcode.tools.workspace import Workspace, atomic_write, default_permissions
 
 CHECKPOINT_REF = "refs/glmcode/checkpoints"
 MAX_SNAPSHOT_FILE_BYTES = 50_000_000  # bigger files are neither recorded nor restored
+KEEP_DAYS = 14  # the directory store's snapshots live this long (another session may be using them)
 
 State = dict[str, tuple[str, str]]  # repo-relative path -> (mode, blob id)
 
@@ -210,6 +216,7 @@ class _GitStore:
 
     def __init__(self, root: Path):
         self.root = root
+        self._last: str | None = None  # this session's newest snapshot: the parent of the next
 
     def _git(self, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None) -> bytes:
         done = subprocess.run(
@@ -247,12 +254,10 @@ class _GitStore:
             entries = "".join(f"{mode} {blob}\t{path}\0" for path, (mode, blob) in state.items())
             self._git("update-index", "-z", "--index-info", stdin=entries.encode("utf-8", "surrogateescape"), env=env)
             tree = self._git("write-tree", env=env).decode().strip()
-        parent = subprocess.run(
-            ["git", "rev-parse", "--verify", "--quiet", CHECKPOINT_REF], cwd=self.root, capture_output=True, text=True
-        ).stdout.strip()
-        commit = self._git("commit-tree", tree, *(["-p", parent] if parent else []), "-m", label or "checkpoint")
-        commit_id = commit.decode().strip()
+        parents = ["-p", self._last] if self._last else []
+        commit_id = self._git("commit-tree", tree, *parents, "-m", label or "checkpoint").decode().strip()
         self._git("update-ref", CHECKPOINT_REF, commit_id)
+        self._last = commit_id
         return commit_id
 
     def load(self, snapshot_id: str) -> State:
@@ -281,6 +286,25 @@ class _DirStore:
     def __init__(self, root: Path):
         self.base = root / STATE_DIR / "checkpoints"
         self.blobs = self.base / "blobs"
+        self._prune()
+
+    def _prune(self) -> None:
+        """Delete snapshots older than KEEP_DAYS, then the blobs no snapshot left refers to."""
+        if not self.base.is_dir():
+            return
+        cutoff = time.time() - KEEP_DAYS * 86400
+        kept: set[str] = set()
+        try:
+            for record in self.base.glob("*.json"):
+                if record.stat().st_mtime < cutoff:
+                    record.unlink(missing_ok=True)
+                else:
+                    kept.update(blob for _mode, blob in self.load(record.stem).values())
+            for blob in self.blobs.glob("*"):  # a save in progress has touched its blobs (see put)
+                if blob.name not in kept and blob.stat().st_mtime < cutoff:
+                    blob.unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError):  # a record we cannot read: keep every blob
+            return
 
     def mode_of(self, status: os.stat_result) -> str:
         return "120000" if stat.S_ISLNK(status.st_mode) else f"{status.st_mode:o}"
@@ -290,7 +314,9 @@ class _DirStore:
         for path in paths:
             data = os.fsencode(os.readlink(path)) if path.is_symlink() else path.read_bytes()
             blob = hashlib.sha256(data).hexdigest()
-            if not (self.blobs / blob).exists():
+            try:
+                os.utime(self.blobs / blob)  # stored already: fresh again, so pruning keeps it
+            except FileNotFoundError:
                 atomic_write(self.blobs / blob, data, 0o600)
             ids.append(blob)
         return ids

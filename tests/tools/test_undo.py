@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from glmcode.agent.undo import CHECKPOINT_REF, Checkpoints
+from glmcode.agent.undo import CHECKPOINT_REF, KEEP_DAYS, Checkpoints
 from glmcode.tools.registry import get_tool, run_tool
 from glmcode.tools.workspace import Workspace
 from tests.tools.conftest import call, git, write
@@ -113,6 +115,19 @@ def test_snapshots_live_on_a_private_ref(repo: Path) -> None:
     assert "glmcode" not in git(repo, "branch", "--all") and git(repo, "stash", "list") == ""
 
 
+def test_each_session_starts_a_new_chain_and_old_ones_are_collected(repo: Path) -> None:
+    earlier = Checkpoints(Workspace(repo))
+    old = [earlier.snapshot("old one"), earlier.snapshot("old two")]
+    current = Checkpoints(Workspace(repo))
+    first = current.snapshot("new", ["README.md"])
+    assert git(repo, "rev-parse", CHECKPOINT_REF).strip() == first
+    assert git(repo, "rev-list", "--count", CHECKPOINT_REF).strip() == "1"
+    git(repo, "gc", "--quiet", "--prune=now")
+    for commit in old:
+        assert subprocess.run(["git", "cat-file", "-e", commit], cwd=repo).returncode != 0
+    assert git(repo, "cat-file", "-t", first).strip() == "commit"
+
+
 def test_diff_shows_everything_changed_since_the_first_snapshot(dirty_repo: Path) -> None:
     ws, checkpoints = Workspace(dirty_repo), Checkpoints(Workspace(dirty_repo))
     assert checkpoints.diff() == ""
@@ -139,6 +154,25 @@ def test_checkpoints_outside_git_use_the_state_directory(plain: Path) -> None:
     assert (plain / "a.txt").read_text() == "alpha\n" and not (plain / "b.txt").exists()
     assert tool.read_text() == "#!/bin/sh\n" and stat.S_IMODE(tool.stat().st_mode) == 0o750
     assert ".glmcode" not in call(ws, "list_files").output
+
+
+def test_the_state_directory_forgets_snapshots_older_than_two_weeks(plain: Path) -> None:
+    ws, earlier = Workspace(plain), Checkpoints(Workspace(plain))
+    call(ws, "read_file", path="a.txt")
+    run_checkpointed(earlier, ws, "write_file", path="a.txt", content="first change\n")
+    run_checkpointed(earlier, ws, "write_file", path="a.txt", content="second change\n")
+    store = plain / ".glmcode/checkpoints"
+    records, blobs = sorted(store.glob("*.json")), set(store.glob("blobs/*"))
+    assert len(records) == 2 and len(blobs) == 2
+    two_weeks_ago = time.time() - KEEP_DAYS * 86400 - 60
+    for path in [records[0], *blobs]:
+        os.utime(path, (two_weeks_ago, two_weeks_ago))
+    current = Checkpoints(Workspace(plain))
+    assert sorted(store.glob("*.json")) == records[1:]
+    # the blob of the kept snapshot stays, however old; the other one goes
+    assert len(list(store.glob("blobs/*"))) == 1
+    run_checkpointed(current, ws, "edit_file", path="a.txt", old_string="second", new_string="third")
+    assert current.undo() == ["a.txt"] and (plain / "a.txt").read_text() == "second change\n"
 
 
 def test_symlinks_and_binary_files_are_restored(repo: Path) -> None:
