@@ -98,7 +98,8 @@ def test_the_key_never_appears_in_any_output_or_file(glmcode: GlmcodeRunner, pro
         run = glmcode("fix", "is the key configured?", "--remote", server.base_url, "--yes", "-o", "stream-json",
                       cwd=project)
     results = [record for record in map(json.loads, run.stdout.splitlines()) if record["type"] == "tool_result"]
-    assert [r["output"].count("[REDACTED]") for r in results] == [1, 1], results
+    assert results[0]["output"].count("[REDACTED]") == 1, results  # the file's copy, masked
+    assert results[1]["output"] == "[exit code 1]", results  # commands do not get the variable at all
 
     # The key kept in the config file instead, and the model reading that file.
     config = glmcode.home / "config" / "glmcode" / "config.toml"
