@@ -484,7 +484,7 @@ def model_quantize(
     for name, value in (("--bits", bits), ("--linear-bits", linear_bits)):
         if value not in (4, 8):
             raise UsageError(f"{name} must be 4 or 8, not {value}")
-    from glmcode.engine.quant_checkpoint import quantize_checkpoint
+    from glmcode.engine.quant.checkpoint import quantize_checkpoint
 
     written = quantize_checkpoint(source, destination, bits=bits, linear_bits=linear_bits, progress=sys.stderr.isatty())
     print(f"wrote an int{bits} checkpoint (int{linear_bits} elsewhere) to {written}; use it with --model {written}")

@@ -76,7 +76,7 @@ def check_torch() -> tuple[list[Check], int | None]:
 
 def check_cpu_kernels() -> Check:
     """Whether glmcode's CPU kernels can be built here (checked from CPU flags, nothing compiled)."""
-    from glmcode.engine.kernels.cpu_quant import cpu_features
+    from glmcode.engine.cpu.features import cpu_features
 
     features = cpu_features()
     if "AVX-512 VNNI" not in features:

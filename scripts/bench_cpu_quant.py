@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from glmcode.engine import LLM, SamplingParams, llm as llm_module  # noqa: E402
-from glmcode.engine.quant import QuantScheme  # noqa: E402
-from glmcode.engine.quant_model import random_quantized_model  # noqa: E402
+from glmcode.engine import LLM, SamplingParams  # noqa: E402
+from glmcode.engine import llm as llm_module
+from glmcode.engine.quant.formats import QuantScheme  # noqa: E402
+from glmcode.engine.quant.loader import random_quantized_model  # noqa: E402
 
 FULL_CONFIG = {
     "model_type": "glm4_moe_lite",
@@ -119,17 +120,18 @@ def time_decode(llm: LLM, context: int, steps: int) -> float:
 
 def compare_kernels(repeats: int = 30) -> dict:
     """Median microseconds per call, aten packed-weight ops vs ours, at the model's shapes."""
-    from glmcode.engine import quant
+    from glmcode.engine.quant import experts, linear
+    from glmcode.engine.quant.formats import Int4Weight, Int8Weight
 
     gen = torch.Generator().manual_seed(0)
 
-    def int4(rows: int, cols: int) -> quant.Int4Weight:
+    def int4(rows: int, cols: int) -> Int4Weight:
         nibbles = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
         scales = torch.full((rows, cols // 128), 1e-3, dtype=torch.bfloat16)
-        return quant.Int4Weight(nibbles, scales, torch.zeros_like(scales), 128)
+        return Int4Weight(nibbles, scales, torch.zeros_like(scales), 128)
 
-    def int8(rows: int, cols: int) -> quant.Int8Weight:
-        return quant.Int8Weight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen), torch.full((rows,), 1e-3))
+    def int8(rows: int, cols: int) -> Int8Weight:
+        return Int8Weight(torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen), torch.full((rows,), 1e-3))
 
     def median_us(fn, calls: int) -> float:
         fn(0)
@@ -150,15 +152,15 @@ def compare_kernels(repeats: int = 30) -> dict:
     xo = torch.randn(1, 5120, dtype=torch.bfloat16)
     result = {}
     for kernel in ("aten", "vnni"):
-        if kernel == "vnni" and quant.select_kernel(4, torch.device("cpu")) != "vnni":
+        if kernel == "vnni" and linear.select_kernel(4, torch.device("cpu")) != "vnni":
             break
-        original = quant.select_kernel
-        quant.select_kernel = lambda bits, device, kernel=kernel: kernel
+        original = linear.select_kernel
+        linear.select_kernel = lambda bits, device, kernel=kernel: kernel
         try:
-            moe = quant.quantized_experts(gate_up, down, dtype=torch.bfloat16)
-            head, o4, o8 = (quant.quantized_linear(w, dtype=torch.bfloat16) for w in (lm_head, o_proj4, o_proj8))
+            moe = experts.quantized_experts(gate_up, down, dtype=torch.bfloat16)
+            head, o4, o8 = (linear.quantized_linear(w, dtype=torch.bfloat16) for w in (lm_head, o_proj4, o_proj8))
         finally:
-            quant.select_kernel = original
+            linear.select_kernel = original
         result[kernel] = {
             "moe_4_experts_1_token": median_us(lambda i: moe(x, ids[i % repeats][None], route[None]), repeats),
             "lm_head_int8": median_us(lambda i: head(x), max(5, repeats // 5)),

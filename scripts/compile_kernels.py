@@ -31,7 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from glmcode.engine.kernels import triton_fused, triton_mla, triton_moe  # noqa: E402
+from glmcode.engine.cuda import triton_fused, triton_mla, triton_moe  # noqa: E402
 
 FLOAT_ARGS = {"scale_log2", "eps", "scaling"}
 

@@ -293,7 +293,7 @@ class Bench:
     """Random inputs of the chosen shapes, the correctness cases and the timers."""
 
     def __init__(self, torch, device, shapes: Shapes):
-        from glmcode.engine.kernels import reference, triton_fused, triton_mla, triton_moe
+        from glmcode.engine.cuda import reference, triton_fused, triton_mla, triton_moe
 
         self.torch, self.device, self.shapes = torch, device, shapes
         self.ref, self.mla, self.moe, self.fused = reference, triton_mla, triton_moe, triton_fused
@@ -444,7 +444,7 @@ class Bench:
 
     def graphed_step_check(self) -> dict:
         """GraphedStep: a batch of 3 replayed in the bucket of 4 equals the eager reference."""
-        from glmcode.engine.kernels.cuda_graphs import GraphedStep
+        from glmcode.engine.cuda.graphs import GraphedStep
 
         q_nope, q_pe, cache, tables, lens = self.mla_inputs([300] * 8, 64)
 

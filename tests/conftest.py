@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_configure(config):
     # Some torch modules import triton as a side effect. On a machine without CUDA the kernel
     # tests need it imported in interpreter mode first, whatever other test areas load before.
-    from tests.kernels.conftest import import_triton_kernels
+    from tests.cuda.conftest import import_triton_kernels
 
     import_triton_kernels()
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from glmcode.engine.attention import KVSpan
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.quant import Int8LatentCache
+from glmcode.engine.model.attention import KVSpan
+from glmcode.engine.quant.latent_cache import Int8LatentCache
 
 
 @dataclass

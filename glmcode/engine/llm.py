@@ -17,16 +17,20 @@ from pathlib import Path
 
 import torch
 
-from glmcode.engine.attention import AttentionBatch, SequenceSlice, expanded_is_cheaper
-from glmcode.engine.checkpoint import load_checkpoint
 from glmcode.engine.config import ModelConfig, resolve_dtype
-from glmcode.engine.cpu_decode import FusedDecoder
-from glmcode.engine.cuda_runner import CudaRunner
+from glmcode.engine.cpu.fused_decode import FusedDecoder
+from glmcode.engine.cuda.runner import CudaRunner
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
 from glmcode.engine.model import GlmMoeLite, build_model
-from glmcode.engine.quant_model import is_quantized_checkpoint, load_quantized_model
+from glmcode.engine.model.attention import (
+    AttentionBatch,
+    SequenceSlice,
+    expanded_is_cheaper,
+)
+from glmcode.engine.quant.loader import is_quantized_checkpoint, load_quantized_model
 from glmcode.engine.sampler import Sampler, SamplingParams
 from glmcode.engine.tokenizer import IncrementalDecoder, Tokenizer
+from glmcode.engine.weights.loader import load_checkpoint
 from glmcode.errors import ContextOverflow, UsageError
 
 CPU_KV_MEMORY_FRACTION = 0.3  # of the memory still available after the weights are loaded

@@ -54,7 +54,7 @@ ATEN_KERNELS = {"GLMCODE_CPU_KERNELS": "0"}
 
 
 def test_quantization_flag_reaches_the_engine(cli: Cli, tmp_path: Path) -> None:
-    from glmcode.engine.quant_checkpoint import quantize_checkpoint
+    from glmcode.engine.quant.checkpoint import quantize_checkpoint
 
     # The engine refuses to read an int4 checkpoint as int8: proof the flag got there. (Loading with
     # the flag is shown by the Ctrl-C test below, and in tests/quant.)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
-from glmcode.engine.attention import expanded_is_cheaper
 from glmcode.engine.config import ModelConfig
 from glmcode.engine.kv_cache import KVCache
+from glmcode.engine.model.attention import expanded_is_cheaper
 from glmcode.errors import ContextOverflow, UsageError
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])

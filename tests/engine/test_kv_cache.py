@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from glmcode.engine.attention import KVSpan
 from glmcode.engine.config import ModelConfig
 from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
+from glmcode.engine.model.attention import KVSpan
 
 
 def seq(tokens: list[int]) -> Sequence:

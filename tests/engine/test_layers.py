@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmcode.engine.layers import RMSNorm, Rotary, apply_rotary, linear_forward
+from glmcode.engine.model.layers import RMSNorm, Rotary, apply_rotary, linear_forward
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32, 33])

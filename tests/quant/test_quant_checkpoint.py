@@ -6,13 +6,19 @@ import os
 import pytest
 import torch
 
-from glmcode.engine import quant_checkpoint
-from glmcode.engine.quant import Int4Weight, Int8Weight, QuantScheme, dequantize, quantize
-from glmcode.engine.quant_checkpoint import (
+from glmcode.engine.quant import checkpoint as quant_checkpoint
+from glmcode.engine.quant.checkpoint import (
     iter_checkpoint_weights,
     quantization_config,
     quantize_checkpoint,
     verify_quantized_checkpoint,
+)
+from glmcode.engine.quant.formats import (
+    Int4Weight,
+    Int8Weight,
+    QuantScheme,
+    dequantize,
+    quantize,
 )
 from glmcode.errors import CheckpointError, UsageError
 

@@ -4,18 +4,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmcode.engine import quant
-from glmcode.engine.kernels import cpu_quant
-from glmcode.engine.quant import (
-    Int4Linear,
-    Int8Linear,
-    QuantizedExperts,
+from glmcode.engine.cpu import kernels as cpu_kernels
+from glmcode.engine.quant import experts as quant_experts
+from glmcode.engine.quant import formats, latent_cache, linear
+from glmcode.engine.quant.experts import QuantizedExperts
+from glmcode.engine.quant.formats import (
     QuantScheme,
     dequantize_int4,
     dequantize_int8,
     quantize_int4,
     quantize_int8,
 )
+from glmcode.engine.quant.linear import Int4Linear, Int8Linear
 
 
 @pytest.fixture(autouse=True)
@@ -44,16 +44,16 @@ def test_int4_round_trip_error_is_within_half_a_step_per_group():
 
 def test_nibbles_pack_even_columns_low():
     q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
-    assert quant.pack_nibbles(q).tolist() == [[0x21, 0x0F]]
-    assert quant.unpack_nibbles(quant.pack_nibbles(q)).tolist() == q.tolist()
+    assert formats.pack_nibbles(q).tolist() == [[0x21, 0x0F]]
+    assert formats.unpack_nibbles(formats.pack_nibbles(q)).tolist() == q.tolist()
 
 
 def test_group_size_falls_back_for_small_inputs():
-    assert quant.int4_group_size(2048) == 128
-    assert quant.int4_group_size(192) == 64
-    assert quant.int4_group_size(96) == 32
+    assert formats.int4_group_size(2048) == 128
+    assert formats.int4_group_size(192) == 64
+    assert formats.int4_group_size(96) == 32
     with pytest.raises(ValueError):
-        quant.int4_group_size(40)
+        formats.int4_group_size(40)
 
 
 KERNELS = ["vnni", "aten", "reference"]
@@ -62,9 +62,9 @@ KERNELS = ["vnni", "aten", "reference"]
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
     """Force one kernel for the quantized modules built in the test."""
-    if request.param == "vnni" and not cpu_quant.available():
+    if request.param == "vnni" and not cpu_kernels.available():
         pytest.skip("AVX-512 VNNI kernels not available on this machine")
-    monkeypatch.setattr(quant, "select_kernel", lambda bits, device: request.param)
+    monkeypatch.setattr(linear, "select_kernel", lambda bits, device: request.param)
     return request.param
 
 
@@ -109,7 +109,7 @@ def test_int8_linear_matches_dequantized_reference(kernel, dtype, rows, features
 
 def test_vnni_kernels_handle_every_row_count():
     """Rows are processed in blocks of 4: every remainder must land in the right place."""
-    if not cpu_quant.available():
+    if not cpu_kernels.available():
         pytest.skip("AVX-512 VNNI kernels not available on this machine")
     q4, q8 = quantize_int4(torch.randn(32, 256)), quantize_int8(torch.randn(32, 256))
     layers = [Int4Linear(q4, dtype=torch.float32), Int8Linear(q8, dtype=torch.float32)]
@@ -117,13 +117,13 @@ def test_vnni_kernels_handle_every_row_count():
     for rows in range(1, 10):
         x = torch.randn(rows, 256)
         for layer, q in zip(layers, (q4, q8)):
-            expected = x @ quant.dequantize(q).T
+            expected = x @ formats.dequantize(q).T
             assert _relative_error(layer(x), expected) < 0.02
 
 
 def test_concat_rows_equals_separate_layers():
     gate, up = torch.randn(32, 128), torch.randn(32, 128)
-    fused = quant.concat_rows([quantize_int4(gate), quantize_int4(up)])
+    fused = formats.concat_rows([quantize_int4(gate), quantize_int4(up)])
     x = torch.randn(2, 128)
     layer = Int4Linear(fused, dtype=torch.float32)
     expected = torch.cat([Int4Linear(quantize_int4(t), dtype=torch.float32)(x) for t in (gate, up)], dim=-1)
@@ -140,11 +140,11 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
     num_experts, hidden, inter, top_k = 6, 128, 64, 2
     gate_up = [torch.randn(2 * inter, hidden) / hidden**0.5 for _ in range(num_experts)]
     down = [torch.randn(hidden, inter) / inter**0.5 for _ in range(num_experts)]
-    q_gate_up = [quant.quantize(w, bits) for w in gate_up]
-    q_down = [quant.quantize(w, bits) for w in down]
-    experts = quant.quantized_experts(q_gate_up, q_down, dtype=torch.float32)
+    q_gate_up = [formats.quantize(w, bits) for w in gate_up]
+    q_down = [formats.quantize(w, bits) for w in down]
+    experts = quant_experts.quantized_experts(q_gate_up, q_down, dtype=torch.float32)
     stacked = kernel == "vnni" and bits == 4
-    assert isinstance(experts, quant.StackedInt4Experts if stacked else QuantizedExperts)
+    assert isinstance(experts, quant_experts.StackedInt4Experts if stacked else QuantizedExperts)
     x = torch.randn(7, hidden)
     ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(7)])
     weights = torch.rand(7, top_k)
@@ -158,7 +158,7 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
         return out
 
     batched = experts(x, ids, weights)
-    dequantized = moe([quant.dequantize(q) for q in q_gate_up], [quant.dequantize(q) for q in q_down])
+    dequantized = moe([formats.dequantize(q) for q in q_gate_up], [formats.dequantize(q) for q in q_down])
     assert _relative_error(batched, dequantized) < (0.03 if kernel == "vnni" else 1e-4)
     exact = moe(gate_up, down)
     # Gaussian weights are the worst case for 4 bits: ~10% error per matmul, two in a row.
@@ -189,9 +189,9 @@ def test_scheme_classifies_checkpoint_tensors():
 
 def test_latent_quantization_keeps_each_part_on_its_own_scale():
     latent = torch.cat([torch.randn(10, 512) * 0.05, torch.randn(10, 64) * 20], dim=-1)
-    values, scales = quant.quantize_latent(latent, split=512)
+    values, scales = latent_cache.quantize_latent(latent, split=512)
     assert values.dtype == torch.int8 and scales.shape == (10, 2)
-    back = quant.dequantize_latent(values, scales, split=512)
+    back = latent_cache.dequantize_latent(values, scales, split=512)
     assert ((back - latent).abs()[:, :512] <= scales[:, :1] / 2 + 1e-7).all()
     assert ((back - latent).abs()[:, 512:] <= scales[:, 1:] / 2 + 1e-6).all()
 
@@ -199,13 +199,13 @@ def test_latent_quantization_keeps_each_part_on_its_own_scale():
 @pytest.mark.parametrize("rows", [1, 6])
 def test_kv_b_projection_matches_the_float_halves(kernel, rows):
     """kv_b_proj's absorbed halves (int8 per head with our kernels) against float32 bmm."""
-    from glmcode.engine.attention import KVBProjection
+    from glmcode.engine.model.attention import KVBProjection
 
     heads, latent, nope, v = 3, 64, 48, 32  # v rows are not a whole number of 16-row tiles below
     with torch.device("meta"):
         empty = KVBProjection(heads, latent, nope, v - 8)
     weight = torch.randn(heads * (nope + v - 8), latent)
-    module = quant.kv_b_projection(weight, empty, dtype=torch.float32, device=torch.device("cpu"))
+    module = linear.kv_b_projection(weight, empty, dtype=torch.float32, device=torch.device("cpu"))
     reference = KVBProjection(heads, latent, nope, v - 8).requires_grad_(False)
     reference.load(weight)
     q_nope, latents = torch.randn(heads, rows, nope), torch.randn(heads, rows, latent)

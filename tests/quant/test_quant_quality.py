@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
-from glmcode.engine.kernels import cpu_quant
-from glmcode.engine.quant import Int4Linear, Int8Linear, QuantizedExperts, StackedInt4Experts
-from glmcode.engine.quant_checkpoint import quantization_config, quantize_checkpoint
+from glmcode.engine.cpu import kernels as cpu_kernels
+from glmcode.engine.quant.checkpoint import quantization_config, quantize_checkpoint
+from glmcode.engine.quant.experts import QuantizedExperts, StackedInt4Experts
+from glmcode.engine.quant.linear import Int4Linear, Int8Linear
 from glmcode.errors import CheckpointError, UsageError
 from tests.conftest import load_tiny_checkpoint_writer
 
@@ -57,7 +58,7 @@ def test_quantized_checkpoint_loads_with_quantized_modules_and_generates(tiny_ch
     quantized_dir = quantize_checkpoint(tiny_checkpoint, tmp_path / "q", bits=4, progress=False)
     llm = LLM(quantized_dir, progress=False)
     layer = llm.model.model.layers[1]
-    if cpu_quant.available():
+    if cpu_kernels.available():
         assert isinstance(layer.mlp.experts, StackedInt4Experts)
     else:
         assert isinstance(layer.mlp.experts.gate_up[0], Int4Linear)

@@ -1,0 +1,123 @@
+"""Our AVX-512 VNNI kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
+
+The same extension holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py);
+both build on the tile kernels of cpu_kernels.h.
+
+The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
+cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
+:func:`available` is False and the quantized modules fall back to the aten packed-weight ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from glmcode.engine.cpu.features import has_vnni
+
+TILE = 16
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_decode.cpp")]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
+# at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
+# libgomp it links is the one torch has already loaded (same soname), so there is one pool.
+_OPENMP = ["-fopenmp"]
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def available() -> bool:
+    """True once the extension is built and loaded (first call compiles, ~20 s, then cached)."""
+    if os.environ.get("GLMCODE_CPU_KERNELS", "1") == "0" or not has_vnni():
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name="glmcode_cpu_quant",
+            sources=[str(path) for path in _SOURCES],
+            extra_cflags=_FLAGS + _OPENMP,
+            extra_ldflags=_OPENMP,
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
+        log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
+        return False
+    return True
+
+
+def ops():
+    """The extension's ops (``torch.ops.glmcode_cpu``); builds it on first use."""
+    if not available():
+        raise RuntimeError("glmcode CPU kernels are not available on this machine")
+    return torch.ops.glmcode_cpu
+
+
+def _pad_rows(t: torch.Tensor, value: float = 0) -> torch.Tensor:
+    pad = -t.shape[0] % TILE
+    return F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad), value=value) if pad else t
+
+
+def _tiles_of_rows(per_row: torch.Tensor) -> torch.Tensor:
+    """``[N, G]`` per-row-and-group values to ``[N/16, G, 16]``."""
+    rows = _pad_rows(per_row)
+    return rows.reshape(-1, TILE, rows.shape[1]).transpose(1, 2).contiguous()
+
+
+def pack_int4(nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Portable nibbles ``uint8 [N, K/2]`` and bf16 ``[N, G]`` scales/zeros to the kernel layout."""
+    packed = ops().pack_int4_nibbles(nibbles)
+    return packed, _tiles_of_rows(scales.to(torch.bfloat16)), _tiles_of_rows(zeros.to(torch.bfloat16))
+
+
+def pack_int8(values: torch.Tensor, scales: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """``values int8 [N, K]`` and f32 ``[N]`` scales to the kernel layout (+ per-group sums)."""
+    packed, sums = ops().pack_int8_values(values, group)
+    padded_scales = F.pad(scales.float(), (0, packed.shape[0] * TILE - scales.shape[0]))
+    return packed, padded_scales.contiguous(), sums
+
+
+def int4_linear(x: torch.Tensor, packed, scales, zeros, group: int) -> torch.Tensor:
+    return ops().int4_linear(x, packed, scales, zeros, group)
+
+
+def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tensor:
+    return ops().int8_linear(x, packed, scales, sums, group)
+
+
+def activation_group(in_features: int) -> int:
+    """The activation quantization group for the int8 kernel: 128 inputs where they divide."""
+    for size in (128, 64, 32, 16, 8):
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"in_features must be a multiple of 8, got {in_features}")
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor in memory the kernel may back with 2 MB pages (Linux transparent
+    huge pages, which are often enabled only on request).
+
+    Decode streams every weight from memory once per token; with 4 KB pages the hardware
+    prefetcher stops at each page and the TLB misses, which costs a single core 10-20% of its
+    read bandwidth here. Tensors under 2 MB, and other platforms, are returned as they are.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    if tensor.device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return tensor
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    start = -raw.data_ptr() % _HUGE_PAGE
+    # Only whole 2 MB pages inside the tensor are advised: the tail stays in small pages, so no
+    # memory past the tensor's end is ever faulted in.
+    region.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % _HUGE_PAGE)
+    copy = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    copy.copy_(tensor)
+    return copy

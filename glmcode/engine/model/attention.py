@@ -1,0 +1,234 @@
+"""Multi-head latent attention (MLA) over the paged latent cache.
+
+Per token and layer the cache holds 576 values: the normalized 512-d latent c_kv and the roped
+64-d key k_pe that all heads share. Two equivalent ways to attend over it:
+
+- expanded: kv_b_proj turns each cached latent into per-head keys and values, then ordinary
+  multi-head attention. Cheapest for long prefill chunks, where the expansion is amortized.
+- absorbed: the key up-projection is folded into the query and the value up-projection into
+  the output, so queries attend over the cached latents directly and the cache is never
+  re-expanded. Used for decode, and for prefill chunks too short to amortize an expansion.
+
+Both walk the context in pieces (each softmaxed on its own, then merged exactly), so memory
+stays bounded at any length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmcode.engine.config import LATENT_NORM_EPS, ModelConfig
+from glmcode.engine.model.layers import RMSNorm, apply_rotary, linear
+
+
+@dataclass(frozen=True)
+class KVSpan:
+    """A run of consecutive cache slots holding consecutive positions of one sequence."""
+
+    slot: int  # first slot in the layer's flat [num_blocks * block_size] cache
+    length: int
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The new tokens of one sequence within a forward pass."""
+
+    rows: slice  # their rows in the pass
+    first_position: int  # position of the first of them
+    # Cache slots of every position up to the last of them, in order (possibly further, to the
+    # end of a block: keys after the last query are masked).
+    spans: list[KVSpan]
+
+
+@dataclass
+class AttentionBatch:
+    positions: torch.Tensor  # [T] position of each new token
+    write_slots: torch.Tensor  # [T] cache slot each new token's latent goes to
+    sequences: list[SequenceSlice]
+    expanded: bool = False  # attend in the expanded form (a long prefill chunk of one sequence)
+    max_score_elements: int = 1 << 24  # bounds the [heads, queries, keys] scores of one piece
+
+
+def expanded_is_cheaper(config: ModelConfig, num_queries: int) -> bool:
+    """Whether expanding the context beats absorbed attention for a chunk of num_queries tokens.
+
+    Expanding costs 2*N*(P+V)*L FLOPs per context token once; then each (query, key) pair costs
+    2*N*(P+R) + 2*N*V. Absorbed attention costs 2*N*(L+R) + 2*N*L per pair and no expansion.
+    """
+    heads, latent = config.num_attention_heads, config.kv_lora_rank
+    expansion = 2 * heads * (config.qk_nope_head_dim + config.v_head_dim) * latent
+    expanded_pair = 2 * heads * (config.qk_head_dim + config.v_head_dim)
+    absorbed_pair = 2 * heads * (latent + config.qk_rope_head_dim + latent)
+    return num_queries * (absorbed_pair - expanded_pair) > expansion
+
+
+class KVBProjection(nn.Module):
+    """kv_b_proj, kept as its two per-head halves for absorbed attention.
+
+    The checkpoint's kv_b_proj [N * (P + V), L] is split into W_UK transposed [N, L, P] and
+    W_UV [N, V, L], each contiguous per head and laid out so that decode multiplies them as the
+    left operand (the fast matrix-vector orientation on CPU). A quantized variant replaces this
+    module whole, keeping its methods.
+    """
+
+    def __init__(self, heads: int, latent_dim: int, nope_dim: int, v_dim: int):
+        super().__init__()
+        self.w_uk_t = nn.Parameter(torch.empty(heads, latent_dim, nope_dim))
+        self.w_uv = nn.Parameter(torch.empty(heads, v_dim, latent_dim))
+
+    def load(self, weight: torch.Tensor) -> None:
+        """Fill W_UK and W_UV from kv_b_proj.weight, whose rows are per head [nope | v]."""
+        heads, latent, nope = self.w_uk_t.shape
+        per_head = weight.view(heads, nope + self.w_uv.shape[1], latent)
+        self.w_uk_t.copy_(per_head[:, :nope].transpose(1, 2))
+        self.w_uv.copy_(per_head[:, nope:])
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope [N, T, P] -> its keys' weights folded in: [N, T, L]."""
+        return torch.bmm(self.w_uk_t, q_nope.transpose(1, 2)).transpose(1, 2)
+
+    def values(self, latent: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents [N, T, L] -> per-head values [N, T, V]."""
+        return torch.bmm(self.w_uv, latent.transpose(1, 2)).transpose(1, 2)
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK transposed [N, L, P], W_UV [N, V, L]) as plain tensors, for expanding a context."""
+        return self.w_uk_t, self.w_uv
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.latent_dim = config.kv_lora_rank
+        self.scale = config.softmax_scale
+        self.has_q_lora = config.q_lora_rank is not None
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        q_out = heads * config.qk_head_dim
+        if self.has_q_lora:
+            self.q_a_proj = linear(hidden, config.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = linear(config.q_lora_rank, q_out)
+        else:
+            self.q_proj = linear(hidden, q_out)
+        self.kv_a_proj_with_mqa = linear(hidden, config.kv_cache_dim)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_b_proj = KVBProjection(heads, self.latent_dim, self.nope_dim, self.v_dim)
+        self.o_proj = linear(heads * self.v_dim, hidden)
+
+    @property
+    def kv_b_proj_shape(self) -> tuple[int, int]:
+        return (self.num_heads * (self.nope_dim + self.v_dim), self.latent_dim)
+
+    def load_kv_b_proj(self, weight: torch.Tensor) -> None:
+        self.kv_b_proj.load(weight)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: [T, hidden]; kv_cache: this layer's [num_slots, 576]. Writes the new latents."""
+        num_tokens = x.shape[0]
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
+        q_nope, q_pe = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], -1)
+        q_pe = apply_rotary(q_pe, cos, sin)
+
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], -1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rotary(k_pe, cos, sin)
+        kv_cache.index_copy_(0, batch.write_slots, torch.cat([latent, k_pe], -1))
+
+        attend = self._expanded_attention if batch.expanded else self._absorbed_attention
+        out = attend(q_nope.transpose(0, 1), q_pe.transpose(0, 1), kv_cache, batch)  # [T, N, V]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
+
+    def _expanded_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+        """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
+        (seq,) = batch.sequences
+        queries = torch.cat([q_nope, q_pe], -1) * self.scale  # [N, T, P + R]
+        w_uk_t, w_uv = self.kv_b_proj.halves()
+
+        def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
+            k_nope = torch.matmul(latent, w_uk_t)  # [N, S, P]
+            v = F.linear(latent, w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
+            k_pe = k_pe.expand(self.num_heads, -1, -1)  # one rope key shared by all heads
+            scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
+            return scores, v.transpose(0, 1)  # [N, S, V]
+
+        out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+        return out.transpose(0, 1).to(queries.dtype)
+
+    def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+        """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
+        q_latent = self.kv_b_proj.absorb_query(q_nope)  # [N, T, L]
+        queries = torch.cat([q_latent, q_pe], -1) * self.scale  # [N, T, L + R]
+        out_latent = torch.empty_like(queries[..., : self.latent_dim])
+        for seq in batch.sequences:
+            seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
+
+            def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
+                scores = torch.mm(piece, seq_queries.t()).t().contiguous()
+                return scores.view(self.num_heads, -1, piece.shape[0]), piece[:, : self.latent_dim]
+
+            out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+            out_latent[:, seq.rows] = out.to(out_latent.dtype)
+        return self.kv_b_proj.values(out_latent).transpose(0, 1)  # [T, N, V]
+
+    def _attend(
+        self,
+        scores_and_values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        seq: SequenceSlice,
+        kv_cache: torch.Tensor,
+        max_score_elements: int,
+    ) -> torch.Tensor:
+        """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
+
+        scores_and_values(piece of cache) gives scaled scores [N, t, S] and values [.., S, D].
+        Each piece gets its own softmax (in float32); the pieces' outputs are then weighted by
+        their share of the total softmax mass, which is exact. Returns [N, t, D].
+        """
+        num_queries = seq.rows.stop - seq.rows.start
+        first = seq.first_position
+        query_pos = torch.arange(first, first + num_queries, device=kv_cache.device)[:, None]
+        piece_tokens = max(1, max_score_elements // (self.num_heads * num_queries))
+        pieces = list(_pieces(kv_cache, seq.spans, piece_tokens))
+        outputs, log_masses = [], []
+        for start, piece in pieces:
+            scores, values = scores_and_values(piece)
+            if start + piece.shape[0] - 1 > first:  # some keys come after some queries
+                key_pos = torch.arange(start, start + piece.shape[0], device=scores.device)
+                scores.masked_fill_(key_pos > query_pos, float("-inf"))
+            probs = torch.softmax(scores, -1, dtype=torch.float32)
+            if start > first:  # rows of queries before this piece are fully masked: 0/0
+                probs.nan_to_num_(0.0)
+            outputs.append(torch.matmul(probs.to(values.dtype), values))
+            if len(pieces) > 1:
+                log_masses.append(torch.logsumexp(scores.float(), -1, keepdim=True))
+        if len(pieces) == 1:
+            return outputs[0]
+        shares = torch.softmax(torch.stack(log_masses), dim=0)  # [pieces, N, t, 1]
+        return sum(share * out.float() for share, out in zip(shares, outputs))
+
+
+def _pieces(kv_cache: torch.Tensor, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, cache view) for consecutive pieces of a context, each <= max_tokens."""
+    pos = 0
+    for span in spans:
+        for offset in range(0, span.length, max_tokens):
+            length = min(max_tokens, span.length - offset)
+            yield pos, kv_cache[span.slot + offset : span.slot + offset + length]
+            pos += length

@@ -1,0 +1,77 @@
+"""GLM-4.7-Flash (Glm4MoeLiteForCausalLM): embeddings, MLA + MoE decoder layers, untied head.
+
+Module names mirror the checkpoint's tensor names (`model.layers.3.self_attn.q_a_proj`), so
+loading is a name lookup. Two differences: gate_proj and up_proj are stored as one
+`gate_up_proj`, and routed experts are stacked per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glmcode.engine.config import ModelConfig
+from glmcode.engine.model.attention import AttentionBatch, MLAttention
+from glmcode.engine.model.layers import GatedMLP, RMSNorm, Rotary, linear
+from glmcode.engine.model.moe import MoE, Router
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dense: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size) if dense else MoE(config)
+
+    def forward(self, x, batch: AttentionBatch, kv_cache, cos, sin) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, dense) for dense in config.dense_layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GlmMoeLite(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = linear(config.hidden_size, config.vocab_size)
+        self.rotary = Rotary(config.rope_dim, config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, hidden].
+
+        kv_cache: [num_layers, num_slots, 576]; the new tokens' latents are written into it.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer, layer_cache in zip(self.model.layers, kv_cache):
+            x = layer(x, batch, layer_cache, cos, sin)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> GlmMoeLite:
+    """The model with uninitialized weights, allocated once in its final dtype and device.
+
+    Routers stay float32 (the reference keeps them so); everything else is `dtype`.
+    """
+    with torch.device("meta"):
+        model = GlmMoeLite(config)
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.float()
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,1 @@
+"""Checkpoint weights on disk: reading safetensors, naming, loading into the model."""

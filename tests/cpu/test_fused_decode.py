@@ -1,0 +1,184 @@
+"""The fused CPU decode step (engine/cpu/fused_decode.py + cpu_decode.cpp) against the modules.
+
+Each check feeds the same tokens through both paths of one LLM (same quantized weights, same
+cache layout) and compares the logits of every decode step, across several cache blocks.
+"""
+
+import pytest
+import torch
+
+from glmcode.engine import LLM, SamplingParams
+from glmcode.engine.cpu import kernels as cpu_kernels
+from glmcode.engine.cpu.features import has_bf16_dot
+from glmcode.engine.cpu.fused_decode import FusedDecoder
+from glmcode.engine.quant.checkpoint import quantize_checkpoint
+from tests.conftest import load_tiny_checkpoint_writer
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs our AVX-512 VNNI kernels")
+
+SCHEMES = {"int4": (4, 8), "int4-all": (4, 4), "int8": (8, 8)}
+SHAPES = {
+    "base": {},
+    "no_q_lora": {"q_lora_rank": None},
+    "top1_grouped": {"n_routed_experts": 6, "num_experts_per_tok": 1, "n_group": 2, "topk_group": 1},
+}
+TOKENS = list(range(5, 85))  # 10 prompt tokens, then 70 decode steps: five 16-slot blocks
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """quantized(shape, scheme) -> a quantized checkpoint directory, made once."""
+    made = {}
+
+    def make(shape: str, scheme: str):
+        if (shape, scheme) not in made:
+            root = tmp_path_factory.mktemp(f"{shape}-{scheme}")
+            source = load_tiny_checkpoint_writer().make_tiny_checkpoint(root / "float", **SHAPES[shape])
+            bits, linear_bits = SCHEMES[scheme]
+            made[shape, scheme] = quantize_checkpoint(source, root / "q", bits=bits, linear_bits=linear_bits, progress=False)
+        return made[shape, scheme]
+
+    return make
+
+
+def decode_logits(llm: LLM, fused: bool) -> torch.Tensor:
+    """Logits of every decode step of TOKENS (teacher-forced) on one path: [steps, vocab]."""
+    decoder = llm.fused_decoder
+    if not fused:
+        llm.fused_decoder = None
+    request = llm._new_request(TOKENS[:10], SamplingParams(temperature=0))
+    assert llm.blocks.allocate(request.seq, use_prefix_cache=False)
+    llm._prefill(request)
+    steps = []
+    for token in TOKENS[10:]:
+        request.seq.token_ids.append(token)
+        llm.blocks.grow(request.seq, len(request.seq))
+        steps.append(llm._decode_logits([request])[0].clone())
+    llm.blocks.free_sequence(request.seq)
+    llm.fused_decoder = decoder
+    return torch.stack(steps)
+
+
+def float32_llm(path) -> LLM:
+    return LLM(path, dtype="float32", block_size=16, enable_prefix_caching=False, progress=False)
+
+
+def paired_decode_logits(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both paths' logits for each decode step of TOKENS, each step from the same cache.
+
+    The cache is filled by the module path; each step runs the fused path on a copy first.
+    """
+    request = llm._new_request(TOKENS[:10], SamplingParams(temperature=0))
+    assert llm.blocks.allocate(request.seq, use_prefix_cache=False)
+    llm._prefill(request)
+    decoder, llm.fused_decoder = llm.fused_decoder, None
+    fused, modules = [], []
+    for token in TOKENS[10:]:
+        seq = request.seq
+        seq.token_ids.append(token)
+        llm.blocks.grow(seq, len(seq))
+        cache = llm.kv_cache.data.clone()
+        fused.append(decoder.logits(token, len(seq) - 1, seq.block_table, llm.block_size, llm.kv_cache.data)[0])
+        llm.kv_cache.data.copy_(cache)
+        modules.append(llm._decode_logits([request])[0].clone())
+    llm.blocks.free_sequence(request.seq)
+    llm.fused_decoder = decoder
+    return torch.stack(fused), torch.stack(modules)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_fused_step_matches_the_modules_in_float32(quantized, shape, scheme):
+    llm = float32_llm(quantized(shape, scheme))
+    assert llm.fused_decoder is not None
+    fused, modules = paired_decode_logits(llm)
+    # Same weights and the same int8 activation quantization: only float rounding differs,
+    # which now and then moves an activation across an int8 rounding boundary (a ~1e-2 change).
+    step_error = (fused - modules).abs().amax(-1)
+    assert (step_error < 1e-5).float().mean() >= 0.9, step_error
+    assert step_error.max() < 0.2, step_error
+    assert (fused.argmax(-1) == modules.argmax(-1)).float().mean() >= 0.95
+
+
+def test_fused_step_with_a_bfloat16_cache_stays_close_to_float32(quantized):
+    """bf16 activations and cache (the bf16 dot-product attention where the CPU has it)."""
+    path = quantized("base", "int4-all")
+    reference = decode_logits(float32_llm(path), False)
+    llm = LLM(path, dtype="bfloat16", block_size=16, enable_prefix_caching=False, progress=False)
+    results = {fused: decode_logits(llm, fused) for fused in (True, False)}
+    similarity = {fused: torch.cosine_similarity(out, reference, dim=-1).mean().item() for fused, out in results.items()}
+    # A random tiny model amplifies bf16 rounding; the fused path (float32 activations) must do
+    # at least as well as the module path (bf16 activations).
+    assert similarity[True] > 0.99
+    assert similarity[True] >= similarity[False] - 1e-3
+
+
+def similarity_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    return torch.cosine_similarity(logits, reference, dim=-1).mean().item()
+
+
+@pytest.mark.skipif(not has_bf16_dot(), reason="bfloat16 weights run fused only with AVX512_BF16")
+def test_bfloat16_weights_run_fused_as_close_to_float32_as_the_modules(tiny_checkpoint):
+    reference = decode_logits(float32_llm(tiny_checkpoint), False)
+    llm = LLM(tiny_checkpoint, dtype="bfloat16", block_size=16, enable_prefix_caching=False, progress=False)
+    assert llm.fused_decoder is not None
+    fused, modules = decode_logits(llm, True), decode_logits(llm, False)
+    assert similarity_to(reference, fused) > 0.99
+    assert similarity_to(reference, fused) >= similarity_to(reference, modules) - 1e-3
+
+
+@pytest.mark.skipif(not has_bf16_dot(), reason="needs AVX512_BF16")
+@pytest.mark.parametrize("heads, threads", [(4, 2), (20, 1)])
+def test_amx_attention_matches_the_avx512_attention(tmp_path, heads, threads):
+    """Attention on AMX tiles (where the CPU has them) against the VDPBF16PS attention: 96 cached
+    values per token (a multiple of 32, as the tiles need), blocks of 32, a bf16 cache. 20 heads
+    on one thread fill both tile groups (16 + 4) and read three blocks in a row."""
+    path = load_tiny_checkpoint_writer().make_tiny_checkpoint(
+        tmp_path, kv_lora_rank=64, qk_rope_head_dim=32, num_attention_heads=heads
+    )
+    llm = LLM(path, dtype="bfloat16", block_size=32, enable_prefix_caching=False, progress=False)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        amx = decode_logits(llm, True)
+        llm.fused_decoder = FusedDecoder(llm.model, allow_amx=False)
+        avx = decode_logits(llm, True)
+    finally:
+        torch.set_num_threads(previous)
+    # both round queries and weights to bf16 and sum in float32, in different orders
+    assert torch.cosine_similarity(amx, avx, dim=-1).min() > 0.9999
+    assert (amx.argmax(-1) == avx.argmax(-1)).float().mean() >= 0.95
+
+
+def test_the_thread_count_changes_only_rounding(quantized):
+    """Products come out the same; long contexts merge per-thread attention parts."""
+    llm = float32_llm(quantized("base", "int4"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode_logits(llm, True)
+        torch.set_num_threads(2)
+        two = decode_logits(llm, True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-5)
+    assert torch.equal(one[:30], two[:30])  # contexts under 2 blocks per thread: split by heads
+
+
+def test_greedy_generation_is_the_same_on_both_paths(quantized):
+    llm = float32_llm(quantized("base", "int4"))
+    params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
+    fused = llm.generate(TOKENS[:12], params).token_ids
+    decoder, llm.fused_decoder = llm.fused_decoder, None
+    modules = llm.generate(TOKENS[:12], params).token_ids
+    llm.fused_decoder = decoder
+    assert fused == modules and len(fused) == 48
+
+
+def test_used_only_where_it_applies(quantized, tiny_checkpoint, monkeypatch):
+    path = quantized("base", "int4")
+    assert LLM(path, progress=False).fused_decoder is not None
+    assert LLM(tiny_checkpoint, dtype="float32", progress=False).fused_decoder is None  # float32 weights
+    assert LLM(path, kv_cache_dtype="int8", progress=False).fused_decoder is None
+    monkeypatch.setenv("GLMCODE_FUSED_DECODE", "0")
+    assert LLM(path, progress=False).fused_decoder is None
