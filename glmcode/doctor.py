@@ -13,13 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmcode.options import INT4, INT4_ALL, INT8
 from glmcode.settings import SECRET_ENV_VARS, Settings
 from glmcode.weights import checkpoint_problems
 
 # Weight bytes of the full model per precision (29.9 B parameters without the MTP layer; int4 is
 # group-128 experts with int8 attention/dense weights, see reference/engine-notes.md), plus what
 # the runtime needs on top for activations and a modest KV cache.
-WEIGHT_BYTES = {"bfloat16": 60.0e9, "int8": 31.0e9, "int4": 17.3e9}
+WEIGHT_BYTES = {"bfloat16": 60.0e9, INT8: 31.0e9, INT4: 17.3e9}
 RUNTIME_HEADROOM_BYTES = 2.5e9
 
 
@@ -66,7 +67,7 @@ def check_torch() -> tuple[list[Check], int | None]:
     checks = [Check("ok", f"torch {torch.__version__}")]
     if not torch.cuda.is_available():
         checks.append(Check("warn", "no CUDA GPU: the local engine runs on the CPU",
-                            "use --quantization int4 (or int4-all, the fastest) on CPU, or --remote for speed"))
+                            f"use --quantization {INT4} (or {INT4_ALL}, the fastest) on CPU, or --remote for speed"))
         return checks, None
     name = torch.cuda.get_device_name(0)
     total = torch.cuda.get_device_properties(0).total_memory

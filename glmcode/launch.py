@@ -1,35 +1,28 @@
-"""From settings to a running agent: pick the backend, build the agent, run one request.
+"""From settings to a ready agent: pick and open the backend, build the agent around it.
 
-The CLI commands (`chat`, `ask`, `fix`) and the REPL share this wiring; each command only adds
-its own prompt and what it does with the result. Exit codes for a finished run are decided here
-(`exit_code_for`), next to where runs end.
+`glmcode.run` (one request: `ask`, `fix`) and `glmcode.repl` (`chat`) share this wiring.
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from glmcode.errors import BackendUnavailable, GlmcodeError, Interrupted, UsageError
-from glmcode.events import Usage
+from glmcode.backends.base import Backend
+from glmcode.errors import BackendUnavailable, Interrupted, UsageError
 from glmcode.settings import Settings
 from glmcode.weights import require_checkpoint
 
-# RunResult.status -> process exit code. "tests_failed" is what `fix` reports on top.
-EXIT_CODES = {"done": 0, "error": 1, "limit": 4, "tests_failed": 5, "cancelled": 130}
-
-
-def exit_code_for(status: str, error: BaseException | None = None) -> int:
-    """The exit code for a run that ended with `status`; a GlmcodeError brings its own code."""
-    if status == "error" and isinstance(error, GlmcodeError):
-        return error.exit_code
-    return EXIT_CODES.get(status, 1)
+if TYPE_CHECKING:
+    from glmcode.agent.approval import ApprovalRequest, Approver
+    from glmcode.agent.events import AnyEvent
+    from glmcode.agent.loop import Agent
+    from glmcode.agent.session import SessionLog
+    from glmcode.tools.base import Tool
+    from glmcode.tools.workspace import Workspace
 
 
 def resolve_device(device: str) -> str:
@@ -55,7 +48,7 @@ def load_replay_script(path: Path) -> list[str]:
     return script
 
 
-def open_backend(settings: Settings, *, replay: Path | None = None, show_progress: bool = False) -> Any:
+def open_backend(settings: Settings, *, replay: Path | None = None, show_progress: bool = False) -> Backend:
     """The backend the settings ask for: a replay script (tests), the remote API, or local weights.
 
     `context_tokens` caps the context window the agent plans with (and compacts against).
@@ -66,7 +59,7 @@ def open_backend(settings: Settings, *, replay: Path | None = None, show_progres
     return backend
 
 
-def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) -> Any:
+def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) -> Backend:
     if replay is not None:
         from glmcode.backends.replay import ReplayBackend
 
@@ -79,7 +72,7 @@ def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) 
     return _open_local(settings, show_progress)
 
 
-def _open_local(settings: Settings, show_progress: bool) -> Any:
+def _open_local(settings: Settings, show_progress: bool) -> Backend:
     model_dir = require_checkpoint(settings)
     try:
         from glmcode.backends.local import LocalBackend
@@ -120,22 +113,22 @@ def model_label(settings: Settings, replay: Path | None) -> str:
 class AgentParts:
     """What one command builds around the backend; the REPL keeps these for slash commands."""
 
-    agent: Any
-    approver: Any
-    workspace: Any
-    session: Any
-    tools: list[Any]
+    agent: Agent
+    approver: Approver
+    workspace: Workspace
+    session: SessionLog
+    tools: list[Tool]
 
 
 def build_agent(
     settings: Settings,
-    backend: Any,
+    backend: Backend,
     repo: Path,
     *,
     read_only: bool,
-    ask: Callable[[Any], bool] | None,
-    on_event: Callable[[Any], None],
-    session: Any,
+    ask: Callable[[ApprovalRequest], bool] | None,
+    on_event: Callable[[AnyEvent], None],
+    session: SessionLog,
 ) -> AgentParts:
     from glmcode.agent.approval import ApprovalMode, Approver, CommandRules
     from glmcode.agent.loop import Agent, AgentConfig
@@ -166,7 +159,7 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
     return (*known_secrets(), *([config_key] if config_key else []))
 
 
-def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: dict[str, Any]) -> Any:
+def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: dict[str, Any]) -> SessionLog:
     """A new session log, or the one `--resume ID` / `--continue` ("last") names."""
     from glmcode.agent.session import SessionStore
 
@@ -174,65 +167,3 @@ def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: di
     if resume is not None:
         return store.open(resume, repo=str(repo) if resume == "last" else None)
     return store.create({"repo": str(repo), **meta})
-
-
-@contextmanager
-def ctrl_c_cancels(cancel: threading.Event, on_first: Callable[[], None]) -> Iterator[None]:
-    """While running: the first Ctrl-C sets `cancel` (generation stops at the next token); a
-    second one raises Interrupted when the block ends, and KeyboardInterrupt at once to break out
-    of whatever is blocking (the agent turns that into a cancelled run)."""
-    presses = 0
-
-    def handle(signum: int, frame: Any) -> None:
-        nonlocal presses
-        presses += 1
-        if presses == 1:
-            cancel.set()
-            on_first()
-        else:
-            raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if presses > 1:
-        raise Interrupted("interrupted")
-
-
-def usage_dict(usage: Usage = Usage(0, 0)) -> dict[str, int]:
-    """Token counts as the JSON output reports them (prompt, completion, cached)."""
-    return asdict(usage)
-
-
-# --- verifying a fix -------------------------------------------------------------------------------
-
-def run_tests(command: str | None, repo: Path, timeout: float = 1800.0, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the test command (configured, else detected) in the repo.
-
-    {"command", "passed", "exit_code", "output"}: output is the last 40 lines, `secrets` masked.
-    """
-    from glmcode.agent.session import mask_secrets
-    from glmcode.tools.shell import detect_test_command, run_process
-
-    command = command or detect_test_command(repo)
-    if command is None:
-        return {"command": None, "passed": False, "exit_code": None, "output": ""}
-    outcome = run_process(command, repo, timeout)
-    tail = mask_secrets("\n".join(outcome.output.strip().splitlines()[-40:]), secrets)
-    if outcome.timed_out:
-        tail += f"\n(timed out after {timeout:.0f}s)"
-    return {"command": command, "passed": outcome.exit_code == 0, "exit_code": outcome.exit_code, "output": tail}
-
-
-def describe_failure(result: Any) -> str | None:
-    """One line for a run that did not finish cleanly."""
-    if result.status == "done":
-        return None
-    if result.error:
-        return str(result.error)
-    return {"limit": "stopped: a limit was reached (see --max-turns)", "cancelled": "interrupted"}.get(result.status)

@@ -26,21 +26,15 @@ from rich.console import Console
 from rich.text import Text
 
 from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
-from glmcode.launch import (
-    backend_label,
-    build_agent,
-    ctrl_c_cancels,
-    describe_failure,
-    model_label,
-    open_backend,
-    open_session,
-)
-from glmcode.settings import APPROVAL_MODES, Settings, data_home
+from glmcode.launch import AgentParts, backend_label, build_agent, model_label, open_backend, open_session
+from glmcode.options import APPROVAL_MODES, ApprovalMode
+from glmcode.run import ctrl_c_cancels, describe_failure
+from glmcode.settings import Settings, data_home
 
 SLASH_COMMANDS = {
     "/help": "this list",
     "/think": "on|off: thinking before answers; show|hide: full or one-line display; alone: expand the last thinking",
-    "/mode": "plan|ask|auto-edit|yolo: what needs your approval",
+    "/mode": f"{'|'.join(APPROVAL_MODES)}: what needs your approval",
     "/diff": "changes made in this session",
     "/undo": "revert the last change the agent made",
     "/clear": "start the conversation afresh (files stay as they are)",
@@ -121,7 +115,7 @@ def _key_bindings() -> KeyBindings:
 class Repl:
     settings: Settings
     repo: Path
-    parts: Any  # launch.AgentParts
+    parts: AgentParts
     backend_name: str
     stats: RunStats
     renderer: TerminalRenderer
@@ -205,8 +199,6 @@ class Repl:
             self.say("usage: /think on|off|show|hide", "yellow")
 
     def cmd_mode(self, argument: str) -> None:
-        from glmcode.agent.approval import ApprovalMode
-
         if argument not in APPROVAL_MODES:
             self.say(f"mode: {self.parts.approver.mode.value} (choose from {', '.join(APPROVAL_MODES)})")
             return

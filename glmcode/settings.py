@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from glmcode.errors import UsageError
+from glmcode.options import APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, ApprovalMode, choices
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
 SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
 
-APPROVAL_MODES = ("plan", "ask", "auto-edit", "yolo")
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int4", "int4-all", "int8")
-REMOTE_PRESETS = ("zhipu", "zai")
 SECRET_KEYS = frozenset({"api_key"})
 NOT_FROM_ENV = frozenset({"api_key"})
 
@@ -61,7 +58,7 @@ class Settings:
     quantization: str | None = None
     kv_cache_memory: int | None = None
     context_tokens: int | None = None
-    approval: str = "ask"
+    approval: str = ApprovalMode.ASK.value
     allow_commands: list[str] = field(default_factory=list)
     deny_commands: list[str] = field(default_factory=list)
     test_command: str | None = None
@@ -122,11 +119,11 @@ def _optional_text(value: Any) -> str | None:
     return _text(value)
 
 
-def _choice(choices: tuple[str, ...], optional: bool = False) -> Callable[[Any], str | None]:
+def _choice(names: tuple[str, ...], optional: bool = False) -> Callable[[Any], str | None]:
     def parse(value: Any) -> str | None:
         text = _optional_text(value) if optional else _text(value)
-        if text is not None and text not in choices:
-            raise _Invalid(f"expected one of {', '.join(choices)}" + (" or none" if optional else ""))
+        if text is not None and text not in names:
+            raise _Invalid(f"expected one of {', '.join(names)}" + (" or none" if optional else ""))
         return text
 
     return parse
@@ -142,7 +139,7 @@ def _device(value: Any) -> str:
 def _remote(value: Any) -> str | None:
     text = _optional_text(value)
     if text is not None and text not in REMOTE_PRESETS and not re.match(r"https?://", text):
-        raise _Invalid("expected zhipu, zai or an http(s):// base URL")
+        raise _Invalid(f"expected {', '.join(REMOTE_PRESETS)} or an http(s):// base URL")
     return text
 
 
@@ -246,11 +243,11 @@ assert set(KEYS) == set(PARSERS), "every setting needs a parser"
 
 DESCRIPTIONS = {
     "model": "GLM-4.7-Flash checkpoint directory (default: the one `glmcode model pull` writes)",
-    "remote": "use a hosted model: zhipu, zai, or an OpenAI-compatible base URL; unset = local engine",
+    "remote": f"use a hosted model: {', '.join(REMOTE_PRESETS)}, or an OpenAI-compatible base URL; unset = local engine",
     "remote_model": "model name sent to the remote API",
     "api_key": "API key for --remote (prefer the environment variable; never printed)",
     "device": "auto, cpu, cuda, cuda:N or mps",
-    "dtype": "float32, bfloat16 or float16 (unset = the checkpoint's)",
+    "dtype": f"{choices(DTYPES)} (unset = the checkpoint's)",
     "quantization": "weight-only quantization on load: int4 (experts int4, the rest int8), int4-all or int8 "
                     "(unset = none, or what a quantized checkpoint holds)",
     "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
@@ -281,6 +278,14 @@ def user_config_path(env: Mapping[str, str] = os.environ) -> Path:
 
 def repo_config_path(repo_root: Path) -> Path:
     return Path(repo_root) / ".glmcode.toml"
+
+
+def find_repo(explicit: Path | None) -> Path:
+    """The repository to work in: --repo as given, else the git root around the cwd, else the cwd."""
+    if explicit is not None:
+        return explicit.resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / ".git").exists()), cwd)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from glmcode.errors import BackendUnavailable, CheckpointError, GlmcodeError, Interrupted
 from glmcode.settings import Settings
+
+HF_REPO_ID = "zai-org/GLM-4.7-Flash"
 
 # Files a checkpoint needs besides the weights; the engine reads these.
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.py", "*.md"]
@@ -43,6 +46,35 @@ def checkpoint_problems(model_dir: Path) -> list[str]:
     elif not any(model_dir.glob("*.safetensors")):
         problems.append("no *.safetensors weights")
     return problems
+
+
+def describe_checkpoint(model_dir: Path) -> dict[str, Any]:
+    """What `glmcode model info` shows: architecture, sizes, shards, precision, and the problems."""
+    problems = checkpoint_problems(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir}: {'; '.join(problems) or 'no config.json'}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
+    index = model_dir / "model.safetensors.index.json"
+    total_size = None
+    if index.is_file():
+        try:
+            total_size = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        except ValueError:
+            total_size = None
+    shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    size = total_size or sum((model_dir / name).stat().st_size for name in shards)
+    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "n_routed_experts", "num_experts_per_tok", "kv_lora_rank", "vocab_size", "max_position_embeddings",
+            "torch_dtype", "dtype", "quantization_config")
+    info: dict[str, Any] = {"path": str(model_dir)}
+    info.update({key: config[key] for key in keys if key in config})
+    info["weights"] = f"{size / 1e9:.2f} GB in {len(shards)} safetensors file(s)"
+    info["problems"] = problems
+    return info
 
 
 def require_checkpoint(settings: Settings) -> Path:

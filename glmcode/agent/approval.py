@@ -14,17 +14,12 @@ import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
+from glmcode.options import ApprovalMode
 from glmcode.tools.base import Tool
 
-
-class ApprovalMode(str, Enum):
-    PLAN = "plan"
-    ASK = "ask"
-    AUTO_EDIT = "auto-edit"
-    YOLO = "yolo"
+__all__ = ["ApprovalMode", "ApprovalRequest", "Approver", "CommandRules", "Decision", "split_commands"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from glmcode.console import ApprovalPrompt, PlainRenderer, RunStats
 from glmcode.errors import Interrupted
-from glmcode.launch import ctrl_c_cancels
+from glmcode.run import ctrl_c_cancels
 
 
 def test_first_ctrl_c_cancels_the_run_and_the_second_interrupts() -> None:

@@ -24,6 +24,7 @@ from glmcode.backends.remote.request import build_request
 from glmcode.backends.remote.stream import DONE, SseDecoder, StreamAssembler
 from glmcode.backends.remote.transport import CANCELLED, END, POLL_SECONDS, Opened, StreamingPost
 from glmcode.events import Event, Finish, Notice
+from glmcode.options import ZAI
 
 DEFAULT_MODEL = "glm-4.7-flash"
 HOSTED_CONTEXT_WINDOW = 200_000
@@ -212,7 +213,7 @@ class RemoteBackend:
         headers = {"Accept": "text/event-stream"}
         if self.endpoint.api_key:
             headers["Authorization"] = f"Bearer {self.endpoint.api_key}"
-        if self.endpoint.name == "zai":
+        if self.endpoint.name == ZAI:
             headers["Accept-Language"] = "en-US,en"
         return headers
 

@@ -8,6 +8,7 @@ from typing import Mapping
 from urllib.parse import urlsplit
 
 from glmcode.errors import AuthError, UsageError
+from glmcode.options import ZAI, ZHIPU
 
 GENERIC_KEY_VARIABLE = "GLMCODE_API_KEY"
 
@@ -20,13 +21,13 @@ class _Preset:
 
 
 PRESETS: dict[str, _Preset] = {
-    "zhipu": _Preset("https://open.bigmodel.cn/api/paas/v4", "ZHIPUAI_API_KEY", "https://open.bigmodel.cn"),
-    "zai": _Preset("https://api.z.ai/api/paas/v4", "ZAI_API_KEY", "https://z.ai"),
+    ZHIPU: _Preset("https://open.bigmodel.cn/api/paas/v4", "ZHIPUAI_API_KEY", "https://open.bigmodel.cn"),
+    ZAI: _Preset("https://api.z.ai/api/paas/v4", "ZAI_API_KEY", "https://z.ai"),
 }
 
 # Hosts that speak the hosted dialect (thinking: {...}, tool_stream) whatever path the user gives,
 # e.g. the Coding Plan URLs; mapped to the preset whose key they take.
-_HOSTED_HOSTS = {"open.bigmodel.cn": "zhipu", "api.z.ai": "zai"}
+_HOSTED_HOSTS = {"open.bigmodel.cn": ZHIPU, "api.z.ai": ZAI}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def resolve_endpoint(
     ZAI_API_KEY), or a base URL such as http://host:8000/v1 (key GLMCODE_API_KEY, optional).
     api_key: a key from the config file; it wins over the environment.
     """
-    preset_name = (spec or "zhipu").strip().lower()
+    preset_name = (spec or ZHIPU).strip().lower()
     if preset_name in PRESETS:
         preset = PRESETS[preset_name]
         return _hosted(preset_name, preset.base_url, env, api_key)
