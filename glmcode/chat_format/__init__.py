@@ -3,7 +3,7 @@
 - `render` / `render_ids`: a conversation to the prompt text / token ids, exactly as the
   official chat template renders it (render.py).
 - `parse` / `StreamParser`: model output to reasoning, content and tool calls (stream.py,
-  tool_calls.py, arguments.py).
+  tool_calls.py, arguments.py, schema.py).
 - `template_flags`: the thinking modes as template flags (thinking.py).
 """
 

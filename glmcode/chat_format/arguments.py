@@ -2,20 +2,33 @@
 
 The model writes every value as text: strings raw, everything else as JSON. A parameter whose
 schema allows only "string" keeps its text exactly (no stripping: indentation matters in code
-edits). Any other value is decoded with `json.loads`, then as a Python literal (the model
-sometimes writes `True` or single-quoted dicts), and checked against the declared types; a
-parameter that also allows "string" falls back to the raw text. Checked: the top-level type,
-`enum`/`const`, required parameters and, where `additionalProperties` is false, unknown ones.
-Not followed: `$ref`, `allOf`, and the schemas of nested items and properties.
+edits). Any other value is read, in order of preference, as:
+
+- JSON (`json.loads`); a quoted number (`"42"`) given where a number is asked for is that number;
+- backslash-escaped JSON (`[{\\"id\\": 1}]`, as GLM sometimes writes arrays and objects);
+- a Python literal (the model sometimes writes `True` or single-quoted dicts); a number only
+  in Python's spelling (`0x10`, `123_456`) counts only where the schema asks for a number and
+  not for a string, so such text otherwise stays text;
+- the raw text itself, where the schema allows a string (or does not say).
+
+The first reading the schema accepts (type and allowed values, through `$ref`, unions and
+intersections, see schema.py) wins: `7` for an enum `["7", 8]` is the string "7". Nothing is
+guessed: a value no reading fits is an ArgumentError whose message tells the model what the
+parameter takes. Checked besides: required parameters and, where `additionalProperties` is
+false, unknown ones.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
-_MISSING = object()
+from glmcode.chat_format.schema import ObjectSchema, json_type
+
+_NUMBERS = frozenset({"integer", "number"})
 
 
 class ArgumentError(ValueError):
@@ -35,126 +48,102 @@ def tool_parameters(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, A
 
 def type_arguments(pairs: list[tuple[str, str]], parameters: dict[str, Any] | None) -> dict[str, Any]:
     """Typed arguments from (key, raw value) pairs; raises ArgumentError."""
-    parameters = parameters or {}
-    properties = parameters.get("properties") or {}
-    closed = parameters.get("additionalProperties") is False
+    schema = ObjectSchema.of(parameters or {})
     arguments = {}
     for key, raw in pairs:
-        if closed and key not in properties:
-            expected = ", ".join(properties) or "none"
+        if schema.closed and key not in schema.properties:
+            expected = ", ".join(schema.properties) or "none"
             raise ArgumentError(f"unknown parameter '{key}' (parameters: {expected})")
-        arguments[key] = _typed_value(key, raw, properties.get(key))
-    missing = [name for name in parameters.get("required") or () if name not in arguments]
+        arguments[key] = _typed_value(schema, key, raw)
+    missing = [name for name in schema.required if name not in arguments]
     if missing:
         raise ArgumentError("missing required parameter " + ", ".join(f"'{name}'" for name in missing))
     return arguments
 
 
-def _typed_value(key: str, raw: str, schema: Any) -> Any:
-    types = allowed_types(schema)
+def _typed_value(schema: ObjectSchema, key: str, raw: str) -> Any:
+    types = schema.allowed_types(key)
+    for value in _candidates(raw, types):
+        if schema.validates(key, value):
+            return _normalized(value, types)
+    raise ArgumentError(_mismatch(schema, key, raw, types))
+
+
+def _candidates(raw: str, types: set[str] | None) -> list[Any]:
+    """The values to try, best first. Where the schema allows a string, the raw text comes
+    before any other string reading (`"x"` quoted stays as written unless only "x" fits)."""
     if types == {"string"}:
-        value = raw
-    else:
-        decoded = _decode(raw)
-        if types is None:
-            value = raw if decoded is _MISSING else decoded
-        elif decoded is not _MISSING and _matches(decoded, types - {"string"}):
-            value = _normalized(decoded, types)
-        elif "string" in types:
-            value = raw
-        else:
-            raise ArgumentError(f"parameter '{key}' must be {_describe(types)}, got {preview(raw)}")
-    _check_enum(key, value, schema)
-    return value
+        return [raw]
+    readings = list(_readings(raw, types))
+    if types is None:
+        return [*readings, raw]
+    others = [value for value in readings if not isinstance(value, str)]
+    strings = [value for value in readings if isinstance(value, str)]
+    return [*others, *([raw] if "string" in types else []), *strings]
 
 
-def allowed_types(schema: Any) -> set[str] | None:
-    """The JSON types a schema allows, or None when it does not say."""
-    if not isinstance(schema, dict):
-        return None
-    declared = schema.get("type")
-    if isinstance(declared, str):
-        return {declared}
-    if isinstance(declared, list):
-        return {t for t in declared if isinstance(t, str)} or None
-    alternatives = schema.get("anyOf") or schema.get("oneOf")
-    if isinstance(alternatives, list):
-        types: set[str] = set()
-        for alternative in alternatives:
-            alternative_types = allowed_types(alternative)
-            if alternative_types is None:
-                return None
-            types |= alternative_types
-        return types
-    choices = schema.get("enum") if "enum" in schema else [schema["const"]] if "const" in schema else None
-    if isinstance(choices, list) and choices:
-        return {_json_type(choice) for choice in choices}
-    return None
-
-
-def _decode(raw: str) -> Any:
-    """The value raw text spells as JSON or a Python literal, or _MISSING."""
+def _readings(raw: str, types: set[str] | None) -> Iterator[Any]:
+    """What raw text may spell besides itself."""
     text = raw.strip()
+    wants_number = types is not None and bool(types & _NUMBERS) and "string" not in types
+    decoded = _json(text)
+    if decoded is not _MISSING:
+        if isinstance(decoded, str) and wants_number:
+            number = _json(decoded.strip())
+            if json_type(number) in _NUMBERS:
+                yield number
+        yield decoded
+        return
+    if "\\" in text:
+        unescaped = _json(_json('"' + text + '"'))
+        if isinstance(unescaped, (list, dict)):
+            yield unescaped
+            return
+    literal = _python_literal(text)
+    if literal is not _MISSING and (json_type(literal) not in _NUMBERS or wants_number):
+        yield literal
+
+
+_MISSING = object()
+
+
+def _json(text: Any) -> Any:
+    if not isinstance(text, str):
+        return _MISSING
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
-        pass
+        return _MISSING
+
+
+def _python_literal(text: str) -> Any:
     try:
-        value = ast.literal_eval(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes such as '\d' in the model's text
+            value = ast.literal_eval(text)
         return json.loads(json.dumps(value))  # tuples become lists; sets, bytes, complex are refused
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return _MISSING
 
 
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def _matches(value: Any, types: set[str]) -> bool:
-    kind = _json_type(value)
-    if kind in types:
-        return True
-    if kind == "integer":
-        return "number" in types
-    return kind == "number" and "integer" in types and value.is_integer()
-
-
-def _normalized(value: Any, types: set[str]) -> Any:
+def _normalized(value: Any, types: set[str] | None) -> Any:
     """5.0 given for an integer-only parameter becomes 5."""
-    if isinstance(value, float) and "number" not in types and value.is_integer():
+    if isinstance(value, float) and types is not None and "number" not in types and value.is_integer():
         return int(value)
     return value
 
 
-def _check_enum(key: str, value: Any, schema: Any) -> None:
-    if not isinstance(schema, dict):
-        return
-    choices = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else None
-    if isinstance(choices, list) and not any(_same(value, choice) for choice in choices):
+def _mismatch(schema: ObjectSchema, key: str, raw: str, types: set[str] | None) -> str:
+    choices = schema.choices(key)
+    if choices is not None:
         allowed = ", ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
-        given = json.dumps(value, ensure_ascii=False)[:60]
-        raise ArgumentError(f"parameter '{key}' must be one of {allowed}, got {given}")
+        given = json.dumps(raw if types == {"string"} else (_candidates(raw, types) or [raw])[0], ensure_ascii=False)[:60]
+        return f"parameter '{key}' must be one of {allowed}, got {given}"
+    expected = describe_types(types) if types else "a value its schema allows"
+    return f"parameter '{key}' must be {expected}, got {preview(raw)}"
 
 
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: 1 equals 1.0, but True is not 1."""
-    kinds = {_json_type(a), _json_type(b)}
-    return (len(kinds) == 1 or kinds == {"integer", "number"}) and a == b
-
-
-def _describe(types: set[str]) -> str:
+def describe_types(types: set[str]) -> str:
     names = sorted(types)
     return names[0] if len(names) == 1 else "one of " + ", ".join(names)
 
@@ -162,3 +151,4 @@ def _describe(types: set[str]) -> str:
 def preview(text: str, limit: int = 60) -> str:
     """Text quoted for an error message, cut to a readable length."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
+

@@ -2,17 +2,20 @@
 
 The output of one generation (the prompt already ended with `<think>` or `</think>`) is:
 
-    [reasoning] [</think>] [content] [<tool_call>...</tool_call>]... [stop token]
+    [reasoning] [</think>] [content] [<tool_call>...</tool_call> [text]]... [stop token]
 
 - Reasoning runs until `</think>`; a `<tool_call>` also ends it. With `thinking=False` the
   output starts as content. Either way a `<think>` at the very start opens reasoning.
-- Content runs until the first `<tool_call>`. Reasoning and content come out stripped of outer
+- Content runs until a `<tool_call>`. Reasoning and content come out stripped of outer
   whitespace (the template re-renders them stripped); whitespace inside is held back until
   something visible follows it.
 - A tool call comes out as one ToolCall or ToolCallError when its `</tool_call>` arrives;
-  inside `<arg_value>` only `</arg_value>` counts as a tag.
-- Non-blank text after a tool call (other than another call) is a ToolCallError, so the model
-  hears about it; a call left open at the end is one too. Nothing is ever run by guess.
+  inside `<arg_value>` only `</arg_value>` counts as a tag. A call left open at the end, or
+  interrupted by the next `<tool_call>`, is a ToolCallError. Nothing is ever run by guess.
+- Text after a call continues what the call interrupted: reasoning if `</think>` has not come
+  yet, else content. Separators there (whitespace, the two characters `\n`, a stray `</think>`)
+  are dropped; visible text is kept, after a blank line when the same kind came before, so
+  `parse` joins the pieces of content into one text the template renders back before the calls.
 - Stop tokens (`<|observation|>`, `<|user|>`, `<|endoftext|>`) are dropped outside tool calls.
 
 `feed` holds back any suffix that may still become a tag, so a tag split across deltas is never
@@ -26,20 +29,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from glmcode.chat_format import tags
-from glmcode.chat_format.arguments import preview, tool_parameters
-from glmcode.chat_format.tool_calls import CALL_FORMAT, parse_tool_call, unterminated_error
+from glmcode.chat_format.arguments import tool_parameters
+from glmcode.chat_format.tool_calls import parse_tool_call, skip_separators, unterminated_error
 from glmcode.events import ContentDelta, Event, ReasoningDelta, ToolCall, ToolCallError
 
-_REASONING, _CONTENT, _TOOL_CALL, _AFTER_CALL = "reasoning", "content", "tool_call", "after_call"
+_REASONING, _CONTENT, _TOOL_CALL = "reasoning", "content", "tool_call"
 
 _SECTION_TAGS = {
     _REASONING: (tags.END_THINK, tags.TOOL_CALL, *tags.STOP_TOKENS),
-    _CONTENT: (tags.TOOL_CALL, *tags.STOP_TOKENS),
-    _AFTER_CALL: (tags.TOOL_CALL, *tags.STOP_TOKENS),
+    _CONTENT: (tags.END_THINK, tags.TOOL_CALL, *tags.STOP_TOKENS),
 }
 _CALL_TAGS = (tags.ARG_VALUE, tags.END_TOOL_CALL, tags.TOOL_CALL)
 _VALUE_TAGS = (tags.END_ARG_VALUE,)
 _LONGEST_TAG = max(len(tag) for tag in (*_SECTION_TAGS[_REASONING], *_CALL_TAGS, *_VALUE_TAGS))
+_PARAGRAPH = "\n\n"
 
 
 class StreamParser:
@@ -55,22 +58,22 @@ class StreamParser:
         self._pending = ""  # received, not yet consumed (may end with the start of a tag)
         self._at_output_start = True
         self._section_started = False  # something visible emitted in this reasoning/content
+        self._after_call = False  # this section resumed after a tool call
+        self._seen = {_REASONING: False, _CONTENT: False}  # visible text of that kind so far
         self._held_space = ""  # whitespace that is only emitted if visible text follows
         self._call: list[str] = []  # raw text of the tool call being read, in pieces
         self._in_value = False
-        self._after_call_text = ""
+        self._resume_state = self._state  # the section a tool call interrupted
 
     def feed(self, delta: str) -> list[Event]:
         self._pending += delta
         return self._consume(final=False)
 
     def finish(self) -> list[Event]:
-        """The stream ended: flush what was held back and report anything left open."""
+        """The stream ended: flush what was held back and report a call left open."""
         events = self._consume(final=True)
         if self._state == _TOOL_CALL:
             events.append(unterminated_error("".join(self._call), self._in_value))
-        elif self._state == _AFTER_CALL:
-            events.extend(self._after_call_error())
         return events
 
     def _consume(self, final: bool) -> list[Event]:
@@ -100,7 +103,7 @@ class StreamParser:
         rest = self._pending.lstrip()
         if rest.startswith(tags.THINK):
             self._pending = rest[len(tags.THINK) :]
-            self._state = _REASONING
+            self._state = self._resume_state = _REASONING
         elif not final and tags.THINK.startswith(rest):
             return False
         self._at_output_start = False
@@ -111,26 +114,31 @@ class StreamParser:
             return
         if self._state == _TOOL_CALL:
             self._call.append(text)
-        elif self._state == _AFTER_CALL:
-            self._after_call_text += text
-        else:
-            text = self._held_space + text
-            if not self._section_started:
-                text = text.lstrip()
-            visible = text.rstrip()
-            self._held_space = text[len(visible) :]
-            if visible:
-                self._section_started = True
-                delta = ReasoningDelta if self._state == _REASONING else ContentDelta
-                events.append(delta(visible))
+            return
+        text = self._held_space + text
+        if not self._section_started:
+            text = _lstrip_separators(text) if self._after_call else text.lstrip()
+            if self._after_call and text == "\\":  # maybe the start of a literal \n
+                self._held_space = text
+                return
+        visible = text.rstrip()
+        self._held_space = text[len(visible) :]
+        if visible:
+            paragraph = _PARAGRAPH if not self._section_started and self._seen[self._state] else ""
+            self._section_started = self._seen[self._state] = True
+            delta = ReasoningDelta if self._state == _REASONING else ContentDelta
+            events.append(delta(paragraph + visible))
 
     def _tag(self, tag: str, events: list[Event]) -> None:
         if self._state == _TOOL_CALL:
             self._call_tag(tag, events)
         elif tag == tags.END_THINK:
-            self._start_section(_CONTENT)
+            if self._state == _REASONING:
+                self._start_section(_CONTENT)
+            elif self._section_started or not self._after_call:
+                self._text(tag, events)  # reasoning already ended: this is just text
         elif tag == tags.TOOL_CALL:
-            events.extend(self._after_call_error())
+            self._resume_state = self._state
             self._start_call()
         # A stop token outside a call is dropped.
 
@@ -142,14 +150,15 @@ class StreamParser:
         self._call.append(tag)
         if tag == tags.END_TOOL_CALL:
             events.append(parse_tool_call("".join(self._call), self._schemas))
-            self._state = _AFTER_CALL
             self._call = []
+            self._start_section(self._resume_state, after_call=True)
         else:
             self._in_value = tag == tags.ARG_VALUE
 
-    def _start_section(self, state: str) -> None:
+    def _start_section(self, state: str, after_call: bool = False) -> None:
         self._state = state
         self._section_started = False
+        self._after_call = after_call
         self._held_space = ""
 
     def _start_call(self) -> None:
@@ -157,13 +166,9 @@ class StreamParser:
         self._call = [tags.TOOL_CALL]
         self._in_value = False
 
-    def _after_call_error(self) -> list[Event]:
-        text, self._after_call_text = self._after_call_text, ""
-        if not text.strip():
-            return []
-        ignored = preview(text.strip())
-        message = f"Text after a tool call is not allowed and was ignored: {ignored}. {CALL_FORMAT}"
-        return [ToolCallError(raw=text, message=message)]
+
+def _lstrip_separators(text: str) -> str:
+    return text[skip_separators(text, 0) :]
 
 
 def _first_tag(text: str, candidates: tuple[str, ...]) -> tuple[int, str | None]:

@@ -1,16 +1,21 @@
 """One `<tool_call>...</tool_call>` block of model output, to a ToolCall or a ToolCallError.
 
 Accepted: `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>`,
-whitespace allowed around the name, the keys and between the tags (the template writes none).
-Anything else is an error whose message tells the model what was wrong and what to write.
+with separators allowed around the name, the keys and between the tags (the template writes
+none): whitespace, and the two characters `\n` that GLM sometimes writes there instead of a
+newline. Anything else is an error whose message tells the model what was wrong and what to
+write.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from glmcode.chat_format import tags
-from glmcode.chat_format.arguments import ArgumentError, allowed_types, preview, type_arguments
+from glmcode.chat_format.arguments import ArgumentError, preview, type_arguments
+from glmcode.chat_format.schema import ObjectSchema
 from glmcode.events import ToolCall, ToolCallError
 
 CALL_FORMAT = (
@@ -28,7 +33,7 @@ def parse_tool_call(raw: str, schemas: dict[str, dict[str, Any]] | None) -> Tool
     body = raw[len(tags.TOOL_CALL) : -len(tags.END_TOOL_CALL)]
     name = function_name(body)
     if name is None:
-        written = _name_text(body).strip()
+        written = strip_separators(_name_text(body))
         problem = f"invalid function name {preview(written)}" if written else "the function name is missing"
         return syntax_error(raw, f"{problem}; write the name right after <tool_call>")
     if schemas is not None and name not in schemas:
@@ -66,22 +71,42 @@ def syntax_error(raw: str, problem: str, name: str | None = None) -> ToolCallErr
 
 def function_name(body: str) -> str | None:
     """The stripped function name at the start of a call body, if it is a plausible name."""
-    name = _name_text(body).strip()
+    name = strip_separators(_name_text(body))
     if not name or any(c.isspace() or c in "<>" for c in name):
         return None
     return name
 
 
 def signature(name: str, parameters: dict[str, Any] | None) -> str:
-    """`name(path: string, limit?: integer)`, the call shape a schema asks for."""
-    parameters = parameters or {}
-    required = set(parameters.get("required") or ())
+    """`name(path: string, limit?: integer, mode?: "fast"|"safe")`, the call shape a schema asks for."""
+    schema = ObjectSchema.of(parameters or {})
     shown = []
-    for key, schema in (parameters.get("properties") or {}).items():
-        types = allowed_types(schema)
-        type_text = "|".join(sorted(types)) if types else "any"
-        shown.append(f"{key}{'' if key in required else '?'}: {type_text}")
+    for key in schema.properties:
+        types, choices = schema.allowed_types(key), schema.choices(key)
+        if choices is not None:
+            type_text = "|".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+        else:
+            type_text = "|".join(sorted(types)) if types else "any"
+        shown.append(f"{key}{'' if key in schema.required else '?'}: {type_text}")
     return f"{name}({', '.join(shown)})"
+
+
+_SEPARATORS = re.compile(r"(?:\s|\\n)+")
+
+
+def strip_separators(text: str) -> str:
+    """Text without the whitespace and literal `\\n` around it."""
+    start = skip_separators(text, 0)
+    end = len(text)
+    while end > start and (text[end - 1].isspace() or text.endswith("\\n", start, end)):
+        end -= 1 if text[end - 1].isspace() else 2
+    return text[start:end]
+
+
+def skip_separators(text: str, position: int) -> int:
+    """The first position at or after `position` that is not a separator."""
+    match = _SEPARATORS.match(text, position)
+    return match.end() if match else position
 
 
 def _name_text(body: str) -> str:
@@ -90,7 +115,7 @@ def _name_text(body: str) -> str:
 
 def _argument_pairs(text: str) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    position = _skip_space(text, 0)
+    position = skip_separators(text, 0)
     while position < len(text):
         if not text.startswith(tags.ARG_KEY, position):
             unexpected = text[position : _next_tag(text, position + 1)].rstrip()
@@ -103,7 +128,7 @@ def _argument_pairs(text: str) -> list[tuple[str, str]]:
         key = text[key_start:key_end].strip()
         if not key or any(tag in key for tag in tags.TEMPLATE_TOKENS):
             raise _SyntaxProblem(f"invalid argument name {preview(key)}")
-        value_tag = _skip_space(text, key_end + len(tags.END_ARG_KEY))
+        value_tag = skip_separators(text, key_end + len(tags.END_ARG_KEY))
         if not text.startswith(tags.ARG_VALUE, value_tag):
             raise _SyntaxProblem(f"<arg_value> must follow </arg_key> of '{key}'")
         value_start = value_tag + len(tags.ARG_VALUE)
@@ -113,7 +138,7 @@ def _argument_pairs(text: str) -> list[tuple[str, str]]:
         if any(key == seen for seen, _ in pairs):
             raise _SyntaxProblem(f"argument '{key}' is given twice")
         pairs.append((key, text[value_start:value_end]))
-        position = _skip_space(text, value_end + len(tags.END_ARG_VALUE))
+        position = skip_separators(text, value_end + len(tags.END_ARG_VALUE))
     return pairs
 
 
@@ -122,8 +147,3 @@ def _next_tag(text: str, start: int) -> int:
     found = [text.find(tag, start) for tag in tags.TEMPLATE_TOKENS]
     return min((position for position in found if position >= 0), default=len(text))
 
-
-def _skip_space(text: str, position: int) -> int:
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position

@@ -42,6 +42,14 @@ WELL_FORMED = [
     "<think>reopened</think>answer<|endoftext|>",
     "r</think><tool_call>run<arg_key>cmd</arg_key><arg_value>echo '</tool_call>' <tool_call> </arg_key></arg_value></tool_call>",
     "multi-byte é\u0301🙂👩‍💻 split points</think>𝔘𝔫𝔦𝔠𝔬𝔡𝔢" + READ_A,
+    # text after and between calls is kept (reasoning until </think>, then content)
+    "</think>" + READ_A + "and then" + READ_A,
+    "</think>Before." + READ_A + "\nSo that was it.<|observation|>",
+    "Thinking..." + READ_A + "</think>oops",
+    "Plan." + READ_A + " still thinking \\n" + READ_A + "\\n</think> \\nAnswer \\ done\\n",
+    # the two characters \n where a separator belongs
+    "</think><tool_call>read_file\\n<arg_key>path</arg_key>\\n<arg_value>a.py</arg_value>\\n</tool_call>\\n" + READ_A + "\\n",
+    "</think>" + READ_A + "\\" + READ_A + "\\",
 ]
 
 # (output, [(name or None, substring of the message), ...] for the ToolCallErrors, in order)
@@ -54,10 +62,6 @@ MALFORMED = [
      [("read_file", "ended inside an argument value: close it with </arg_value>")]),
     ("</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a</arg_value><arg_key>path</arg_key><arg_value>b</arg_value></tool_call>",
      [("read_file", "argument 'path' is given twice")]),
-    ("</think>" + READ_A + "and then" + READ_A,
-     [(None, "Text after a tool call is not allowed and was ignored: 'and then'")]),
-    ("</think>" + READ_A + "\nSo that was it.<|observation|>",
-     [(None, "Text after a tool call is not allowed and was ignored: 'So that was it.'")]),
     ("</think><tool_call>read_file<arg_key>path</arg_key><arg_value>a</arg_value> junk <arg_key>offset</arg_key><arg_value>1</arg_value></tool_call>",
      [("read_file", "unexpected text 'junk' where <arg_key> or </tool_call> belongs")]),
     ("</think><tool_call>read_file<arg_key>path</arg_key>=<arg_value>a</arg_value></tool_call>",
@@ -82,6 +86,4 @@ MALFORMED = [
      [("read_file", "a new <tool_call> began before this call was closed with </tool_call>")]),
     ("</think><tool_call>read_file<arg_key></arg_key><arg_value>a</arg_value></tool_call>",
      [("read_file", "invalid argument name ''")]),
-    ("Thinking..." + READ_A + "</think>oops",
-     [(None, "Text after a tool call is not allowed and was ignored: '</think>oops'")]),
 ]
