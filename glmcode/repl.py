@@ -9,6 +9,7 @@ prompt Ctrl-C twice, Ctrl-D or /exit leaves.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -254,7 +255,16 @@ class Repl:
     cmd_quit = cmd_exit
 
 
+def take_ctrl_c() -> None:
+    """A chat is a person at a terminal, so Ctrl-C must reach it, even when it was started with
+    SIGINT ignored (from a background job, a script's `&`, nohup): that disposition is inherited
+    and would make every Ctrl-C outside an answer (while the model loads, say) do nothing."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str | None, yes: bool) -> int:
+    take_ctrl_c()
     console = Console(highlight=False)
     stats = RunStats(model=model_label(settings, replay))
     renderer = TerminalRenderer(stats, console, show_thinking=settings.show_thinking)

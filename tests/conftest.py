@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,29 @@ def pytest_configure(config):
     from tests.cuda.conftest import import_triton_kernels
 
     import_triton_kernels()
+
+
+# Ctrl-C. A test run started as a background job (`bash .ci/run &`), under nohup or by a runner
+# that ignores SIGINT hands that disposition to this process and to every child it starts; the
+# tests that send SIGINT set the one they rely on instead of inheriting it.
+
+@pytest.fixture
+def ctrl_c_raises():
+    """In this test, SIGINT raises KeyboardInterrupt (Python's default, which an ignored SIGINT
+    at startup replaces); the disposition the run started with comes back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def ctrl_c_default() -> None:
+    """preexec_fn for a child a test interrupts: SIGINT back to its default action."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def ctrl_c_ignored() -> None:
+    """preexec_fn for a child started the way a background job starts: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def load_tiny_checkpoint_writer():

@@ -14,6 +14,7 @@ from glmcode.errors import Interrupted
 from glmcode.run import ctrl_c_cancels
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_first_ctrl_c_cancels_the_run_and_the_second_interrupts() -> None:
     cancel = threading.Event()
     notes: list[str] = []
@@ -25,6 +26,7 @@ def test_first_ctrl_c_cancels_the_run_and_the_second_interrupts() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_one_ctrl_c_only_cancels() -> None:
     cancel = threading.Event()
     with ctrl_c_cancels(cancel, on_first=lambda: None):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from glmcode.console import validate_event
+from tests.conftest import ctrl_c_default, ctrl_c_ignored
 
 from .conftest import REPO_ROOT, Cli
 
@@ -63,7 +64,13 @@ def test_quantization_flag_reaches_the_engine(cli: Cli, tmp_path: Path) -> None:
     assert other.returncode == 2 and "already quantized" in other.stderr and "not as int8" in other.stderr, other.stderr
 
 
-def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tmp_path: Path, home: Path, workdir: Path) -> None:
+@pytest.mark.parametrize(("command", "started"), [
+    (["ask", "hi"], ctrl_c_default),
+    (["chat"], ctrl_c_ignored),  # a chat takes Ctrl-C back even from a background job's SIG_IGN
+])
+def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(
+    tmp_path: Path, home: Path, workdir: Path, command: list[str], started
+) -> None:
     """At a terminal: wait for the loading progress (int4 on the fly: many tensors, seconds of
     work on this size), press Ctrl-C, and the command ends at once with 130 and one line."""
     pexpect = pytest.importorskip("pexpect")
@@ -71,9 +78,10 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(tmp_path: Pa
 
     model = tiny_checkpoint(tmp_path / "many-tensors", num_hidden_layers=8, n_routed_experts=32, hidden_size=128,
                             moe_intermediate_size=128, intermediate_size=128)
-    child = pexpect.spawn(sys.executable, ["-m", "glmcode", "ask", "hi", "--model", str(model), "--device", "cpu",
+    child = pexpect.spawn(sys.executable, ["-m", "glmcode", *command, "--model", str(model), "--device", "cpu",
                                            "--quantization", "int4"],
-                          cwd=str(workdir), env=clean_env(home, **ATEN_KERNELS), encoding="utf-8", timeout=120, dimensions=(24, 120))
+                          cwd=str(workdir), env=clean_env(home, **ATEN_KERNELS), encoding="utf-8", timeout=120,
+                          dimensions=(24, 120), preexec_fn=started)
     try:
         child.expect(r"loading int4 weights [1-9]\d* tensors")
         child.sendintr()

@@ -11,16 +11,21 @@ import pytest
 pytest.importorskip("glmcode.agent.loop", reason="needs the agent branch merged")
 pexpect = pytest.importorskip("pexpect")
 
+from tests.conftest import ctrl_c_default, ctrl_c_ignored
+
 from .conftest import BUGGY, clean_env
 from .test_runs import DONE, EDIT, READ
 
 
-def spawn_chat(home: Path, repo: Path, script: list[str], tmp_path: Path, *extra: str) -> pexpect.spawn:
+def spawn_chat(home: Path, repo: Path, script: list[str], tmp_path: Path, *extra: str,
+               started=ctrl_c_default) -> pexpect.spawn:
+    """A chat at a terminal; started: its preexec_fn, SIGINT's disposition as the chat inherits it."""
     script_path = tmp_path / "chat-script.json"
     script_path.write_text(json.dumps(script))
     env = clean_env(home, PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="120", LINES="40")
     child = pexpect.spawn(sys.executable, ["-m", "glmcode", "chat", "--replay", str(script_path), *extra],
-                          cwd=str(repo), env=env, encoding="utf-8", timeout=60, dimensions=(40, 120))
+                          cwd=str(repo), env=env, encoding="utf-8", timeout=60, dimensions=(40, 120),
+                          preexec_fn=started)
     child.expect("Type a request")
     return child
 
@@ -78,8 +83,9 @@ def test_slash_commands_switch_modes_and_thinking(home: Path, repo: Path, tmp_pa
 LONG_ANSWER = "Thinking.</think>" + "".join(f"Paragraph {i} of a very long answer.\n\n" for i in range(5000))
 
 
-def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_path: Path) -> None:
-    child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path)
+@pytest.mark.parametrize("started", [ctrl_c_default, ctrl_c_ignored], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_path: Path, started) -> None:
+    child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path, started=started)
     try:
         child.expect("›")
         child.sendline("tell me everything")

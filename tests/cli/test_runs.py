@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("glmcode.agent.loop", reason="needs the agent branch merged")
 
 from glmcode.console import validate_event
+from tests.conftest import ctrl_c_default
 
 from .conftest import ANSI_ESCAPE, BUGGY, Cli, assert_one_line_error, clean_env
 
@@ -171,7 +172,7 @@ def test_ctrl_c_while_verifying_exits_130(home: Path, repo: Path, script) -> Non
     process = subprocess.Popen(
         [sys.executable, "-m", "glmcode", "fix", "bug", "--yes", "--replay", script(FIX_SCRIPT)],
         cwd=repo, env=clean_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_default,
     )
     try:
         while not marker.exists():

@@ -165,6 +165,7 @@ def test_summaries_of_the_common_runners(output: str, code: int, expected: str) 
     assert summarize_tests(output, code) == expected
 
 
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_during_a_command_kills_its_process_group(repo: Path) -> None:
     pid_file = repo / "child.pid"
 
