@@ -7,8 +7,8 @@ prefix cache on and once off; prints JSON and a table.
 
     python scripts/bench_agent_steps.py [--config small|tiny] [--model-dir DIR] [--context 4096]
 
-TTFT here = rendering the prompt to ids + the engine's prefill and first sample
-(`LLM.stats.prefill_seconds`). Random weights: speed does not depend on the values. The test
+TTFT here = from the step's start to the first event the backend yields: rendering the prompt to
+ids, the engine's prefill and first sample, and parsing. Random weights: speed does not depend on the values. The test
 tokenizer packs about 1.4 characters per token (GLM's about 3.5), so by default only three tool
 specs go in, leaving room for some conversation in 4K tokens; --all-tools sends all of them.
 """
@@ -34,6 +34,7 @@ from glmcode.backends.base import Sampling, Thinking  # noqa: E402
 from glmcode.backends.local import LocalBackend  # noqa: E402
 from glmcode.chat_format import render_ids  # noqa: E402
 from glmcode.engine import LLM, SamplingParams  # noqa: E402
+from glmcode.events import Usage  # noqa: E402
 from glmcode.tools.registry import all_tools  # noqa: E402
 
 GREEDY = Sampling(max_tokens=16, temperature=0)
@@ -68,15 +69,15 @@ def conversation(tokenizer, specs: list[dict], context: int, repo: str) -> list[
 
 
 def timed_step(llm: LLM, backend: LocalBackend, messages: list[dict], specs: list[dict]) -> tuple[dict, AssistantStep]:
+    """One agent step through the backend; its time to first token is to the first event it yields
+    (the prompt rendered, the uncached part prefilled, the first token sampled and parsed)."""
     started = time.perf_counter()
-    prompt = render_ids(llm.tokenizer, messages, specs, clear_thinking=False)
-    render_seconds = time.perf_counter() - started
-    step = AssistantStep()
+    step, ttft, usage = AssistantStep(), None, None
     for event in backend.stream(messages, specs, Thinking(), GREEDY):
+        ttft = ttft if ttft is not None else time.perf_counter() - started
+        usage = event if isinstance(event, Usage) else usage
         step.add(event)
-    stats = llm.stats
-    ttft = render_seconds + stats.prefill_seconds
-    return {"prompt_tokens": len(prompt), "cached_tokens": stats.cached_tokens, "ttft_s": round(ttft, 4)}, step
+    return {"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens, "ttft_s": round(ttft, 4)}, step
 
 
 def two_steps(llm: LLM, backend: LocalBackend, specs: list[dict], context: int, repo: str) -> tuple[dict, dict]:

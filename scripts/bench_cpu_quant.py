@@ -1,8 +1,7 @@
 """CPU speed of the quantized engine at GLM-4.7-Flash's real shapes, with random weights.
 
-The weights are generated directly in quantized form (no 60 GB checkpoint): the LLM is built
-from a directory holding only config.json and a tokenizer, with its quantized-model loader
-swapped for the random one. Prefill is timed through LLM.generate; decode at context C through
+The weights are generated directly in quantized form (no 60 GB checkpoint) and handed to
+`LLM.from_model` with a tokenizer written beside the config. Prefill is timed through LLM.generate; decode at context C through
 the engine's decode path on a cache whose first C slots hold random latents (as
 bench_engine.py does; speed does not depend on the values). Prints a table and JSON; the
 llama.cpp figures measured on the same 2-core machine are the baseline.
@@ -32,6 +31,7 @@ from glmcode.engine import LLM, SamplingParams  # noqa: E402
 from glmcode.engine import llm as llm_module
 from glmcode.engine.quant.formats import QuantScheme  # noqa: E402
 from glmcode.engine.quant.loader import random_quantized_model  # noqa: E402
+from glmcode.engine.tokenizer import Tokenizer  # noqa: E402
 
 FULL_CONFIG = {
     "model_type": "glm4_moe_lite",
@@ -86,10 +86,9 @@ def build_llm(config: dict, quantization: str, directory: Path, max_context: int
     writer.make_tokenizer().save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     (directory / "config.json").write_text(json.dumps(config))
-    scheme = QuantScheme.named(quantization)
-    llm_module.load_quantized_model = lambda model_config, *args, **kwargs: random_quantized_model(model_config, scheme)
+    model = random_quantized_model(ModelConfig.from_dict(config), QuantScheme.named(quantization))
     kv_bytes = config["num_hidden_layers"] * (max_context + 512) * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 2
-    llm = LLM(directory, quantization=quantization, kv_cache_memory=kv_bytes, enable_prefix_caching=False, progress=False)
+    llm = LLM.from_model(model, Tokenizer(directory), kv_cache_memory=kv_bytes, enable_prefix_caching=False)
     llm.kv_cache.data.normal_()
     return llm
 
@@ -100,8 +99,7 @@ def time_prefill(llm: LLM, tokens: int, repeats: int = 2) -> float:
     llm.generate(prompt[:16], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     seconds = []
     for _ in range(repeats):
-        llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0))
-        seconds.append(llm.stats.prefill_seconds)
+        seconds.append(llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0)).stats.prefill_seconds)
     return tokens / min(seconds)
 
 

@@ -46,8 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import glmcode.engine.llm as llm_module  # noqa: E402
 from glmcode.engine import LLM, SamplingParams  # noqa: E402
+from glmcode.engine.config import ModelConfig, resolve_dtype  # noqa: E402
+from glmcode.engine.cuda.runner import CudaRunner  # noqa: E402
+from glmcode.engine.model import GlmMoeLite, build_model  # noqa: E402
+from glmcode.engine.sampler import Sampler  # noqa: E402
+from glmcode.engine.sequence import Sequence  # noqa: E402
+from glmcode.engine.tokenizer import Tokenizer  # noqa: E402
 
 SMALL = {  # the real per-layer shapes with fewer layers, experts and vocabulary
     "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
@@ -165,9 +170,12 @@ class GlmcodeEngine:
         self.result = EngineResult("glmcode")
         self.device = args.device
         start_mb = reset_peak_memory(args.device)
-        self.llm = LLM(path, device=args.device, dtype=args.dtype, kv_cache_memory=kv_bytes(path, cache_tokens, args.dtype),
-                       enable_prefix_caching=False, max_num_seqs=max(args.batch_sizes, default=1),
-                       kernel_path=args.kernel_path or None, progress=False)  # fmt: skip
+        options = dict(kv_cache_memory=kv_bytes(path, cache_tokens, args.dtype), enable_prefix_caching=False,
+                       max_num_seqs=max(args.batch_sizes, default=1), kernel_path=args.kernel_path or None)  # fmt: skip
+        if args.config == "full":  # the real-size model (60 GB of bf16) is never written: random weights in place
+            self.llm = LLM.from_model(random_model(path, args), Tokenizer(path), **options)
+        else:
+            self.llm = LLM(path, device=args.device, dtype=args.dtype, progress=False, **options)
         fill_random_latents(self.llm.kv_cache)  # decode contexts are random latents
         self.vocab = self.llm.num_real_tokens
         self.result.weights_mb = weights_mb(self.llm.model)
@@ -198,31 +206,33 @@ class GlmcodeDecoder:
 
     def __init__(self, llm: LLM, context: int, gen: torch.Generator, batch: int = 1):
         self.llm, self.gen = llm, gen
-        self.requests = []
+        self.sampler = Sampler(SamplingParams(temperature=0), llm.num_real_tokens)
+        self.seqs = []
         for _ in range(batch):
             tokens = torch.randint(0, llm.num_real_tokens, (context,), generator=gen).tolist()
-            request = llm._new_request(tokens, SamplingParams(temperature=0))
-            assert llm.blocks.allocate(request.seq, use_prefix_cache=False), "the bench's KV cache is too small"
-            request.seq.num_computed = context  # its cache slots already hold (random) latents
-            self.requests.append(request)
+            seq = Sequence(token_ids=tokens, num_prompt_tokens=context)
+            assert llm.blocks.allocate(seq, use_prefix_cache=False), "the bench's KV cache is too small"
+            seq.num_computed = context  # its cache slots already hold (random) latents
+            self.seqs.append(seq)
 
     @torch.inference_mode()
     def step(self) -> None:
-        for request in self.requests:
-            self.llm.blocks.grow(request.seq, len(request.seq))
-        logits = self.llm._decode_logits(self.requests)
-        for request, row in zip(self.requests, logits):
-            request.sampler(row)
-            request.seq.token_ids.append(int(torch.randint(0, self.llm.num_real_tokens, (1,), generator=self.gen)))
+        for seq in self.seqs:
+            self.llm.blocks.grow(seq, len(seq))
+        logits = self.llm.runner.decode(self.seqs)
+        for seq, row in zip(self.seqs, logits):
+            self.sampler(row)
+            seq.num_computed = len(seq)
+            seq.token_ids.append(int(torch.randint(0, self.llm.num_real_tokens, (1,), generator=self.gen)))
 
     @torch.inference_mode()
     def eager_step(self) -> None:
         """The same step launched op by op (the kernel path without its CUDA graph)."""
-        self.llm.runner.decode_eager([r.seq for r in self.requests])
+        self.llm.runner.decode_eager(self.seqs)
 
     def close(self) -> None:
-        for request in self.requests:
-            self.llm.blocks.free_sequence(request.seq)
+        for seq in self.seqs:
+            self.llm.blocks.free_sequence(seq)
 
 
 class TransformersEngine:
@@ -464,7 +474,7 @@ def measure_kernels(engine, args) -> None:
     decoder = engine.decoder(min(512, max(args.contexts)), torch.Generator().manual_seed(4))
     decoder.step()
     variants = {"step": decoder.step}
-    if isinstance(decoder, GlmcodeDecoder) and decoder.llm.runner is not None:
+    if isinstance(decoder, GlmcodeDecoder) and isinstance(decoder.llm.runner, CudaRunner):
         variants = {"graph replay" if decoder.llm.runner.use_graphs else "padded step": decoder.step,
                     "eager": decoder.eager_step}  # fmt: skip
     for name, step in variants.items():
@@ -485,15 +495,17 @@ def measure_fit(engine, args) -> None:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     decoder = engine.decoder(context - 1, torch.Generator().manual_seed(5))
-    (request,) = decoder.requests
-    request.seq.num_computed = max(0, context - 1 - llm.prefill_chunk_tokens)
+    (seq,) = decoder.seqs
+    chunk = llm.options.prefill_chunk_tokens
+    seq.num_computed = max(0, context - 1 - chunk)
     with torch.inference_mode():
-        prefill_s = timed(lambda: llm._prefill(request), args.device)
-    request.seq.token_ids.append(0)
+        prefill_s = timed(lambda: llm.runner.logits(llm.runner.prefill(seq, seq.num_computed, len(seq))[-1:]), args.device)
+    seq.num_computed = len(seq)
+    seq.token_ids.append(0)
     times: list[float] = []
     _turn(decoder, times, 4, args.device)
     decoder.close()
-    fit = {"context": context, "prefill_chunk_tokens": llm.prefill_chunk_tokens,
+    fit = {"context": context, "prefill_chunk_tokens": chunk,
            "last_chunk_prefill_s": round(prefill_s, 3), "decode_ms": round(1000 * statistics.median(times), 2),
            "cache_tokens": llm.blocks.num_blocks * llm.block_size, "kv_cache_gb": round(llm.kv_cache.data.nbytes / 1e9, 2),
            "weights_gb": round(engine.result.weights_mb * 2**20 / 1e9, 2)}  # fmt: skip
@@ -531,10 +543,13 @@ def write_checkpoint(config_name: str, out: Path, dtype: str, with_weights: bool
     )
 
 
-def fill_random(model, model_dir, *, progress: bool = True) -> None:
-    """Stands in for the checkpoint loader when the weights were never written (--config full)."""
+def random_model(path: Path, args) -> GlmMoeLite:
+    """The model of the checkpoint's config with random weights (--config full writes none)."""
+    config = ModelConfig.from_dir(path)
+    model = build_model(config, resolve_dtype(args.dtype, config), torch.device(args.device))
     for tensor in [*model.parameters(), *model.buffers()]:
         tensor.normal_(0, 0.02)
+    return model
 
 
 def print_table(results: list[EngineResult], contexts: list[int], args) -> None:
@@ -637,7 +652,6 @@ def main() -> None:
         in_place = args.config == "full"
         path = write_checkpoint(args.config, Path(tmp), args.dtype, with_weights=not in_place)
         if in_place:
-            llm_module.load_checkpoint = fill_random
             args.skip_hf = args.skip_hf or args.device == "cpu"  # transformers would need its own copy
         print(f"random {args.config} checkpoint written in {time.perf_counter() - started:.0f}s", flush=True)
         makers = [GlmcodeEngine] + ([] if args.skip_hf else [TransformersEngine])

@@ -233,23 +233,24 @@ def decode_consistency_checks(llm, tokens: list[int]) -> list[dict]:
     == that sequence decoded alone."""
     import torch
 
-    from glmcode.engine import SamplingParams
+    from glmcode.engine.cuda.runner import CudaRunner
+    from glmcode.engine.sequence import Sequence
 
-    if llm.runner is None:
+    if not isinstance(llm.runner, CudaRunner):
         return []
-    requests = [llm._new_request(tokens[:n], SamplingParams(temperature=0)) for n in (7, 19, len(tokens) - 1)]
+    seqs = [Sequence(token_ids=tokens[:n], num_prompt_tokens=n) for n in (7, 19, len(tokens) - 1)]
     with torch.inference_mode():
-        for request in requests:
-            assert llm.blocks.allocate(request.seq)
-            llm._prefill(request)
-            request.seq.token_ids.append(tokens[len(request.seq)])
-            assert llm.blocks.grow(request.seq, len(request.seq))
-        seqs = [r.seq for r in requests]
+        for seq in seqs:
+            assert llm.blocks.allocate(seq)
+            llm.runner.prefill(seq, seq.num_computed, len(seq))
+            seq.num_computed = len(seq)
+            seq.token_ids.append(tokens[len(seq)])
+            assert llm.blocks.grow(seq, len(seq))
         replayed = llm.runner.decode(seqs).float().cpu()
         eager = llm.runner.decode_eager(seqs).float().cpu()
         alone = torch.cat([llm.runner.decode([seq]) for seq in seqs]).float().cpu()
-    for request in requests:
-        llm.blocks.free_sequence(request.seq)
+    for seq in seqs:
+        llm.blocks.free_sequence(seq)
     scale = max(eager.abs().max().item(), 1.0)
     graph_error = (replayed - eager).abs().max().item()
     batch_error = (replayed - alone).abs().max().item()
@@ -388,10 +389,12 @@ class Bench:
         return checks
 
     def fp8_checks(self) -> list[dict]:
+        from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
+
         torch = self.torch
         q_nope, q_pe, cache, tables, lens = self.mla_inputs([5, 77], self.shapes.block_size)
         rows = cache.reshape(-1, cache.shape[-1])
-        quantized, scales = self.ref.quantize_fp8_per_token(rows)
+        quantized, scales = quantize_fp8_per_token(rows)
         per_token = (quantized.view(cache.shape), scales.view(cache.shape[:2]))
         tensor_scale = torch.tensor([rows.float().abs().max().item() / 448.0], device=self.device)
         per_tensor = (self.ref.quantize_fp8_per_tensor(rows, tensor_scale.item()).view(cache.shape), tensor_scale)

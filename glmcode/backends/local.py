@@ -54,13 +54,14 @@ class LocalBackend:
 
     def _events(self, outputs, tools, thinking: Thinking, cancel, prompt_tokens: int) -> Iterator[Event]:
         parser = StreamParser(tools, thinking=thinking.enabled)
-        completion_tokens, reason, called_tools = 0, "stop", False
+        completion_tokens, reason, called_tools, cached_tokens = 0, "stop", False, 0
         try:
             for output in outputs:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
                 completion_tokens += len(output.token_ids)
+                cached_tokens = output.stats.cached_tokens
                 for event in parser.feed(output.text):
                     called_tools |= isinstance(event, ToolCall)
                     yield event
@@ -70,7 +71,7 @@ class LocalBackend:
         for event in parser.finish():
             called_tools |= isinstance(event, ToolCall)
             yield event
-        yield Usage(prompt_tokens, completion_tokens, self.llm.stats.cached_tokens)
+        yield Usage(prompt_tokens, completion_tokens, cached_tokens)
         yield Finish("tool_calls" if called_tools and reason == "stop" else reason)
 
     def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:

@@ -1,76 +1,122 @@
-"""The paged latent KV cache: one tensor of fixed-size blocks and the manager that hands them out.
+"""The paged latent KV cache: per layer, one slot of 576 values per token, in fixed-size blocks.
 
-Each sequence owns a block table (block ids in position order). A block that is full and whose
-latents are written gets a hash chained over all tokens before it, so a later prompt with the
-same prefix reuses it instead of recomputing it. Blocks are reference counted; a block nobody
-uses goes back to the free list but keeps its contents and hash until it is handed out again,
-least recently freed first (LRU).
+MLA caches only the normalized 512-d latent and the roped 64-d key every head shares. A slot is
+addressed as `block * block_size + offset`; which blocks a sequence owns is the block manager's
+business (`block_manager.py`). Three storage kinds:
+
+- the model dtype (the default);
+- int8 with two float32 scales per token (`kv_cache_dtype="int8"`, CPU): about half the memory
+  of bfloat16, for contexts that would not fit otherwise;
+- float8_e4m3fn with one float32 scale per token (`kv_cache_dtype="fp8"`, the CUDA path).
+
+`KVCache.layers[i]` is one layer's view; attention writes new latents through it and reads them
+back in the model dtype, so only the piece being read is ever widened.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 import torch
 
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.model.attention import KVSpan
-from glmcode.engine.quant.latent_cache import Int8LatentCache
+from glmcode.engine.quant.latent_cache import dequantize_latent, quantize_fp8_per_token, quantize_latent
+from glmcode.engine.sequence import Sequence
+from glmcode.errors import UsageError
+
+CPU_KV_MEMORY_FRACTION = 0.3  # of the memory still available after the weights are loaded
+GPU_KV_MEMORY_FRACTION = 0.85  # of the device memory still free after the weights are loaded
 
 
-@dataclass
-class Sequence:
-    """One request's tokens and its place in the cache."""
+@dataclass(frozen=True)
+class KVSpan:
+    """A run of consecutive cache slots holding consecutive positions of one sequence."""
 
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose latents are in the cache
-    num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
-    last_hash: int | None = None  # hash of the last registered block
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
+    slot: int  # first slot in the layer's flat [num_blocks * block_size] cache
+    length: int
 
 
-@dataclass
-class Block:
-    block_id: int
-    ref_count: int = 0
-    hash: int | None = None
-    token_ids: tuple[int, ...] = ()  # the tokens a hashed block holds, to rule out collisions
+class LayerCache:
+    """One layer's slots: `flat` [slots, 576] for writes and reads, `paged` [blocks, block_size, 576]."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor | None, block_size: int, compute_dtype: torch.dtype, split: int):
+        self.flat = values
+        self.scales = scales  # int8: [slots, 2]; fp8: [slots]; None for the model dtype
+        self.paged = values.view(-1, block_size, values.shape[-1])
+        self.paged_scales = None if scales is None or scales.dim() != 1 else scales.view(-1, block_size)
+        self.compute_dtype = compute_dtype
+        self.split = split  # latent | rope boundary (int8 scales each part on its own)
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store the latents `rows` [T, 576] at `slots` [T]."""
+        if self.scales is None:
+            self.flat.index_copy_(0, slots, rows.to(self.flat.dtype))
+        elif self.flat.dtype == torch.int8:
+            values, scales = quantize_latent(rows, self.split)
+            self.flat.index_copy_(0, slots, values)
+            self.scales.index_copy_(0, slots, scales)
+        else:
+            values, scales = quantize_fp8_per_token(rows)
+            # index_copy_ has no float8 kernels; the bytes are the same.
+            self.flat.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))
+            self.scales.index_copy_(0, slots, scales)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Slots [start, stop) in the compute dtype."""
+        if self.scales is None:
+            return self.flat[start:stop]
+        if self.flat.dtype == torch.int8:
+            return dequantize_latent(self.flat[start:stop], self.scales[start:stop], self.split, self.compute_dtype)
+        return (self.flat[start:stop].float() * self.scales[start:stop, None]).to(self.compute_dtype)
+
+    def gather(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` cached rows of a sequence; float32 for a quantized cache."""
+        rows = self.paged[block_table].flatten(0, 1)[:length]
+        if self.scales is None:
+            return rows
+        if self.flat.dtype == torch.int8:
+            scales = self.scales.view(-1, self.paged.shape[1], 2)[block_table].flatten(0, 1)[:length]
+            return dequantize_latent(rows, scales, self.split)
+        return rows.float() * self.paged_scales[block_table].flatten()[:length, None]
 
 
 class KVCache:
-    """Latents of all layers: data[layer] is a flat [num_blocks * block_size, 576] slot array."""
+    """Latents of all layers: `data` [num_layers, num_blocks * block_size, 576]."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device, int8: bool = False):
-        """int8: store latents as int8 with per-token scales (quant.Int8LatentCache per layer)."""
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str, compute_dtype: torch.dtype | None = None):  # fmt: skip
+        """dtype: the storage dtype (see EngineOptions.storage_dtype); compute_dtype: what reads return."""
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.dtype = dtype
         slots = num_blocks * block_size
-        if int8:
-            self.data = [
-                Int8LatentCache(slots, config.kv_cache_dim, config.kv_lora_rank, dtype, device)
-                for _ in range(config.num_hidden_layers)
-            ]
-        else:
-            # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
-            # last block must hold finite values (0 * NaN would poison the attention output).
-            self.data = torch.zeros(config.num_hidden_layers, slots, config.kv_cache_dim, dtype=dtype, device=device)
-        # A float8 cache (the CUDA path's option) keeps one float32 scale per token and layer.
+        shape = (config.num_hidden_layers, slots, config.kv_cache_dim)
+        # Zeros, not garbage: decode reads whole blocks, and the masked tail of a sequence's
+        # last block must hold finite values (0 * NaN would poison the attention output).
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.scales = None
-        if dtype == torch.float8_e4m3fn:
-            self.scales = torch.zeros(config.num_hidden_layers, slots, dtype=torch.float32, device=device)
+        if dtype == torch.int8:
+            self.scales = torch.zeros(*shape[:2], 2, dtype=torch.float32, device=device)
+        elif dtype == torch.float8_e4m3fn:
+            self.scales = torch.zeros(shape[:2], dtype=torch.float32, device=device)
+        compute_dtype = compute_dtype or (dtype if dtype.is_floating_point and dtype.itemsize > 1 else torch.float32)
+        self.layers = [
+            LayerCache(self.data[i], None if self.scales is None else self.scales[i], block_size, compute_dtype,
+                       config.kv_lora_rank)  # fmt: skip
+            for i in range(config.num_hidden_layers)
+        ]
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, int8: bool = False) -> int:
-        if int8:
-            per_token = Int8LatentCache.bytes_per_token(config.kv_cache_dim)
-        else:
-            per_token = config.kv_cache_dim * torch.empty(0, dtype=dtype).element_size()
-        if dtype == torch.float8_e4m3fn:
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = config.kv_cache_dim * dtype.itemsize
+        if dtype == torch.int8:
+            per_token += 2 * 4  # its two scales
+        elif dtype == torch.float8_e4m3fn:
             per_token += 4  # its scale
         return config.num_hidden_layers * block_size * per_token
 
@@ -101,103 +147,31 @@ class KVCache:
         return spans
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Free blocks, next to hand out first. Fresh pools hand out ascending ids, so a
-        # sequence's blocks tend to be consecutive in memory.
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, budget: int) -> int:
+    """Blocks for the model's whole context, or as many as `budget` bytes hold."""
+    per_block = KVCache.bytes_per_block(config, block_size, dtype)
+    full_context = config.max_position_embeddings + block_size - 1
+    wanted = (full_context + block_size - 1) // block_size
+    num_blocks = min(wanted, budget // per_block)
+    if num_blocks < 1:
+        raise UsageError(f"kv_cache_memory of {budget} bytes holds no block of {per_block} bytes")
+    return num_blocks
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+def default_budget(device: torch.device) -> int:
+    """KV cache bytes when the caller names none: a share of the memory left after the weights."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_KV_MEMORY_FRACTION)
+    return int(available_memory() * CPU_KV_MEMORY_FRACTION)
 
-    def allocate(self, seq: Sequence, *, use_prefix_cache: bool = True) -> bool:
-        """Give a new sequence blocks for all its tokens, reusing cached prefix blocks.
 
-        Returns False (and changes nothing) when there are not enough free blocks now.
-        """
-        hits, last_hash = self._prefix_hits(seq.token_ids) if use_prefix_cache else ([], None)
-        fresh_needed = self.blocks_for(len(seq)) - len(hits)
-        hits_now_free = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        if fresh_needed + hits_now_free > len(self.free):
-            return False
-        for block_id in hits:
-            if self.blocks[block_id].ref_count == 0:
-                del self.free[block_id]
-            self.blocks[block_id].ref_count += 1
-        seq.block_table = hits + [self._take_fresh() for _ in range(fresh_needed)]
-        seq.num_computed = len(hits) * self.block_size
-        seq.num_hashed_blocks = len(hits)
-        seq.last_hash = last_hash
-        return True
-
-    def grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Make room for `num_tokens` tokens in a running sequence; False when the pool is full."""
-        while len(seq.block_table) * self.block_size < num_tokens:
-            if not self.free:
-                return False
-            seq.block_table.append(self._take_fresh())
-        return True
-
-    def commit(self, seq: Sequence) -> None:
-        """Register the sequence's newly completed blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
-        size = self.block_size
-        for index in range(seq.num_hashed_blocks, seq.num_computed // size):
-            tokens = tuple(seq.token_ids[index * size : (index + 1) * size])
-            block_hash = hash((seq.last_hash, tokens))
-            block = self.blocks[seq.block_table[index]]
-            block.hash, block.token_ids = block_hash, tokens
-            self.hash_to_block[block_hash] = block.block_id
-            seq.last_hash = block_hash
-            seq.num_hashed_blocks = index + 1
-
-    def free_sequence(self, seq: Sequence) -> None:
-        """Release a sequence's blocks. Hashed blocks stay cached until the pool needs them."""
-        # Tail blocks first, so a shared prefix is the last to be evicted.
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-                if block.hash is None:
-                    self.free.move_to_end(block_id, last=False)  # worthless: reuse first
-        seq.block_table = []
-        seq.num_computed = seq.num_hashed_blocks = 0
-        seq.last_hash = None
-
-    def _prefix_hits(self, token_ids: list[int]) -> tuple[list[int], int | None]:
-        """Cached blocks matching the prompt's leading full blocks.
-
-        The last prompt token is never served from the cache: its logits are needed.
-        """
-        if not self.enable_prefix_caching:
-            return [], None
-        hits: list[int] = []
-        last_hash = None
-        size = self.block_size
-        for index in range((len(token_ids) - 1) // size):
-            tokens = tuple(token_ids[index * size : (index + 1) * size])
-            block_hash = hash((last_hash, tokens))
-            block_id = self.hash_to_block.get(block_hash)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
-                break
-            hits.append(block_id)
-            last_hash = block_hash
-        return hits, last_hash
-
-    def _take_fresh(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]
-        block.hash, block.token_ids, block.ref_count = None, (), 1
-        return block_id
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -11,8 +11,11 @@ from glmcode.engine import LLM, SamplingParams
 from glmcode.engine.cpu import kernels as cpu_kernels
 from glmcode.engine.cpu.features import has_bf16_dot
 from glmcode.engine.cpu.fused_decode import FusedDecoder
+from glmcode.engine.cpu.runner import FusedCpuRunner
 from glmcode.engine.quant.checkpoint import quantize_checkpoint
+from glmcode.engine.runner import ModuleRunner
 from tests.conftest import load_tiny_checkpoint_writer
+from tests.engine.stepping import decode, new_sequence, prefill, teacher_forced_logits
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs our AVX-512 VNNI kernels")
 
@@ -43,20 +46,8 @@ def quantized(tmp_path_factory):
 
 def decode_logits(llm: LLM, fused: bool) -> torch.Tensor:
     """Logits of every decode step of TOKENS (teacher-forced) on one path: [steps, vocab]."""
-    decoder = llm.fused_decoder
-    if not fused:
-        llm.fused_decoder = None
-    request = llm._new_request(TOKENS[:10], SamplingParams(temperature=0))
-    assert llm.blocks.allocate(request.seq, use_prefix_cache=False)
-    llm._prefill(request)
-    steps = []
-    for token in TOKENS[10:]:
-        request.seq.token_ids.append(token)
-        llm.blocks.grow(request.seq, len(request.seq))
-        steps.append(llm._decode_logits([request])[0].clone())
-    llm.blocks.free_sequence(request.seq)
-    llm.fused_decoder = decoder
-    return torch.stack(steps)
+    runner = llm.runner if fused else ModuleRunner(llm.model, llm.kv_cache)
+    return teacher_forced_logits(llm, TOKENS, prefill_len=10, runner=runner)[1:]
 
 
 def float32_llm(path) -> LLM:
@@ -68,21 +59,18 @@ def paired_decode_logits(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
 
     The cache is filled by the module path; each step runs the fused path on a copy first.
     """
-    request = llm._new_request(TOKENS[:10], SamplingParams(temperature=0))
-    assert llm.blocks.allocate(request.seq, use_prefix_cache=False)
-    llm._prefill(request)
-    decoder, llm.fused_decoder = llm.fused_decoder, None
+    fused_runner, modules_runner = llm.runner, ModuleRunner(llm.model, llm.kv_cache)
+    seq = new_sequence(TOKENS[:10])
+    assert llm.blocks.allocate(seq, use_prefix_cache=False)
+    prefill(llm, seq)
     fused, modules = [], []
     for token in TOKENS[10:]:
-        seq = request.seq
         seq.token_ids.append(token)
-        llm.blocks.grow(seq, len(seq))
         cache = llm.kv_cache.data.clone()
-        fused.append(decoder.logits(token, len(seq) - 1, seq.block_table, llm.block_size, llm.kv_cache.data)[0])
+        fused.append(decode(llm, [seq], fused_runner)[0].clone())
         llm.kv_cache.data.copy_(cache)
-        modules.append(llm._decode_logits([request])[0].clone())
-    llm.blocks.free_sequence(request.seq)
-    llm.fused_decoder = decoder
+        modules.append(decode(llm, [seq], modules_runner)[0].clone())
+    llm.blocks.free_sequence(seq)
     return torch.stack(fused), torch.stack(modules)
 
 
@@ -90,7 +78,7 @@ def paired_decode_logits(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_fused_step_matches_the_modules_in_float32(quantized, shape, scheme):
     llm = float32_llm(quantized(shape, scheme))
-    assert llm.fused_decoder is not None
+    assert isinstance(llm.runner, FusedCpuRunner)
     fused, modules = paired_decode_logits(llm)
     # Same weights and the same int8 activation quantization: only float rounding differs,
     # which now and then moves an activation across an int8 rounding boundary (a ~1e-2 change).
@@ -121,7 +109,7 @@ def similarity_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
 def test_bfloat16_weights_run_fused_as_close_to_float32_as_the_modules(tiny_checkpoint):
     reference = decode_logits(float32_llm(tiny_checkpoint), False)
     llm = LLM(tiny_checkpoint, dtype="bfloat16", block_size=16, enable_prefix_caching=False, progress=False)
-    assert llm.fused_decoder is not None
+    assert isinstance(llm.runner, FusedCpuRunner)
     fused, modules = decode_logits(llm, True), decode_logits(llm, False)
     assert similarity_to(reference, fused) > 0.99
     assert similarity_to(reference, fused) >= similarity_to(reference, modules) - 1e-3
@@ -141,7 +129,7 @@ def test_amx_attention_matches_the_avx512_attention(tmp_path, heads, threads):
     try:
         torch.set_num_threads(threads)
         amx = decode_logits(llm, True)
-        llm.fused_decoder = FusedDecoder(llm.model, allow_amx=False)
+        llm.runner.decoder = FusedDecoder(llm.model, allow_amx=False)
         avx = decode_logits(llm, True)
     finally:
         torch.set_num_threads(previous)
@@ -169,16 +157,18 @@ def test_greedy_generation_is_the_same_on_both_paths(quantized):
     llm = float32_llm(quantized("base", "int4"))
     params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
     fused = llm.generate(TOKENS[:12], params).token_ids
-    decoder, llm.fused_decoder = llm.fused_decoder, None
+    llm.runner = ModuleRunner(llm.model, llm.kv_cache)
     modules = llm.generate(TOKENS[:12], params).token_ids
-    llm.fused_decoder = decoder
     assert fused == modules and len(fused) == 48
 
 
 def test_used_only_where_it_applies(quantized, tiny_checkpoint, monkeypatch):
     path = quantized("base", "int4")
-    assert LLM(path, progress=False).fused_decoder is not None
-    assert LLM(tiny_checkpoint, dtype="float32", progress=False).fused_decoder is None  # float32 weights
-    assert LLM(path, kv_cache_dtype="int8", progress=False).fused_decoder is None
+    def fused(llm: LLM) -> bool:
+        return isinstance(llm.runner, FusedCpuRunner)
+
+    assert fused(LLM(path, progress=False))
+    assert not fused(LLM(tiny_checkpoint, dtype="float32", progress=False))  # float32 weights
+    assert not fused(LLM(path, kv_cache_dtype="int8", progress=False))
     monkeypatch.setenv("GLMCODE_FUSED_DECODE", "0")
-    assert LLM(path, progress=False).fused_decoder is None
+    assert not fused(LLM(path, progress=False))

@@ -17,17 +17,15 @@ import torch
 
 from glmcode.engine import LLM, SamplingParams
 from glmcode.engine.cuda import runner as cuda_runner
-from glmcode.engine.cuda.reference import quantize_fp8_per_token
-from glmcode.engine.cuda.runner import ABSORBED_PREFILL_MAX_TOKENS, batch_buckets
+from glmcode.engine.cuda.runner import ABSORBED_PREFILL_MAX_TOKENS, CudaRunner, batch_buckets
+from glmcode.engine.kv_cache import LayerCache
+from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
 from glmcode.errors import UsageError
 from tests.conftest import load_tiny_checkpoint_writer
 from tests.cuda.conftest import TRITON_SKIP_REASON
 from tests.engine.conftest import CONFIGS
-from tests.engine.test_generation import (
-    fragment_free_list,
-    prompt,
-    teacher_forced_decode_logits,
-)
+from tests.engine.stepping import decode, new_sequence, prefill, teacher_forced_logits
+from tests.engine.test_generation import fragment_free_list, prompt
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
 
@@ -56,8 +54,8 @@ def kernel_llm(tiny_checkpoint) -> LLM:
 
 
 def test_the_kernel_path_is_what_cuda_gets_and_what_tests_ask_for(tiny_checkpoint, cpu_llm, kernel_llm):
-    assert cpu_llm.runner is None and not cpu_llm.kernel_path
-    assert kernel_llm.runner is not None
+    assert not isinstance(cpu_llm.runner, CudaRunner) and not cpu_llm.kernel_path
+    assert isinstance(kernel_llm.runner, CudaRunner)
     assert kernel_llm.runner.use_graphs is False  # captured only on CUDA
     # one scratch block beyond those the block manager hands out
     assert kernel_llm.kv_cache.num_blocks == kernel_llm.blocks.num_blocks + 1
@@ -70,7 +68,7 @@ def test_paged_decode_logits_equal_the_cpu_engine(tiny_checkpoint, cpu_llm, bloc
     expected = cpu_llm.score(tokens)
     torch.testing.assert_close(llm.score(tokens), expected, atol=1e-4, rtol=0)
     fragment_free_list(llm)  # the sequence's blocks are scattered over the pool
-    decoded = teacher_forced_decode_logits(llm, tokens, prefill_len=7)
+    decoded = teacher_forced_logits(llm, tokens, prefill_len=7)
     torch.testing.assert_close(decoded, expected[6:], atol=1e-4, rtol=0)
 
 
@@ -115,17 +113,16 @@ def test_batch_of_different_lengths_decodes_in_padded_buckets(tiny_checkpoint, c
 
 def test_padded_rows_write_only_the_scratch_slot(tiny_checkpoint):
     llm = make_llm(tiny_checkpoint, kernel_path=True, block_size=4, max_num_seqs=4)
-    requests = [llm._new_request(prompt(llm)[: 5 + i], GREEDY) for i in range(3)]
-    for request in requests:
-        assert llm.blocks.allocate(request.seq)
-        llm._prefill(request)
-        request.seq.token_ids.append(7)
-        assert llm.blocks.grow(request.seq, len(request.seq))
+    seqs = [new_sequence(prompt(llm)[: 5 + i]) for i in range(3)]
+    for seq in seqs:
+        assert llm.blocks.allocate(seq)
+        prefill(llm, seq)
+        seq.token_ids.append(7)
+        assert llm.blocks.grow(seq, len(seq))
     before = llm.kv_cache.data.clone()
-    with torch.inference_mode():
-        llm._decode_logits(requests)
+    decode(llm, seqs)
     changed = (llm.kv_cache.data != before).any(-1).any(0).nonzero().flatten().tolist()
-    written = [llm.kv_cache.slots(r.seq, len(r.seq) - 1, len(r.seq))[0] for r in requests]
+    written = [llm.kv_cache.slots(s, len(s) - 1, len(s))[0] for s in seqs]
     scratch = llm.blocks.num_blocks * llm.block_size
     assert sorted(changed) == sorted(written + [scratch])
 
@@ -154,7 +151,7 @@ def test_fp8_cache_equals_a_float_cache_holding_the_same_rounded_latents(tiny_ch
         values, scales = quantize_fp8_per_token(rows)
         self.flat.index_copy_(0, slots, values.float() * scales[:, None])
 
-    monkeypatch.setattr(cuda_runner.LayerCache, "write", rounded_write)
+    monkeypatch.setattr(LayerCache, "write", rounded_write)
     rounded = make_llm(tiny_checkpoint, kernel_path=True, block_size=4)
     torch.testing.assert_close(got_logits, rounded.score(tokens), atol=1e-4, rtol=0)
     assert got_tokens == rounded.generate(tokens, params).token_ids

@@ -8,8 +8,8 @@ import torch
 from glmcode.engine.cuda.reference import (
     mla_decode_reference,
     quantize_fp8_per_tensor,
-    quantize_fp8_per_token,
 )
+from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
 
 
 def paged_case(

@@ -13,11 +13,11 @@ from glmcode.engine.cuda.reference import (
     fused_moe_reference,
     grouped_mm_available,
     grouped_moe,
-    quantize_fp8_per_token,
     rope_cos_sin,
     rope_interleaved_reference,
     silu_mul_reference,
 )
+from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
 
 
 def test_absorbed_decode_equals_expanded_attention():

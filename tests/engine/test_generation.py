@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from glmcode.engine.config import ModelConfig
 from glmcode.engine.kv_cache import KVCache
 from glmcode.engine.model.attention import expanded_is_cheaper
 from glmcode.errors import ContextOverflow, UsageError
+from tests.engine.stepping import new_sequence, teacher_forced_logits
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
 TEXT = "class Stack:\n    def push(self, item):\n        self.items.append(item)  # héllo 日本語 🙂\n"
@@ -36,25 +39,11 @@ def prompt(llm: LLM, repeats: int = 2) -> list[int]:
 def fragment_free_list(llm: LLM) -> None:
     """Leave every other block in use, so new sequences get non-consecutive blocks."""
     manager = llm.blocks
-    holders = [llm._new_request([1], GREEDY).seq for _ in range(len(manager.free))]
+    holders = [new_sequence([1]) for _ in range(len(manager.free))]
     for holder in holders:
         assert manager.allocate(holder, use_prefix_cache=False)
     for holder in holders[::2]:
         manager.free_sequence(holder)
-
-
-def teacher_forced_decode_logits(llm: LLM, tokens: list[int], prefill_len: int) -> torch.Tensor:
-    """Logits for positions prefill_len-1 .. len-1: one prefill, then one decode step per token."""
-    request = llm._new_request(tokens[:prefill_len], GREEDY)
-    assert llm.blocks.allocate(request.seq)
-    rows = [llm._prefill(request)]
-    with torch.inference_mode():
-        for token in tokens[prefill_len:]:
-            request.seq.token_ids.append(token)
-            assert llm.blocks.grow(request.seq, len(request.seq))
-            rows.append(llm._decode_logits([request])[0])
-    llm.blocks.free_sequence(request.seq)
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("block_size", [3, 16, 256])
@@ -63,7 +52,7 @@ def test_absorbed_paged_decode_equals_prefill_logits(tiny_checkpoint, block_size
     tokens = prompt(llm, 3)
     expected = llm.score(tokens)
     fragment_free_list(llm)
-    decoded = teacher_forced_decode_logits(llm, tokens, prefill_len=7)
+    decoded = teacher_forced_logits(llm, tokens, prefill_len=7)
     torch.testing.assert_close(decoded, expected[6:], atol=1e-4, rtol=0)
 
 
@@ -74,7 +63,7 @@ def test_chunked_prefill_in_small_pieces_equals_one_pass(tiny_checkpoint, llm, c
     # 7-token chunks attend in the absorbed form, 100-token chunks expand the context.
     assert expanded_is_cheaper(llm.config, chunk) == (chunk == 100)
     chunked = make_llm(tiny_checkpoint, prefill_chunk_tokens=chunk, block_size=4)
-    chunked.max_score_elements = 4 * chunk * 5  # 4 heads: the context goes 5 keys at a time
+    chunked.runner.max_score_elements = 4 * chunk * 5  # 4 heads: the context goes 5 keys at a time
     fragment_free_list(chunked)
     torch.testing.assert_close(chunked.score(tokens), llm.score(tokens), atol=1e-4, rtol=0)
     assert chunked.generate(tokens, GREEDY).token_ids == llm.generate(tokens, GREEDY).token_ids
@@ -93,7 +82,7 @@ def test_warm_prefix_cache_gives_the_same_tokens_as_a_cold_start(tiny_checkpoint
     assert step2.stats.cached_tokens >= len(first) - 8
     assert step2.stats.cached_tokens % 8 == 0
     assert step2.stats.prefilled_tokens == len(second) - step2.stats.cached_tokens
-    assert warm.stats is step2.stats
+    assert step2.stats.prompt_tokens == len(second)
 
     reference = cold.generate(second, GREEDY)
     assert reference.stats.cached_tokens == 0
@@ -129,6 +118,51 @@ def test_abandoned_stream_frees_its_blocks_and_keeps_the_prefix_cached(llm):
     assert len(llm.blocks.free) == llm.blocks.num_blocks
     again = llm.generate(tokens + [o.token_ids[0] for o in outputs], GREEDY)
     assert again.stats.cached_tokens >= len(tokens) - llm.block_size
+
+
+def test_interleaved_streams_each_report_their_own_stats(tiny_checkpoint):
+    llm = make_llm(tiny_checkpoint, block_size=8)
+    short, long = llm.tokenizer.encode("def pop(self):\n    return self.items.pop()\n"), prompt(llm, 3)
+    llm.generate(long, GREEDY)  # long is now in the prefix cache; short is not
+    streams = [llm.stream(short, GREEDY), llm.stream(long, GREEDY)]
+    finals = {}
+    while streams:
+        for stream in list(streams):
+            output = next(stream, None)
+            if output is None:
+                streams.remove(stream)
+            else:
+                finals[id(stream)] = output
+    short_stats, long_stats = finals.values()
+    assert (short_stats.stats.prompt_tokens, long_stats.stats.prompt_tokens) == (len(short), len(long))
+    assert short_stats.stats.cached_tokens == 0 and long_stats.stats.cached_tokens >= len(long) - 8
+    assert short_stats.stats.decode_tokens == long_stats.stats.decode_tokens == GREEDY.max_tokens - 1
+
+
+def test_requests_from_several_threads_decode_together_and_match_one_at_a_time(tiny_checkpoint, llm):
+    prompts = [prompt(llm, n)[: 7 + 11 * n] for n in (1, 2, 3, 4)]
+    expected = [llm.generate(p, GREEDY).token_ids for p in prompts]
+    shared = make_llm(tiny_checkpoint, block_size=4, max_num_seqs=4)
+    results: dict[int, list[int]] = {}
+    abandoned_after: list[int] = []
+
+    def consume(index: int) -> None:
+        results[index] = [t for output in shared.stream(prompts[index], GREEDY) for t in output.token_ids]
+
+    def abandon() -> None:  # a client that goes away mid-stream
+        stream = shared.stream(prompts[0], GREEDY)
+        abandoned_after.extend(next(stream).token_ids)
+        stream.close()
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
+    threads.append(threading.Thread(target=abandon))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results[i] for i in range(len(prompts))] == expected
+    assert abandoned_after == expected[0][:1]
+    assert len(shared.blocks.free) == shared.blocks.num_blocks and not shared.scheduler.has_work()
 
 
 def test_stream_and_generate_agree(llm):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.kv_cache import BlockManager, KVCache, Sequence
-from glmcode.engine.model.attention import KVSpan
+from glmcode.engine.block_manager import BlockManager
+from glmcode.engine.kv_cache import KVCache, KVSpan
+from glmcode.engine.sequence import Sequence
 
 
 def seq(tokens: list[int]) -> Sequence:

@@ -99,7 +99,7 @@ def test_int8_latent_cache_decodes_like_the_bfloat16_cache(trained_checkpoint):
     got = small.generate(prompt, params).token_ids
     assert sum(a == b for a, b in zip(got, expected)) >= 0.9 * len(expected)
     again = small.generate(prompt, params)  # served from the int8 prefix cache
-    assert again.token_ids == got and small.stats.cached_tokens >= 32
+    assert again.token_ids == got and again.stats.cached_tokens >= 32
     with pytest.raises(UsageError, match="kv_cache_dtype"):
         LLM(trained_checkpoint, kv_cache_dtype="fp8", progress=False)
 

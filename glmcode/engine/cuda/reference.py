@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8_E4M3_MAX = 448.0
+from glmcode.engine.quant.latent_cache import FP8_E4M3_MAX
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,14 +69,6 @@ def mla_decode_reference(
         scores = (q_nope_absorbed[b].float() @ latent.T + q_pe[b].float() @ k_pe.T) * scale
         out[b] = (torch.softmax(scores, dim=-1) @ latent).to(out.dtype)
     return out
-
-
-def quantize_fp8_per_token(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache rows [N, D] -> (float8_e4m3fn rows, float32 scale per row) with amax mapped to 448."""
-    amax = rows.float().abs().amax(dim=-1).clamp(min=1e-12)
-    scales = amax / FP8_E4M3_MAX
-    quantized = (rows.float() / scales[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-    return quantized.to(torch.float8_e4m3fn), scales
 
 
 def quantize_fp8_per_tensor(rows: torch.Tensor, scale: float) -> torch.Tensor:

@@ -37,8 +37,9 @@ from torch.nn.attention.bias import causal_lower_right
 from glmcode.engine import ops
 from glmcode.engine.config import LATENT_NORM_EPS
 from glmcode.engine.cuda.graphs import DEFAULT_BUCKETS, GraphedStep
-from glmcode.engine.cuda.reference import quantize_fp8_per_token, with_shared_expert
-from glmcode.engine.kv_cache import KVCache, Sequence
+from glmcode.engine.cuda.reference import with_shared_expert
+from glmcode.engine.kv_cache import KVCache, LayerCache
+from glmcode.engine.sequence import Sequence
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.model.attention import KVBProjection, MLAttention
 from glmcode.engine.model.layers import GatedMLP
@@ -182,33 +183,6 @@ class KernelMLP:
         return F.linear(ops.silu_mul(F.linear(x, self.w_gate_up)), self.w_down)
 
 
-class LayerCache:
-    """One layer's slice of the KV cache: flat slots for writes, [blocks, block_size, 576] for reads."""
-
-    def __init__(self, kv_cache: KVCache, layer: int):
-        self.flat = kv_cache.data[layer]
-        self.paged = self.flat.view(kv_cache.num_blocks, kv_cache.block_size, -1)
-        self.scales = kv_cache.scales[layer] if kv_cache.scales is not None else None
-        self.paged_scales = self.scales.view(kv_cache.num_blocks, kv_cache.block_size) if self.scales is not None else None
-
-    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        if self.scales is None:
-            self.flat.index_copy_(0, slots, rows.to(self.flat.dtype))
-            return
-        values, scales = quantize_fp8_per_token(rows)
-        # index_copy_ has no float8 kernels; the bytes are the same.
-        self.flat.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))
-        self.scales.index_copy_(0, slots, scales)
-
-    def gather(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        """The first `length` cached rows of a sequence, dequantized to float32 for an fp8 cache."""
-        rows = self.paged[block_table].flatten(0, 1)[:length]
-        if self.scales is None:
-            return rows
-        scales = self.paged_scales[block_table].flatten()[:length]
-        return rows.float() * scales[:, None]
-
-
 class CudaRunner:
     """Prefill chunks and batched decode steps of the model through the GPU kernels."""
 
@@ -230,7 +204,7 @@ class CudaRunner:
             mlp = KernelMLP(layer.mlp) if isinstance(layer.mlp, GatedMLP) else KernelMoE(layer.mlp)
             self.layers.append((
                 layer.input_layernorm.weight, KernelAttention(layer.self_attn, config.q_lora_rank),
-                layer.post_attention_layernorm.weight, mlp, LayerCache(kv_cache, index),
+                layer.post_attention_layernorm.weight, mlp, kv_cache.layers[index],
             ))  # fmt: skip
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the replaced expert tensors: cached blocks too small for reuse
@@ -270,6 +244,9 @@ class CudaRunner:
             self.graphed.capture()
         return self.graphed(self.decode_inputs(seqs)).clone()  # replay reuses the output buffer
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
     def decode_eager(self, seqs: list[Sequence]) -> torch.Tensor:
         """decode() without the graphs, on the same padded buffers (profiling, checks)."""
         return self.graphed.run_eager(self.decode_inputs(seqs)).clone()
@@ -308,7 +285,7 @@ class CudaRunner:
         """The graph-captured step: no host syncs, every shape fixed by the bucket."""
         attend = PagedQueries(inputs["block_tables"], inputs["seq_lens"])
         hidden = self.forward(inputs["token_ids"], inputs["positions"], inputs["write_slots"], attend)
-        return F.linear(hidden, self.lm_head).float()
+        return self.logits(hidden)
 
     def _static_decode_inputs(self, max_batch: int, max_blocks: int, scratch_slot: int) -> dict[str, torch.Tensor]:
         """The static buffers, holding pad rows: token 0 at position 0, no context, scratch write."""

@@ -23,15 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmcode.engine.config import LATENT_NORM_EPS, ModelConfig
+from glmcode.engine.kv_cache import KVSpan, LayerCache
 from glmcode.engine.model.layers import RMSNorm, apply_rotary, linear
-
-
-@dataclass(frozen=True)
-class KVSpan:
-    """A run of consecutive cache slots holding consecutive positions of one sequence."""
-
-    slot: int  # first slot in the layer's flat [num_blocks * block_size] cache
-    length: int
 
 
 @dataclass(frozen=True)
@@ -135,11 +128,11 @@ class MLAttention(nn.Module):
         self,
         x: torch.Tensor,
         batch: AttentionBatch,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerCache,
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """x: [T, hidden]; kv_cache: this layer's [num_slots, 576]. Writes the new latents."""
+        """x: [T, hidden]; kv_cache: this layer's slots. Writes the new latents."""
         num_tokens = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], -1)
@@ -148,7 +141,7 @@ class MLAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rotary(k_pe, cos, sin)
-        kv_cache.index_copy_(0, batch.write_slots, torch.cat([latent, k_pe], -1))
+        kv_cache.write(batch.write_slots, torch.cat([latent, k_pe], -1))
 
         attend = self._expanded_attention if batch.expanded else self._absorbed_attention
         out = attend(q_nope.transpose(0, 1), q_pe.transpose(0, 1), kv_cache, batch)  # [T, N, V]
@@ -192,7 +185,7 @@ class MLAttention(nn.Module):
         self,
         scores_and_values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         seq: SequenceSlice,
-        kv_cache: torch.Tensor,
+        kv_cache: LayerCache,
         max_score_elements: int,
     ) -> torch.Tensor:
         """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
@@ -224,11 +217,11 @@ class MLAttention(nn.Module):
         return sum(share * out.float() for share, out in zip(shares, outputs))
 
 
-def _pieces(kv_cache: torch.Tensor, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first position, cache view) for consecutive pieces of a context, each <= max_tokens."""
+def _pieces(kv_cache: LayerCache, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, cached rows) for consecutive pieces of a context, each <= max_tokens."""
     pos = 0
     for span in spans:
         for offset in range(0, span.length, max_tokens):
             length = min(max_tokens, span.length - offset)
-            yield pos, kv_cache[span.slot + offset : span.slot + offset + length]
+            yield pos, kv_cache.read(span.slot + offset, span.slot + offset + length)
             pos += length

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from glmcode.engine.config import ModelConfig
+from glmcode.engine.kv_cache import KVCache
 from glmcode.engine.model.attention import AttentionBatch, MLAttention
 from glmcode.engine.model.layers import GatedMLP, RMSNorm, Rotary, linear
 from glmcode.engine.model.moe import MoE, Router
@@ -45,14 +46,12 @@ class GlmMoeLite(nn.Module):
         self.lm_head = linear(config.hidden_size, config.vocab_size)
         self.rotary = Rotary(config.rope_dim, config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        """input_ids [T] -> final-normed hidden states [T, hidden].
-
-        kv_cache: [num_layers, num_slots, 576]; the new tokens' latents are written into it.
-        """
+    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, hidden]; the new tokens' latents are
+        written into the cache."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer, layer_cache in zip(self.model.layers, kv_cache):
+        for layer, layer_cache in zip(self.model.layers, kv_cache.layers):
             x = layer(x, batch, layer_cache, cos, sin)
         return self.model.norm(x)
 

@@ -1,8 +1,13 @@
-"""The int8 latent KV cache: MLA latents stored as int8 with two scales per token."""
+"""Quantized latent KV caches: int8 with two scales per token (CPU), float8 with one (CUDA).
+
+The cache itself (kv_cache.py) stores what these functions return and reads it back through them.
+"""
 
 from __future__ import annotations
 
 import torch
+
+FP8_E4M3_MAX = 448.0
 
 
 def quantize_latent(latent: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,36 +33,9 @@ def dequantize_latent(
     return torch.cat([latent, rope], dim=-1)
 
 
-class Int8LatentCache:
-    """One layer's latent cache in int8 (two scales per token); reads come back dequantized.
-
-    Stands in for the engine's ``[slots, 576]`` tensor: attention writes with ``index_copy_``
-    and reads slices piece by piece, so only one piece is ever widened at a time. About half
-    the memory of a bfloat16 cache, for contexts that would not fit otherwise.
-    """
-
-    def __init__(self, slots: int, dim: int, split: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.values = torch.zeros(slots, dim, dtype=torch.int8, device=device)
-        self.scales = torch.zeros(slots, 2, dtype=torch.float32, device=device)
-        self.split, self.dtype = split, dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
-
-    def index_copy_(self, dim: int, index: torch.Tensor, latents: torch.Tensor) -> "Int8LatentCache":
-        values, scales = quantize_latent(latents, self.split)
-        self.values.index_copy_(dim, index, values)
-        self.scales.index_copy_(dim, index, scales)
-        return self
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return dequantize_latent(self.values[rows], self.scales[rows], self.split, self.dtype)
-
-    @staticmethod
-    def bytes_per_token(dim: int) -> int:
-        return dim + 2 * 4
+def quantize_fp8_per_token(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache rows [N, D] -> (float8_e4m3fn rows, float32 scale per row) with amax mapped to 448."""
+    amax = rows.float().abs().amax(dim=-1).clamp(min=1e-12)
+    scales = amax / FP8_E4M3_MAX
+    quantized = (rows.float() / scales[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+    return quantized.to(torch.float8_e4m3fn), scales

@@ -26,7 +26,8 @@ from rich.progress import (
 )
 from safetensors import safe_open
 
-from glmcode.engine.model import GlmMoeLite
+from glmcode.engine.config import ModelConfig
+from glmcode.engine.model import GlmMoeLite, build_model
 from glmcode.engine.model.attention import MLAttention
 from glmcode.errors import CheckpointError
 
@@ -56,6 +57,20 @@ def find_weight_files(model_dir: str | Path) -> dict[str, Path]:
         with _open_shard(single) as shard:
             return {name: single for name in shard.keys()}
     raise CheckpointError(f"{model_dir}: no {INDEX_FILE} or {SINGLE_FILE}; not a safetensors checkpoint")
+
+
+def load_model(
+    model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
+    quantization: str | None = None, progress: bool = True,
+) -> GlmMoeLite:
+    """The model with the checkpoint's weights, quantized when the checkpoint is or `quantization` asks."""
+    from glmcode.engine.quant.loader import is_quantized_checkpoint, load_quantized_model
+
+    if quantization is not None or is_quantized_checkpoint(model_dir):
+        return load_quantized_model(config, model_dir, dtype=dtype, device=device, quantization=quantization, progress=progress)
+    model = build_model(config, dtype, device)
+    load_checkpoint(model, model_dir, progress=progress)
+    return model
 
 
 def load_checkpoint(
