@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glmcode import __version__
+from glmcode.cli_help import Command, Group
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.options import (
     APPROVAL_MODES, DTYPES, INT4, INT4_ALL, INT8, OUTPUT_FORMATS, REMOTE_PRESETS, ZHIPU, choices,
@@ -42,13 +43,14 @@ from glmcode.weights import HF_REPO_ID, describe_checkpoint, pull_checkpoint
 
 app = typer.Typer(
     name="glmcode",
+    cls=Group,
     help="A coding assistant for GLM-4.7-Flash, local or remote.",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-model_app = typer.Typer(help="Inspect, download and quantize the model weights.")
-config_app = typer.Typer(help="Show the configuration.")
+model_app = typer.Typer(cls=Group, help="Inspect, download and quantize the model weights.")
+config_app = typer.Typer(cls=Group, help="Show the configuration.")
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 
@@ -66,9 +68,9 @@ def _agent_option(*names: str, help: str, **extra: Any) -> Any:
     return typer.Option(*names, help=help, rich_help_panel=_AGENT, **extra)
 
 
-ModelOpt = Annotated[str | None, _model_option("--model", help="Checkpoint directory (env GLMCODE_MODEL).")]
+ModelOpt = Annotated[str | None, _model_option("--model", metavar="DIR", help="Checkpoint directory (env GLMCODE_MODEL).")]
 RepoOpt = Annotated[Path | None, typer.Option(
-    "--repo", file_okay=False, exists=True,
+    "--repo", metavar="DIR", file_okay=False, exists=True,
     help="Repository to work in (default: the git root around the current directory).")]
 
 # One entry per RunFlags field: its option, declared once for every command that takes it.
@@ -78,25 +80,25 @@ RUN_OPTIONS: dict[str, Any] = {
         "--remote", metavar=f"[{'|'.join(REMOTE_PRESETS)}|URL]",
         help=f"Use a hosted model: bare --remote = {ZHIPU}; or {choices(REMOTE_PRESETS[1:])}; "
              "or an OpenAI-compatible base URL.")],
-    "remote_model": Annotated[str | None, _model_option("--remote-model", help="Model name for --remote.")],
-    "device": Annotated[str | None, _model_option("--device", help="auto, cpu, cuda, cuda:N or mps.")],
-    "dtype": Annotated[str | None, _model_option("--dtype", help=f"{choices(DTYPES)}.")],
+    "remote_model": Annotated[str | None, _model_option("--remote-model", metavar="NAME", help="Model name for --remote.")],
+    "device": Annotated[str | None, _model_option("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps.")],
+    "dtype": Annotated[str | None, _model_option("--dtype", metavar="DTYPE", help=f"{choices(DTYPES)}.")],
     "quantization": Annotated[str | None, _model_option(
-        "--quantization", "-q", help=f"Weight-only: {INT4} (int4 experts, int8 elsewhere), {INT4_ALL} or {INT8}.")],
-    "approval": Annotated[str | None, _agent_option("--approval", "-a", help=f"{choices(APPROVAL_MODES)}.")],
+        "--quantization", "-q", metavar="SCHEME", help=f"Weight-only: {INT4} (int4 experts, int8 elsewhere), {INT4_ALL} or {INT8}.")],
+    "approval": Annotated[str | None, _agent_option("--approval", "-a", metavar="MODE", help=f"{choices(APPROVAL_MODES)}.")],
     "yes": Annotated[bool, _agent_option("--yes", "-y", help="Approve everything the approval mode would ask about.")],
     "no_think": Annotated[bool, _agent_option("--no-think", help="Answer without thinking first.")],
     "show_thinking": Annotated[bool, _agent_option("--show-thinking", help="Show the model's thinking in full.")],
-    "max_turns": Annotated[int | None, _agent_option("--max-turns", min=1, help="Most agent steps for this request.")],
+    "max_turns": Annotated[int | None, _agent_option("--max-turns", metavar="N", help="Most agent steps for this request.")],
     "resume": Annotated[str | None, _agent_option(
         "--resume", "-r", metavar="ID", help="Continue the saved session ID.")],
     "continue_last": Annotated[bool, _agent_option(
         "--continue", "-c", help="Continue the last session in this repo.")],
     "repo": RepoOpt,
     "test_command": Annotated[str | None, typer.Option(
-        "--test-command", help="How to verify the fix (default: detected).")],
+        "--test-command", metavar="COMMAND", help="How to verify the fix (default: detected).")],
     "output_format": Annotated[str, typer.Option(
-        "--output-format", "-o", help="text, json (one object at the end) or stream-json (one event per line).")],
+        "--output-format", "-o", metavar="FORMAT", help="text, json (one object at the end) or stream-json (one event per line).")],
     "replay": Annotated[Path | None, typer.Option(
         "--replay", hidden=True, envvar="GLMCODE_REPLAY",
         help="Developer: play a scripted JSON list of completions instead of a model.")],
@@ -171,7 +173,7 @@ def _root(
         raise typer.Exit(0)
 
 
-@app.command()
+@app.command(cls=Command)
 @interruptible
 @with_run_flags(*MODEL_FLAGS, *SESSION_FLAGS, "output_format", "replay")
 def ask(
@@ -183,7 +185,7 @@ def ask(
     raise typer.Exit(run_task(flags, ask_prompt(prompt, _piped_stdin()), command="ask", read_only=True, verify=False))
 
 
-@app.command()
+@app.command(cls=Command)
 @interruptible
 @with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "test_command", "output_format", "replay")
 def fix(
@@ -220,7 +222,7 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-@app.command()
+@app.command(cls=Command)
 @interruptible
 @with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "replay")
 def chat(flags: RunFlags) -> None:
@@ -234,7 +236,7 @@ def chat(flags: RunFlags) -> None:
     raise typer.Exit(run_repl(settings, repo_root, replay=flags.replay, resume=flags.resume_id(), yes=flags.yes))
 
 
-@app.command()
+@app.command(cls=Command)
 @interruptible
 def doctor(
     model: ModelOpt = None, repo: RepoOpt = None,
@@ -243,15 +245,18 @@ def doctor(
     from glmcode.doctor import can_run_something, run_checks
 
     settings = load_settings(find_repo(repo), {"model": model})
-    checks = run_checks(settings)
-    for check in checks:
-        print(check.line())
+    console = Console(highlight=False, soft_wrap=True)
+    checks = []
+    with console.status("checking…") as status:  # shown on a terminal only
+        for check in run_checks(settings, progress=lambda what: status.update(f"{what}…")):
+            console.print(check.line(), markup=False)
+            checks.append(check)
     if not can_run_something(checks):
         print("No model to run: get the weights (`glmcode model pull`) or set a remote API key.")
         raise typer.Exit(3)
 
 
-@app.command()
+@app.command(cls=Command)
 @interruptible
 def sessions(
     repo: RepoOpt = None,
@@ -271,7 +276,7 @@ def sessions(
 
 # --- model ------------------------------------------------------------------------------------------
 
-@model_app.command("info")
+@model_app.command("info", cls=Command)
 @interruptible
 def model_info(
     path: Annotated[Path | None, typer.Argument(help="Checkpoint directory (default: the configured model).")] = None,
@@ -288,14 +293,14 @@ def model_info(
         raise typer.Exit(3)
 
 
-@model_app.command("pull")
+@model_app.command("pull", cls=Command)
 @interruptible
 def model_pull(
     target: Annotated[
-        Path | None, typer.Option("--dir", help="Where to put the weights (default: the data dir).")
+        Path | None, typer.Option("--dir", metavar="DIR", help="Where to put the weights (default: the data dir).")
     ] = None,
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Hugging Face repository.")] = HF_REPO_ID,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    repo_id: Annotated[str, typer.Option("--repo-id", metavar="REPO", help="Hugging Face repository.")] = HF_REPO_ID,
+    revision: Annotated[str | None, typer.Option("--revision", metavar="REV", help="Branch, tag or commit.")] = None,
 ) -> None:
     """Download the weights from Hugging Face (resumes; needs the `pull` extra)."""
     path = pull_checkpoint(repo_id, target or default_model_dir(), revision=revision)
@@ -304,14 +309,14 @@ def model_pull(
         print(f"use them with --model {path} (or set model = \"{path}\" in the config)")
 
 
-@model_app.command("quantize")
+@model_app.command("quantize", cls=Command)
 @interruptible
 def model_quantize(
     source: Annotated[Path, typer.Argument(help="Checkpoint to read.")],
     destination: Annotated[Path, typer.Argument(help="Directory to write the quantized checkpoint to.")],
-    bits: Annotated[int, typer.Option("--bits", help="Routed and shared experts: 4 or 8.")] = 4,
+    bits: Annotated[int, typer.Option("--bits", metavar="4|8", help="Routed and shared experts: 4 or 8.")] = 4,
     linear_bits: Annotated[
-        int, typer.Option("--linear-bits", help="Attention, dense MLP and lm_head: 8, or 4 for the fastest decode.")
+        int, typer.Option("--linear-bits", metavar="4|8", help="Attention, dense MLP and lm_head: 8, or 4 for the fastest decode.")
     ] = 8,
 ) -> None:
     """Write a weight-only int4/int8 copy of a checkpoint (streams tensor by tensor, bounded memory)."""
@@ -326,7 +331,7 @@ def model_quantize(
 
 # --- config -----------------------------------------------------------------------------------------
 
-@config_app.command("show")
+@config_app.command("show", cls=Command)
 @interruptible
 def config_show(
     repo: RepoOpt = None,

@@ -9,7 +9,7 @@ import importlib.util
 import os
 import platform
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +86,32 @@ def check_cpu_kernels() -> Check:
     missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
     if missing:
         return Check("warn", f"no {' or '.join(missing)} found: glmcode's CPU kernels cannot be built",
-                     "install a C++ compiler and ninja (e.g. apt install g++ ninja-build)")  # fmt: skip
+                     install_line(missing))
+
     return Check("ok", f"CPU kernels can be built ({', '.join(features)}): fused int4/int8 decode")
+
+
+# package manager -> (install command, its package for each build tool doctor looks for)
+_BUILD_TOOL_PACKAGES = {
+    "apt-get": ("apt-get install", {"c++": "g++", "ninja": "ninja-build"}),
+    "dnf": ("dnf install", {"c++": "gcc-c++", "ninja": "ninja-build"}),
+    "yum": ("yum install", {"c++": "gcc-c++", "ninja": "ninja-build"}),
+    "zypper": ("zypper install", {"c++": "gcc-c++", "ninja": "ninja"}),
+    "pacman": ("pacman -S", {"c++": "gcc", "ninja": "ninja"}),
+    "apk": ("apk add", {"c++": "g++", "ninja": "samurai"}),
+}
+
+
+def install_line(missing: list[str]) -> str:
+    """How to install the missing build tools ("c++", "ninja") with this system's package manager."""
+    for manager, (command, packages) in _BUILD_TOOL_PACKAGES.items():
+        if shutil.which(manager):
+            sudo = "" if os.geteuid() == 0 else "sudo "
+            return f"install them: {sudo}{command} {' '.join(packages[tool] for tool in missing)}"
+    if platform.system() == "Darwin":
+        steps = {"c++": "xcode-select --install", "ninja": "brew install ninja"}
+        return f"install them: {' && '.join(steps[tool] for tool in missing)}"
+    return "install a C++ compiler (g++ or clang++) and ninja (`pip install ninja` works anywhere)"
 
 
 def check_memory(total: int | None, available: int | None) -> Check:
@@ -150,19 +174,22 @@ def check_optional_tools() -> list[Check]:
     return checks
 
 
-def run_checks(settings: Settings, env: Mapping[str, str] = os.environ) -> list[Check]:
-    total, available = memory_bytes()
+def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
+               progress: Callable[[str], None] = lambda what: None) -> Iterator[Check]:
+    """Every check in order, each as soon as it is done; `progress` hears what a slow one is doing."""
+    yield check_python()
+    progress("loading torch, looking for a CUDA GPU")
     torch_checks, gpu_memory = check_torch()
-    return [
-        check_python(),
-        *torch_checks,
-        *([check_cpu_kernels()] if gpu_memory is None and torch_checks[0].verdict == "ok" else []),
-        check_memory(total, available),
-        *check_precisions(available, gpu_memory),
-        check_model(settings),
-        check_remote_key(settings, env),
-        *check_optional_tools(),
-    ]
+    yield from torch_checks
+    if gpu_memory is None and torch_checks[0].verdict == "ok":
+        yield check_cpu_kernels()
+    total, available = memory_bytes()
+    yield check_memory(total, available)
+    yield from check_precisions(available, gpu_memory)
+    progress("looking for the weights")
+    yield check_model(settings)
+    yield check_remote_key(settings, env)
+    yield from check_optional_tools()
 
 
 def can_run_something(checks: list[Check]) -> bool:

@@ -160,10 +160,10 @@ def secrets_of(settings: Settings) -> tuple[str, ...]:
 
 
 def open_session(settings: Settings, repo: Path, *, resume: str | None, meta: dict[str, Any]) -> SessionLog:
-    """A new session log, or the one `--resume ID` / `--continue` ("last") names."""
+    """The session `--resume ID` / `--continue` ("last") names, or a new one, saved once the model replies."""
     from glmcode.agent.session import SessionStore
 
     store = SessionStore(settings.sessions_path())
     if resume is not None:
         return store.open(resume, repo=str(repo) if resume == "last" else None)
-    return store.create({"repo": str(repo), **meta})
+    return store.create({"repo": str(repo), **meta}, deferred=True)

@@ -163,7 +163,7 @@ class Repl:
             result = self.parts.agent.run(message, cancel=self._cancel)
         self.renderer.pause()
         problem = describe_failure(result)
-        if problem and result.status != "cancelled":
+        if problem:
             self.console.print(Text(problem, style="bold red" if result.status == "error" else "yellow"))
         self.console.print(Text(self.stats.status_line(), style="dim"))
 

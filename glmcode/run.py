@@ -166,7 +166,8 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Backend
                 status, error = "tests_failed", "the tests still fail"
     return RunReport(status=status, exit_code=exit_code_for(status, result.exception),
                      result=result.final_text or "", turns=result.turns, duration_ms=0,
-                     usage=usage_dict(result.usage), session_id=session.id, error=error, tests=tests, diff=diff)
+                     usage=usage_dict(result.usage), session_id=session.id if session.saved else None, error=error,
+                     tests=tests, diff=diff)
 
 
 def _approval_callback(yes: bool, interactive: bool, renderer: Renderer,

@@ -32,7 +32,7 @@ def no_weights_message(model_dir: Path) -> str:
 def checkpoint_problems(model_dir: Path) -> list[str]:
     """What is missing or broken in a Hugging Face-layout checkpoint directory (empty = usable)."""
     if not model_dir.is_dir():
-        return [f"{model_dir} is not a directory"]
+        return ["not a directory"]
     problems = [f"missing {name}" for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
@@ -50,6 +50,7 @@ def checkpoint_problems(model_dir: Path) -> list[str]:
 
 def describe_checkpoint(model_dir: Path) -> dict[str, Any]:
     """What `glmcode model info` shows: architecture, sizes, shards, precision, and the problems."""
+    require_weights_directory(model_dir)
     problems = checkpoint_problems(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -77,10 +78,18 @@ def describe_checkpoint(model_dir: Path) -> dict[str, Any]:
     return info
 
 
-def require_checkpoint(settings: Settings) -> Path:
-    model_dir = settings.model_dir()
+def require_weights_directory(model_dir: Path) -> None:
+    """Raise the one-line error for a model path with no weights at all, or one that is a file."""
     if not model_dir.exists() or (model_dir.is_dir() and not any(model_dir.iterdir())):
         raise BackendUnavailable(no_weights_message(model_dir))
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory: --model takes a checkpoint directory")
+
+
+def require_checkpoint(settings: Settings) -> Path:
+    """The configured checkpoint directory, if it is complete; else the error that says what to do."""
+    model_dir = settings.model_dir()
+    require_weights_directory(model_dir)
     problems = checkpoint_problems(model_dir)
     if problems:
         raise CheckpointError(f"{model_dir} is not a usable checkpoint: {'; '.join(problems)}")

@@ -16,12 +16,12 @@ import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from glmcode.agent.messages import Message, last_user_index, system_message, truncate_middle, user_message
 from glmcode.backends.base import Backend, Sampling, Thinking
 from glmcode.errors import GlmcodeError
-from glmcode.events import ContentDelta, Error, Usage
+from glmcode.events import ContentDelta, Error, Event, Usage
 from glmcode.tools.base import Tool
 from glmcode.tools.registry import run_tool
 from glmcode.tools.workspace import Workspace
@@ -211,7 +211,7 @@ class Compactor:
         ]
         summary_sampling = replace(sampling, max_tokens=min(sampling.max_tokens, 4096))
         pieces = []
-        for event in self.backend.stream(prompt, [], Thinking(enabled=False), summary_sampling, cancel):
+        for event in self._summary_stream(prompt, summary_sampling, cancel):
             if isinstance(event, ContentDelta):
                 pieces.append(event.text)
             elif isinstance(event, Error):
@@ -222,6 +222,13 @@ class Compactor:
         if not summary:
             raise GlmcodeError("compaction failed: the model returned an empty summary")
         return summary
+
+    def _summary_stream(self, prompt: list[Message], sampling: Sampling,
+                        cancel: threading.Event | None) -> Iterator[Event]:
+        try:
+            yield from self.backend.stream(prompt, [], Thinking(enabled=False), sampling, cancel)
+        except GlmcodeError as exc:
+            raise GlmcodeError(f"compaction failed: {exc}") from exc
 
 
 def shorten_old_tool_outputs(messages: list[Message], limit: int = SHORTENED_TOOL_OUTPUT) -> list[Message]:

@@ -7,7 +7,7 @@
 
 Every exit leaves the conversation consistent: a partial step is kept as an assistant message,
 and each tool call gets a result (a "not run" one when the run stopped before it). Early exits
-travel as `_Stop(status, reason)`.
+travel as `_Stop(status, reason)`; the reason reaches the caller in `RunResult.error`, once.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from glmcode.agent.session import SessionLog, known_secrets, mask_secrets
 from glmcode.agent.undo import Checkpoints
 from glmcode.backends.base import Backend, Sampling, Thinking
 from glmcode.errors import ContextOverflow, GlmcodeError
-from glmcode.events import Finish, Notice, Usage
+from glmcode.events import Error, Finish, Notice, Usage
 from glmcode.tools.base import Tool, ToolResult
 from glmcode.tools.registry import all_tools, run_tool
 from glmcode.tools.workspace import Workspace
@@ -62,6 +62,10 @@ class RunResult:
     error: str | None = None
     exception: GlmcodeError | None = None  # what the backend raised, for the exit code
 
+
+
+class _CannotCompact(Exception):
+    """Why the conversation cannot be compacted (one line)."""
 
 
 class _Stop(Exception):
@@ -132,17 +136,24 @@ class Agent:
             return self._stopped("cancelled", CANCELLED)
 
     def compact(self, *, force: bool = True, cancel: threading.Event | None = None) -> Compacted | None:
-        """Shrink the conversation (on demand: /compact). None when it could not be done."""
+        """Shrink the conversation (on demand: /compact). None when it could not be done (a Notice says why)."""
+        try:
+            return self._compact(force, cancel)
+        except _CannotCompact as reason:
+            self.on_event(Notice(str(reason)))
+            return None
+
+    def _compact(self, force: bool, cancel: threading.Event | None) -> Compacted | None:
+        """Compact now; None when not needed (not forced); _CannotCompact when it cannot be done."""
         try:
             compaction = self.compactor.compact(
                 self.messages, self.tool_specs, self.config.sampling, force=force, cancel=cancel
             )
         except GlmcodeError as exc:
-            self.on_event(Notice(str(exc)))
-            return None
+            raise _CannotCompact(str(exc)) from exc
         if compaction is None:
             if force:
-                self.on_event(Notice("nothing to compact: the conversation is as short as it can be made"))
+                raise _CannotCompact("nothing to compact: the conversation is as short as it can be made")
             return None
         self._replace_messages(compaction.messages, reason="compaction")
         event = Compacted(compaction.before_tokens, compaction.after_tokens)
@@ -208,15 +219,22 @@ class Agent:
                         if self._run.cancel.is_set() or self._out_of_time():
                             break
                         step.add(event)
-                        self.on_event(event)
+                        if not isinstance(event, Error):  # an Error ends the run; its result says it, once
+                            self.on_event(event)
                 finally:
                     getattr(events, "close", lambda: None)()
                 return
             except ContextOverflow as exc:
-                if attempt == 2 or not step.is_empty or self.compact(cancel=self._run.cancel) is None:
-                    step.error = f"{exc} (even after compacting the conversation)" if attempt == 2 else str(exc)
-                    self._run.exception = exc
-                    return
+                if attempt == 1 and step.is_empty:
+                    try:
+                        self._compact(force=True, cancel=self._run.cancel)
+                        continue
+                    except _CannotCompact as reason:  # one line: the overflow and why compacting cannot help
+                        message = f"{exc}; {reason}"
+                else:
+                    message = f"{exc}, even after compacting the conversation" if attempt == 2 else str(exc)
+                step.error, self._run.exception = message, exc
+                return
             except GlmcodeError as exc:
                 step.error, self._run.exception = str(exc), exc
                 return
@@ -301,9 +319,11 @@ class Agent:
         return wall_time is not None and time.monotonic() - self._run.started >= wall_time
 
     def _stopped(self, status: Status, reason: str) -> RunResult:
-        """End a run early, leaving no tool call without a result."""
+        """End a run early, leaving no tool call without a result.
+
+        The reason travels in the result only (no Notice): whoever shows the result says it once.
+        """
         self._answer_unanswered(reason)
-        self.on_event(Notice(f"run stopped: {reason}"))
         return self._result(status, error=reason)
 
     def _answer_unanswered(self, reason: str) -> None:

@@ -88,15 +88,36 @@ class SessionInfo:
 
 
 class SessionLog:
-    """One session file. `append` is the only way anything gets into it."""
+    """One session file. `append` is the only way anything gets into it.
 
-    def __init__(self, path: Path):
+    A deferred log (`SessionStore.create(deferred=True)`) holds its records back until the first
+    reply from the model, then writes them all: a run that never reached a model saves nothing.
+    """
+
+    def __init__(self, path: Path, *, deferred: bool = False):
         self.path = path
         self.id = path.stem
+        self._held: list[dict[str, Any]] | None = [] if deferred else None
+
+    @property
+    def saved(self) -> bool:
+        """Whether the session is on disk (a deferred one is once the model has replied)."""
+        return self._held is None
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(scrub({"time": _now(), **record}), ensure_ascii=False) + "\n"
-        data = line.encode("utf-8")
+        record = scrub({"time": _now(), **record})
+        if self._held is not None:
+            self._held.append(record)
+            if not _is_reply(record):
+                return
+            records, self._held = self._held, None
+        else:
+            records = [record]
+        for each in records:
+            self._write(each)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             written = os.write(fd, data)
@@ -107,6 +128,8 @@ class SessionLog:
             raise OSError(f"short write to session file {self.path}: {written} of {len(data)} bytes")
 
     def records(self) -> list[dict[str, Any]]:
+        if self._held is not None:
+            return list(self._held)
         records = []
         with open(self.path, encoding="utf-8") as file:
             for line in file:
@@ -144,10 +167,11 @@ class SessionStore:
     def __init__(self, directory: Path | str | None = None):
         self.dir = Path(directory) if directory is not None else default_sessions_dir()
 
-    def create(self, meta: dict[str, Any] | None = None) -> SessionLog:
+    def create(self, meta: dict[str, Any] | None = None, *, deferred: bool = False) -> SessionLog:
+        """A new session; `deferred`: written only once the model replies (see SessionLog)."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         session_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-        log = SessionLog(self.dir / f"{session_id}.jsonl")
+        log = SessionLog(self.dir / f"{session_id}.jsonl", deferred=deferred)
         log.append({"type": "meta", "id": session_id, "created": _now(), **(meta or {})})
         return log
 
@@ -174,6 +198,13 @@ class SessionStore:
 
     def _paths(self) -> list[Path]:
         return list(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []
+
+
+def _is_reply(record: dict[str, Any]) -> bool:
+    """A record only the model's answer makes: its message, or a conversation it compacted."""
+    if record.get("type") == "replace":
+        return True
+    return record.get("type") == "message" and record["message"].get("role") == "assistant"
 
 
 def _now() -> str:

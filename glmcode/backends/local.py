@@ -39,7 +39,7 @@ class LocalBackend:
         room = self.context_window - len(prompt)
         if room < 1:
             raise ContextOverflow(
-                f"the conversation is {len(prompt)} tokens and the context holds {self.context_window}; compact it"
+                f"the conversation is {len(prompt)} tokens and the context holds {self.context_window}"
             )
         params = SamplingParams(
             max_tokens=min(sampling.max_tokens, room),

@@ -92,6 +92,6 @@ class PlainRenderer(Renderer):
         if report.diff:
             self.out.write(report.diff if report.diff.endswith("\n") else report.diff + "\n")
         if report.status != "done" and report.error:
-            self.err.write(report.error + "\n")
+            self.err.write(f"glmcode: {report.error}\n")
         self.out.flush()
         self.err.flush()

@@ -98,3 +98,17 @@ def test_appended_records_are_scrubbed(tmp_path, monkeypatch):
     log.append({"type": "message", "message": {"role": "tool", "content": "env: zhipu-secret-from-env"}})
     assert "zhipu-secret-from-env" not in log.path.read_text()
     assert log.messages()[0]["content"] == f"env: {REDACTED}"
+
+
+def test_a_deferred_session_is_written_from_the_first_reply_on(tmp_path):
+    store = SessionStore(tmp_path)
+    log = store.create({"repo": "/r"}, deferred=True)
+    log.append({"type": "message", "message": {"role": "system", "content": "be brief"}})
+    log.append({"type": "message", "message": {"role": "user", "content": "hello"}})
+    assert not log.saved and not log.path.exists() and store.list() == []
+    assert [m["content"] for m in log.messages()] == ["be brief", "hello"], "held records still read back"
+    log.append({"type": "message", "message": {"role": "assistant", "content": "hi"}})
+    assert log.saved
+    records = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [r["type"] for r in records] == ["meta", "message", "message", "message"]
+    assert store.list()[0].first_user_message == "hello"

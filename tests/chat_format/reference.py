@@ -13,12 +13,17 @@ from glmcode.chat_format import tags
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_PATH = REPO_ROOT.parent / "shared" / "reference" / "glm47-flash-chat-template.jinja"
+TEMPLATE_MISSING = (
+    f"the official GLM-4.7 chat template is not at {TEMPLATE_PATH}: to run this test, save the "
+    "chat_template.jinja of zai-org/GLM-4.7-Flash (byte for byte) there, in a shared/reference/ "
+    "folder beside this checkout"
+)
 
 
 @functools.cache
 def _official_template():
     if not TEMPLATE_PATH.exists():
-        pytest.skip(f"official GLM-4.7 chat template not found at {TEMPLATE_PATH}")
+        pytest.skip(TEMPLATE_MISSING)
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -10,7 +10,7 @@ import pytest
 from glmcode.cli import normalize_remote_flag
 from glmcode.console import validate_event
 
-from .conftest import ANSI_ESCAPE, Cli, assert_one_line_error, write_checkpoint
+from .conftest import ANSI_ESCAPE, Cli, assert_one_line_error, clean_env, write_checkpoint
 
 
 def test_help_and_version_exit_0_without_colour_codes(cli: Cli) -> None:
@@ -20,6 +20,37 @@ def test_help_and_version_exit_0_without_colour_codes(cli: Cli) -> None:
     assert not ANSI_ESCAPE.search(result.stdout)
     assert cli("--version").stdout.startswith("glmcode ")
     assert cli().returncode == 0, "no command prints the help"
+
+
+def _command_paths() -> list[list[str]]:
+    import typer
+
+    from glmcode.cli import app
+
+    def walk(command, path):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            if not sub.hidden:
+                yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_help_reads_like_git(cli: Cli) -> None:
+    paths = _command_paths()
+    assert ["ask"] in paths and ["model", "quantize"] in paths
+    for path in paths:
+        result = cli(*path, "--help")
+        assert result.returncode == 0, (path, result.stderr)
+        usage = result.stdout.splitlines()[0]
+        assert usage.startswith(" ".join(["Usage: glmcode", *path, "[OPTIONS]"])), usage
+        for odd in ("<bool>", "<str>", "<int", "{", "x>=", "╭"):
+            assert odd not in result.stdout, (path, odd, result.stdout)
+    ask = cli("ask", "--help").stdout
+    assert ask.startswith("Usage: glmcode ask [OPTIONS] PROMPT\n")
+    assert "\n  --no-think       Answer without thinking first.\n" in ask, "a flag takes no value"
+    assert "\n  --max-turns N    Most agent steps for this request.\n" in ask
+    assert "-q, --quantization SCHEME" in ask and "-o, --output-format FORMAT" in ask
 
 
 def test_usage_errors_exit_2(cli: Cli) -> None:
@@ -92,6 +123,26 @@ def test_model_info_describes_a_checkpoint(cli: Cli, tmp_path: Path) -> None:
     assert missing.returncode == 3 and "missing config.json" in assert_one_line_error(missing)
 
 
+def test_model_info_without_weights_gives_the_same_line_as_every_command(cli: Cli) -> None:
+    default = cli.home / "data" / "glmcode" / "models" / "GLM-4.7-Flash"
+    info = cli("model", "info")
+    assert info.returncode == 3
+    line = assert_one_line_error(info)
+    assert line.startswith(f"glmcode: no GLM-4.7-Flash weights found at {default}. "
+                           "Download them with `glmcode model pull` (about 60 GB), point --model")
+    assert line.count(str(default)) == 1
+    assert assert_one_line_error(cli("ask", "hi")) == line
+
+
+def test_a_model_path_that_is_a_file_names_it_once(cli: Cli, tmp_path: Path) -> None:
+    config = write_checkpoint(tmp_path / "ckpt") / "config.json"
+    expected = f"glmcode: {config} is not a directory: --model takes a checkpoint directory"
+    for args in (["model", "info", str(config)], ["ask", "hi", "--model", str(config)]):
+        result = cli(*args)
+        assert result.returncode == 3
+        assert assert_one_line_error(result) == expected
+
+
 def test_model_pull_offline_says_so_and_exits_3(cli: Cli, tmp_path: Path) -> None:
     result = cli("model", "pull", "--dir", str(tmp_path / "weights"))
     assert result.returncode == 3
@@ -116,6 +167,37 @@ def test_doctor_reports_each_check_and_the_fix(cli: Cli, tmp_path: Path) -> None
     assert f"✓ model found at {checkpoint}" in result.stdout
     assert "✓ remote API key set (ZAI_API_KEY)" in result.stdout
     assert "k" * 20 not in result.stdout
+
+
+def test_doctor_shows_what_it_is_checking_on_a_terminal(home: Path, workdir: Path) -> None:
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "glmcode", "doctor"], cwd=str(workdir), env=clean_env(home),
+                          encoding="utf-8", timeout=60, dimensions=(40, 200))
+    try:
+        child.expect("✓ Python")
+        child.expect("loading torch, looking for a CUDA GPU…")
+        child.expect("✓ torch")
+        child.expect("No model to run")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 3
+
+
+def test_doctor_gives_the_install_line_for_this_systems_package_manager(tmp_path: Path, monkeypatch) -> None:
+    from glmcode.doctor import install_line
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert "pip install ninja" in install_line(["c++", "ninja"])
+    dnf = bin_dir / "dnf"
+    dnf.write_text("#!/bin/sh\n")
+    dnf.chmod(0o755)
+    assert install_line(["c++", "ninja"]).endswith("dnf install gcc-c++ ninja-build")
+    assert install_line(["ninja"]).endswith("dnf install ninja-build")
 
 
 def test_config_show_prints_values_with_sources_and_masks_secrets(cli: Cli, home: Path, workdir: Path) -> None:

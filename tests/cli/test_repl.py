@@ -13,7 +13,7 @@ pexpect = pytest.importorskip("pexpect")
 
 from tests.conftest import ctrl_c_default, ctrl_c_ignored
 
-from .conftest import BUGGY, clean_env
+from .conftest import ANSI_ESCAPE, BUGGY, clean_env
 from .test_runs import DONE, EDIT, READ
 
 
@@ -106,3 +106,30 @@ def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_pa
         child.close(force=True)
     assert child.exitstatus == 130
     assert "Paragraph 4999" not in child.before
+
+
+def test_an_unreachable_server_is_said_once_in_chat(home: Path, repo: Path) -> None:
+    import io
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = clean_env(home, PROMPT_TOOLKIT_NO_CPR="1", COLUMNS="200", LINES="40")
+    child = pexpect.spawn(sys.executable, ["-m", "glmcode", "chat", "--remote", f"http://127.0.0.1:{port}/v1"],
+                          cwd=str(repo), env=env, encoding="utf-8", timeout=60, dimensions=(40, 200),
+                          preexec_fn=ctrl_c_default)
+    child.logfile_read = screen = io.StringIO()
+    try:
+        child.expect("Type a request")
+        child.expect("›")
+        child.sendline("hello")
+        child.expect("is the server running")
+        child.expect("›")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    line = f"connection refused by 127.0.0.1:{port}: is the server running at http://127.0.0.1:{port}/v1?"
+    assert ANSI_ESCAPE.sub("", screen.getvalue()).count(line) == 1
+    assert not list((home / "data" / "glmcode" / "sessions").glob("*.jsonl")), "nothing reached the model"

@@ -212,3 +212,56 @@ def test_fix_takes_a_long_one_line_issue_as_text(cli: Cli, repo: Path, script) -
     result = cli("fix", issue, "--yes", "--replay", script(FIX_SCRIPT))
     assert result.returncode == 0, result.stderr
     assert any(issue.strip() in m for m in session_user_messages(cli.home))
+
+
+# --- every failure is said once, on one line -------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["ask", "fix"])
+def test_an_unreachable_server_is_said_once(cli: Cli, repo: Path, command: str) -> None:
+    port = _free_port()
+    result = cli(command, "hello", "--remote", f"http://127.0.0.1:{port}/v1")
+    assert result.returncode == 3
+    assert result.stderr == (f"glmcode: connection refused by 127.0.0.1:{port}: "
+                             f"is the server running at http://127.0.0.1:{port}/v1?\n")
+
+
+def test_a_prompt_too_long_for_the_server_is_said_once(cli: Cli, repo: Path) -> None:
+    from tests.fake_glm_server import FakeGlmServer, error
+
+    with FakeGlmServer(error(400, "prompt is too long", code="1261"), dialect="openai") as server:
+        result = cli("ask", "hello", "--remote", server.base_url)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr == (
+        f"glmcode: the prompt is too long for glm-4.7-flash at 127.0.0.1:{server.port} (HTTP 400, code 1261: "
+        "prompt is too long); nothing to compact: the conversation is as short as it can be made\n")
+
+
+def test_a_failed_compaction_joins_the_overflow_line(cli: Cli, repo: Path) -> None:
+    from tests.fake_glm_server import FakeGlmServer, error, reply
+
+    too_long = error(400, "prompt is too long", code="1261")
+    with FakeGlmServer(reply("First answer."), reply("Second answer."), too_long, too_long,
+                       dialect="openai") as server:
+        assert cli("ask", "one", "--remote", server.base_url).returncode == 0
+        assert cli("ask", "two", "--continue", "--remote", server.base_url).returncode == 0
+        result = cli("ask", "three", "--continue", "--remote", server.base_url)
+    assert result.returncode == 4, result.stderr
+    overflow = f"the prompt is too long for glm-4.7-flash at 127.0.0.1:{server.port} (HTTP 400, code 1261: prompt is too long)"
+    assert result.stderr == f"glmcode: {overflow}; compaction failed: {overflow}\n"
+
+
+def test_a_run_that_never_reached_a_model_saves_no_session(cli: Cli, repo: Path) -> None:
+    port = _free_port()
+    result = cli("ask", "hello", "--remote", f"http://127.0.0.1:{port}/v1", "-o", "json")
+    assert result.returncode == 3
+    assert json.loads(result.stdout)["session_id"] is None
+    assert cli("sessions").stdout.startswith("no saved sessions")
+    assert not list((cli.home / "data" / "glmcode" / "sessions").glob("*.jsonl"))

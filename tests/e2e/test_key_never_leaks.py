@@ -121,6 +121,8 @@ def test_the_key_never_appears_in_any_output_or_file(glmcode: GlmcodeRunner, pro
             for number, run in enumerate(glmcode.runs)
             for stream, text in (("stdout", run.stdout), ("stderr", run.stderr))}
     written = files_under(glmcode.home, {config}) + files_under(project, {dotenv})
-    assert len(glmcode.session_files()) == len(glmcode.runs), "every run saved a session, and none holds the key"
+    # A run saves its session from the model's first reply on; the ones refused outright (exit 3) save none.
+    reached_a_model = [run for run in glmcode.runs if run.returncode != 3]
+    assert len(glmcode.session_files()) == len(reached_a_model), "each run that got a reply saved a session, and none holds the key"
     assert [name for name, text in said.items() if API_KEY in text] == []
     assert [str(path) for path in written if API_KEY.encode() in path.read_bytes()] == []
