@@ -35,7 +35,7 @@ from glmcode import __version__
 from glmcode.cli_help import Command, Group
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.options import (
-    APPROVAL_MODES, DTYPES, INT4, INT4_ALL, INT8, OUTPUT_FORMATS, REMOTE_PRESETS, ZHIPU, choices,
+    APPROVAL_MODES, DTYPES, INT4, INT4_ALL, INT8, OUTPUT_FORMATS, REMOTE_PRESETS, SANDBOX_MODES, ZHIPU, choices,
 )
 from glmcode.run import RunFlags, ask_prompt, exit_code_for, fix_prompt, run_task
 from glmcode.settings import default_model_dir, find_repo, load_settings, repo_config_path, user_config_path
@@ -87,6 +87,12 @@ RUN_OPTIONS: dict[str, Any] = {
         "--quantization", "-q", metavar="SCHEME", help=f"Weight-only: {INT4} (int4 experts, int8 elsewhere), {INT4_ALL} or {INT8}.")],
     "approval": Annotated[str | None, _agent_option("--approval", "-a", metavar="MODE", help=f"{choices(APPROVAL_MODES)}.")],
     "yes": Annotated[bool, _agent_option("--yes", "-y", help="Approve everything the approval mode would ask about.")],
+    "sandbox": Annotated[str | None, _agent_option(
+        "--sandbox", metavar="MODE",
+        help=f"OS sandbox for the commands the agent runs: {choices(SANDBOX_MODES)} (default: workspace-write "
+             "for fix, --yes and yolo; off where you approve each command).")],
+    "sandbox_network": Annotated[bool, _agent_option(
+        "--sandbox-network", help="Let sandboxed commands use the network.")],
     "no_think": Annotated[bool, _agent_option("--no-think", help="Answer without thinking first.")],
     "show_thinking": Annotated[bool, _agent_option("--show-thinking", help="Show the model's thinking in full.")],
     "max_turns": Annotated[int | None, _agent_option("--max-turns", metavar="N", help="Most agent steps for this request.")],
@@ -108,6 +114,7 @@ assert set(RUN_OPTIONS) == set(_RUN_FLAG_DEFAULTS), "every RunFlags field needs 
 
 MODEL_FLAGS = ("model", "remote", "remote_model", "device", "dtype", "quantization")
 APPROVAL_FLAGS = ("approval", "yes")
+SANDBOX_FLAGS = ("sandbox", "sandbox_network")
 SESSION_FLAGS = ("no_think", "show_thinking", "max_turns", "resume", "continue_last", "repo")
 
 
@@ -175,7 +182,7 @@ def _root(
 
 @app.command(cls=Command)
 @interruptible
-@with_run_flags(*MODEL_FLAGS, *SESSION_FLAGS, "output_format", "replay")
+@with_run_flags(*MODEL_FLAGS, *SANDBOX_FLAGS, *SESSION_FLAGS, "output_format", "replay")
 def ask(
     prompt: Annotated[str, typer.Argument(help="The question. Piped stdin is attached as context.")],
     flags: RunFlags,
@@ -187,7 +194,8 @@ def ask(
 
 @app.command(cls=Command)
 @interruptible
-@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "test_command", "output_format", "replay")
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SANDBOX_FLAGS, *SESSION_FLAGS, "test_command", "output_format",
+                "replay")
 def fix(
     issue: Annotated[str, typer.Argument(help="The issue: text, a file path, or - to read stdin.")],
     flags: RunFlags,
@@ -224,7 +232,7 @@ def _is_file(path: Path) -> bool:
 
 @app.command(cls=Command)
 @interruptible
-@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "replay")
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SANDBOX_FLAGS, *SESSION_FLAGS, "replay")
 def chat(flags: RunFlags) -> None:
     """Talk with the agent in this repository (the interactive REPL; /help lists commands)."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):

@@ -9,11 +9,13 @@ import importlib.util
 import os
 import platform
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from glmcode.options import INT4, INT4_ALL, INT8
+from glmcode.options import INT4, INT4_ALL, INT8, SANDBOX_WORKSPACE_WRITE
+from glmcode.sandbox import make_policy, mechanisms_for
+from glmcode.sandbox.sandbox import Mechanism, install_advice, no_mechanism
 from glmcode.settings import SECRET_ENV_VARS, Settings
 from glmcode.weights import checkpoint_problems
 
@@ -174,6 +176,32 @@ def check_optional_tools() -> list[Check]:
     return checks
 
 
+_SANDBOX_SUMMARIES = {
+    "bubblewrap": "bubblewrap (private /tmp, no network, the whole process tree killed)",
+    "seatbelt": "sandbox-exec (a Seatbelt profile, not yet tested on macOS by glmcode's suite)",
+}
+
+
+def check_sandbox(mechanisms: Sequence[Mechanism] | None = None) -> Check:
+    """Which OS sandbox confines the agent's commands here (glmcode.sandbox), or why none can."""
+    policy = make_policy(SANDBOX_WORKSPACE_WRITE, Path.cwd(), home=Path.home())
+    mechanisms = mechanisms_for() if mechanisms is None else mechanisms
+    reasons = {mechanism.NAME: mechanism.unavailable(policy) for mechanism in mechanisms}
+    working = [name for name, reason in reasons.items() if reason is None]
+    if not working:
+        found = "; ".join(reason for reason in reasons.values() if reason) or no_mechanism()
+        advice = f"{install_advice()}; until then" if install_advice() else "here"
+        return Check("fail", f"no command sandbox works here: {found}",
+                     f"{advice} commands that would run without asking (fix, --yes, yolo) are refused, "
+                     "unless you choose --sandbox off")
+    if working[0] in _SANDBOX_SUMMARIES:
+        return Check("ok", f"command sandbox: {_SANDBOX_SUMMARIES[working[0]]}")
+    why = "; ".join(reason for reason in reasons.values() if reason)
+    return Check("warn", f"command sandbox: {working[0]}{f' ({why})' if why else ''}",
+                 f"{install_advice()} for the stronger one: Landlock leaves UDP open before ABI 10 and lets "
+                 "commands make no new top-level files in the repository")
+
+
 def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
                progress: Callable[[str], None] = lambda what: None) -> Iterator[Check]:
     """Every check in order, each as soon as it is done; `progress` hears what a slow one is doing."""
@@ -189,6 +217,7 @@ def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
     progress("looking for the weights")
     yield check_model(settings)
     yield check_remote_key(settings, env)
+    yield check_sandbox()
     yield from check_optional_tools()
 
 

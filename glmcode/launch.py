@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from glmcode.backends.base import Backend
 from glmcode.errors import BackendUnavailable, Interrupted, UsageError
-from glmcode.settings import Settings
+from glmcode.options import SANDBOX_OFF, SANDBOX_WORKSPACE_WRITE, ApprovalMode
+from glmcode.sandbox import Sandbox, make_policy, open_sandbox
+from glmcode.settings import Settings, config_home, data_home
 from glmcode.weights import require_checkpoint
 
 if TYPE_CHECKING:
@@ -129,14 +131,15 @@ def build_agent(
     ask: Callable[[ApprovalRequest], bool] | None,
     on_event: Callable[[AnyEvent], None],
     session: SessionLog,
+    sandbox: Sandbox,
 ) -> AgentParts:
-    from glmcode.agent.approval import ApprovalMode, Approver, CommandRules
+    from glmcode.agent.approval import Approver, CommandRules
     from glmcode.agent.loop import Agent, AgentConfig
     from glmcode.backends.base import Sampling, Thinking
     from glmcode.tools.registry import all_tools, read_only_tools
     from glmcode.tools.workspace import Workspace
 
-    workspace = Workspace(repo, test_command=settings.test_command)
+    workspace = Workspace(repo, test_command=settings.test_command, sandbox=sandbox)
     mode = ApprovalMode("plan" if read_only else settings.approval)
     approver = Approver(mode, CommandRules(allow=settings.allow_commands, deny=settings.deny_commands), ask=ask)
     config = AgentConfig(
@@ -149,6 +152,23 @@ def build_agent(
     tools = read_only_tools() if read_only else all_tools()
     agent = Agent(backend, workspace, approver, config, session=session, tools=tools, on_event=on_event)
     return AgentParts(agent, approver, workspace, session, tools)
+
+
+def command_sandbox(settings: Settings, repo: Path, *, unattended: bool) -> Sandbox:
+    """The OS sandbox for the commands the agent runs (glmcode.sandbox).
+
+    The `sandbox` setting when given; otherwise workspace-write wherever commands run without
+    anyone seeing them first (`unattended`: `fix`, `--yes`; and yolo mode), off where a person
+    approves each one. Credentials under the home directory and glmcode's own config and data
+    (API key, sessions, history) are hidden, plus the `sandbox_hidden` paths."""
+    mode = settings.sandbox
+    if mode is None:
+        unasked = unattended or settings.approval == ApprovalMode.YOLO.value
+        mode = SANDBOX_WORKSPACE_WRITE if unasked else SANDBOX_OFF
+    policy = make_policy(mode, repo, network=settings.sandbox_network, home=Path.home(),
+                         own_dirs=(config_home(), data_home(), settings.sessions_path()),
+                         extra_hidden=settings.sandbox_hidden)
+    return open_sandbox(policy)
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:

@@ -29,6 +29,12 @@ class ApprovalMode(str, Enum):
 
 APPROVAL_MODES = tuple(mode.value for mode in ApprovalMode)
 
+# The OS sandbox for the commands the agent runs (`--sandbox`, setting `sandbox`).
+SANDBOX_READ_ONLY = "read-only"  # nothing writable, the repository included
+SANDBOX_WORKSPACE_WRITE = "workspace-write"  # only the repository is writable
+SANDBOX_OFF = "off"  # no sandbox: commands run with the user's full rights
+SANDBOX_MODES = (SANDBOX_READ_ONLY, SANDBOX_WORKSPACE_WRITE, SANDBOX_OFF)
+
 # `--output-format` of `ask` and `fix`.
 OUTPUT_FORMATS = ("text", "json", "stream-json")
 JSON_FORMATS = ("json", "stream-json")

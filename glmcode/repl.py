@@ -8,6 +8,7 @@ prompt Ctrl-C twice, Ctrl-D or /exit leaves.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import signal
 import threading
@@ -27,9 +28,12 @@ from rich.console import Console
 from rich.text import Text
 
 from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
-from glmcode.launch import AgentParts, backend_label, build_agent, model_label, open_backend, open_session
+from glmcode.launch import (
+    AgentParts, backend_label, build_agent, command_sandbox, model_label, open_backend, open_session,
+)
 from glmcode.options import APPROVAL_MODES, ApprovalMode
 from glmcode.run import ctrl_c_cancels, describe_failure
+from glmcode.sandbox import Sandbox
 from glmcode.settings import Settings, data_home
 
 SLASH_COMMANDS = {
@@ -122,6 +126,7 @@ class Repl:
     renderer: TerminalRenderer
     console: Console
     read_input: Callable[[], str]
+    unattended: bool = False  # --yes: commands run without anyone seeing them first
     _done: bool = field(default=False, init=False)
     _cancel: threading.Event = field(default_factory=threading.Event, init=False)
 
@@ -205,6 +210,12 @@ class Repl:
             return
         self.parts.approver.mode = ApprovalMode(argument)
         self.say(f"mode: {argument}")
+        if self.settings.sandbox is None:  # the default sandbox follows the mode (yolo runs commands unasked)
+            settings = dataclasses.replace(self.settings, approval=argument)
+            before = self.parts.workspace.sandbox.name
+            self.parts.workspace.sandbox = command_sandbox(settings, self.repo, unattended=self.unattended)
+            if self.parts.workspace.sandbox.name != before:
+                self.say(sandbox_line(self.parts.workspace.sandbox))
 
     def cmd_diff(self, argument: str) -> None:
         diff = self.parts.agent.checkpoints.diff()
@@ -255,6 +266,14 @@ class Repl:
     cmd_quit = cmd_exit
 
 
+def sandbox_line(sandbox: Sandbox) -> str:
+    if sandbox.unavailable is not None:
+        return f"commands will be refused: {sandbox.unavailable}"
+    if sandbox.policy is None:
+        return "commands run unsandboxed, each after you approve it (--sandbox workspace-write confines them)"
+    return f"commands run in the {sandbox.name} sandbox"
+
+
 def take_ctrl_c() -> None:
     """A chat is a person at a terminal, so Ctrl-C must reach it, even when it was started with
     SIGINT ignored (from a background job, a script's `&`, nohup): that disposition is inherited
@@ -274,8 +293,9 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
         session = open_session(settings, repo, resume=resume, meta={"command": "chat"})
         approval_prompt = ApprovalPrompt(renderer, console, ask_line)
         ask = (lambda request: True) if yes else approval_prompt
+        sandbox = command_sandbox(settings, repo, unattended=yes)
         parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=renderer.event,
-                            session=session)
+                            session=session, sandbox=sandbox)
         history = data_home() / "history"
         history.parent.mkdir(parents=True, exist_ok=True)
         history.touch(mode=0o600)  # what the user typed may hold secrets: keep it private
@@ -289,11 +309,13 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
             bottom_toolbar=lambda: f" {stats.status_line()} · mode {parts.approver.mode.value} · /help",
         )
         console.print(Text(f"glmcode · {stats.model} via {backend_label(settings, replay)} · {repo}", style="bold"))
+        console.print(Text(sandbox_line(sandbox), style="yellow" if sandbox.unavailable else "dim"))
         if resume is not None:
             console.print(Text(f"resumed session {session.id} ({len(parts.agent.messages)} messages)", style="dim"))
         console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
         repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
-                    read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "))
+                    read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "),
+                    unattended=yes)
         approval_prompt.on_interrupt = repl.stop_current
         return repl.loop()
     finally:

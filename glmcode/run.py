@@ -26,8 +26,11 @@ from glmcode import __version__
 from glmcode.backends.base import Backend
 from glmcode.console import ApprovalPrompt, JsonRenderer, Renderer, RunReport, RunStats, make_renderer
 from glmcode.errors import GlmcodeError, Interrupted, UsageError
-from glmcode.events import Usage
-from glmcode.launch import backend_label, build_agent, model_label, open_backend, open_session, secrets_of
+from glmcode.events import Notice, Usage
+from glmcode.launch import (
+    backend_label, build_agent, command_sandbox, model_label, open_backend, open_session, secrets_of,
+)
+from glmcode.sandbox import Sandbox
 from glmcode.options import ApprovalMode
 from glmcode.settings import Settings, find_repo, load_settings
 
@@ -58,6 +61,8 @@ class RunFlags:
     quantization: str | None = None
     approval: str | None = None
     yes: bool = False
+    sandbox: str | None = None
+    sandbox_network: bool = False
     no_think: bool = False
     show_thinking: bool = False
     max_turns: int | None = None
@@ -74,6 +79,7 @@ class RunFlags:
             "model": self.model, "remote": self.remote, "remote_model": self.remote_model,
             "device": self.device, "dtype": self.dtype, "quantization": self.quantization,
             "approval": self.approval, "max_turns": self.max_turns,
+            "sandbox": self.sandbox, "sandbox_network": True if self.sandbox_network else None,
             "thinking": False if self.no_think else None,
             "show_thinking": True if self.show_thinking else None,
             "test_command": self.test_command,
@@ -148,12 +154,15 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Backend
     cancel = threading.Event()
     interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
     ask = _approval_callback(flags.yes, interactive, renderer, cancel)
+    sandbox = command_sandbox(settings, repo, unattended=flags.yes or command == "fix")
     parts = build_agent(settings, backend, repo, read_only=read_only, ask=ask, on_event=renderer.event,
-                        session=session)
+                        session=session, sandbox=sandbox)
     approval = ApprovalMode.PLAN.value if read_only else settings.approval
     renderer.start({"session_id": session.id, "model": stats.model, "backend": backend_label(settings, flags.replay),
-                    "repo": str(repo), "approval": approval,
+                    "repo": str(repo), "approval": approval, "sandbox": sandbox.name,
                     "tools": [tool.name for tool in parts.tools], "version": __version__})
+    if sandbox.unavailable is not None and not read_only:
+        renderer.event(Notice(f"commands will be refused: {sandbox.unavailable}"))
     with ctrl_c_cancels(cancel, on_first=lambda: print("\nstopping… (Ctrl-C again to quit)", file=sys.stderr)):
         result = parts.agent.run(prompt, cancel=cancel)
     status, error = result.status, describe_failure(result)
@@ -161,8 +170,10 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Backend
     if verify:
         diff = parts.agent.checkpoints.diff()
         if status == "done":
-            tests = run_tests(settings.test_command, repo, secrets=secrets_of(settings))
-            if tests["command"] is not None and not tests["passed"]:
+            tests = run_tests(settings.test_command, repo, secrets=secrets_of(settings), sandbox=sandbox)
+            if sandbox.unavailable is not None:
+                status, error = "error", f"the tests were not run: {sandbox.unavailable}"
+            elif tests["command"] is not None and not tests["passed"]:
                 status, error = "tests_failed", "the tests still fail"
     return RunReport(status=status, exit_code=exit_code_for(status, result.exception),
                      result=result.final_text or "", turns=result.turns, duration_ms=0,
@@ -226,19 +237,28 @@ def describe_failure(result: RunResult) -> str | None:
 
 # --- verifying a fix -------------------------------------------------------------------------------
 
-def run_tests(command: str | None, repo: Path, timeout: float = 1800.0, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run the test command (configured, else detected) in the repo.
+def run_tests(command: str | None, repo: Path, timeout: float = 1800.0, secrets: tuple[str, ...] = (),
+              sandbox: Sandbox | None = None) -> dict[str, Any]:
+    """Run the test command (configured, else detected) in the repo, in the agent's sandbox: the
+    model may have written the tests.
 
     {"command", "passed", "exit_code", "output"}: output is the last 40 lines, `secrets` masked.
     """
     from glmcode.agent.session import mask_secrets
+    from glmcode.sandbox import UNCONFINED
     from glmcode.tools.shell import detect_test_command, run_process
+    from glmcode.tools.workspace import ToolError
 
     command = command or detect_test_command(repo)
     if command is None:
         return {"command": None, "passed": False, "exit_code": None, "output": ""}
-    outcome = run_process(command, repo, timeout)
+    try:
+        outcome = run_process(command, repo, timeout, sandbox or UNCONFINED)
+    except ToolError as refusal:
+        return {"command": command, "passed": False, "exit_code": None, "output": str(refusal)}
     tail = mask_secrets("\n".join(outcome.output.strip().splitlines()[-40:]), secrets)
     if outcome.timed_out:
         tail += f"\n(timed out after {timeout:.0f}s)"
+    if outcome.sandbox_hint:
+        tail += f"\n{outcome.sandbox_hint}"
     return {"command": command, "passed": outcome.exit_code == 0, "exit_code": outcome.exit_code, "output": tail}

@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from glmcode.errors import UsageError
-from glmcode.options import APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, ApprovalMode, choices
+from glmcode.options import (
+    APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode, choices,
+)
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
 SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
@@ -62,6 +64,9 @@ class Settings:
     allow_commands: list[str] = field(default_factory=list)
     deny_commands: list[str] = field(default_factory=list)
     test_command: str | None = None
+    sandbox: str | None = None  # None: workspace-write where commands run unasked, else off
+    sandbox_network: bool = False
+    sandbox_hidden: list[str] = field(default_factory=list)
     max_turns: int = 50
     thinking: bool = True
     show_thinking: bool = False
@@ -230,6 +235,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "allow_commands": _string_list,
     "deny_commands": _string_list,
     "test_command": _optional_text,
+    "sandbox": _choice(SANDBOX_MODES, optional=True),
+    "sandbox_network": _bool,
+    "sandbox_hidden": _string_list,
     "max_turns": _positive_int,
     "thinking": _bool,
     "show_thinking": _bool,
@@ -256,6 +264,11 @@ DESCRIPTIONS = {
     "allow_commands": 'commands run without asking, as word prefixes, e.g. ["pytest", "git status"]',
     "deny_commands": 'commands always refused (even in yolo), as word prefixes, e.g. ["git push", "rm -rf"]',
     "test_command": "how `glmcode fix` verifies, e.g. \"pytest -q\" (unset = detected)",
+    "sandbox": f"OS sandbox for the commands the agent runs: {choices(SANDBOX_MODES)} (unset = workspace-write "
+               "for fix, --yes and yolo, where commands run without asking; off otherwise)",
+    "sandbox_network": "let sandboxed commands use the network",
+    "sandbox_hidden": 'more paths sandboxed commands cannot read, e.g. ["~/.config/my-tool"] (~/.ssh, ~/.aws, '
+                      "~/.gnupg, ~/.netrc, glmcode's own config and data and other credential stores always are)",
     "max_turns": "most agent steps per request",
     "thinking": "let the model think before answering",
     "show_thinking": "show the thinking in full instead of a one-line summary",
@@ -300,13 +313,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
 
 
-def _apply(settings: Settings, key: str, value: Any, source: str, where: str) -> None:
+def _apply(settings: Settings, key: str, value: Any, source: str, where: str, *, repo_file: bool = False) -> None:
     if key not in PARSERS:
         raise UsageError(f"unknown setting '{key}' in {where} (known: {', '.join(KEYS)})")
     try:
         parsed = PARSERS[key](value)
     except _Invalid as problem:
         raise UsageError(f"invalid value {value!r} for '{key}' in {where}: {problem}") from None
+    if repo_file and (key, parsed) in (("sandbox", SANDBOX_OFF), ("sandbox_network", True)):
+        raise UsageError(f"'{key} = {value!r}' in {where} is refused: a repository cannot loosen the sandbox "
+                         "that protects you from its code; set it in your user config or with a flag")
     setattr(settings, key, parsed)
     settings.sources[key] = source
 
@@ -319,9 +335,9 @@ def load_settings(
     """Merge every layer; flag overrides whose value is None are ignored (flag not given)."""
     env = os.environ if env is None else env
     settings = Settings()
-    for path in (user_config_path(env), repo_config_path(Path(repo_root))):
+    for path, repo_file in ((user_config_path(env), False), (repo_config_path(Path(repo_root)), True)):
         for key, value in _read_toml(path).items():
-            _apply(settings, key, value, str(path), str(path))
+            _apply(settings, key, value, str(path), str(path), repo_file=repo_file)
     for key in KEYS:
         name = env_var(key)
         if name in env and key not in NOT_FROM_ENV:

@@ -13,7 +13,7 @@ NoneType = type(None)
 # event type -> {key: allowed python types}. A result may also carry OPTIONAL_RESULT_KEYS.
 EVENT_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "init": {"session_id": (str, NoneType), "model": (str,), "backend": (str,), "repo": (str,),
-             "approval": (str,), "tools": (list,), "version": (str,)},
+             "approval": (str,), "sandbox": (str,), "tools": (list,), "version": (str,)},
     "reasoning": {"text": (str,)},
     "message": {"text": (str,)},
     "tool_call": {"id": (str,), "name": (str,), "arguments": (dict,)},

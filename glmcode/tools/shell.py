@@ -1,8 +1,10 @@
 """Running processes: run_command and run_tests.
 
 A command runs through the shell in the repository root, in a session of its own, so a timeout
-kills it and everything it started (os.killpg). Output (stdout and stderr interleaved) is kept
-head and tail: the start says what ran, the end says how it failed.
+kills it and everything it started (os.killpg), inside the workspace's OS sandbox (see
+glmcode.sandbox: with one, even a process that detached from the session ends with the command).
+Output (stdout and stderr interleaved) is kept head and tail: the start says what ran, the end
+says how it failed; when the sandbox may have caused a failure, one line says so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmcode.sandbox import UNCONFINED, Sandbox
 from glmcode.settings import SECRET_ENV_VARS
 from glmcode.tools.base import Tool, ToolResult
 from glmcode.tools.workspace import ToolError, Workspace
@@ -36,6 +39,7 @@ class ProcessOutcome:
     exit_code: int | None  # None: killed at the timeout
     output: str  # capped, with a note where the middle was dropped
     timed_out: bool
+    sandbox_hint: str | None = None  # a failure the sandbox may have caused: one line saying so
 
 
 def command_environment() -> dict[str, str]:
@@ -45,10 +49,14 @@ def command_environment() -> dict[str, str]:
     return {**env, **_ENV_OVERRIDES}
 
 
-def run_process(command: str, cwd: Path, timeout: float) -> ProcessOutcome:
-    """Run `command` with the shell; after `timeout` seconds kill its whole process group."""
+def run_process(command: str, cwd: Path, timeout: float, sandbox: Sandbox = UNCONFINED) -> ProcessOutcome:
+    """Run `command` with the shell in `sandbox`; after `timeout` seconds kill it and all it started.
+
+    Raises ToolError when the sandbox cannot be enforced here: the command is not run."""
+    if sandbox.unavailable is not None:
+        raise ToolError(f"not run: {sandbox.unavailable}")
     process = subprocess.Popen(
-        command, shell=True, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        sandbox.argv(command), cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True, env=command_environment(),
     )
     capture = _HeadTail()
@@ -59,14 +67,19 @@ def run_process(command: str, cwd: Path, timeout: float) -> ProcessOutcome:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
+        sandbox.stop(process)
     except BaseException:  # Ctrl-C: leave nothing running behind us
+        sandbox.stop(process)
         _kill_group(process)
         raise
     # Also reap what the command left running in its group (a `sleep &` would hold the pipe open).
     _kill_group(process)
     process.wait()
     reader.join(timeout=5)
-    return ProcessOutcome(None if timed_out else process.returncode, capture.text(), timed_out)
+    exit_code = None if timed_out else process.returncode
+    output = capture.text()
+    hint = sandbox.blocked_hint(output) if exit_code != 0 else None
+    return ProcessOutcome(exit_code, output, timed_out, hint)
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -129,10 +142,10 @@ def run_command(workspace: Workspace, arguments: dict[str, Any]) -> ToolResult:
     if not command:
         raise ToolError("command is empty")
     timeout = _timeout(workspace, arguments)
-    outcome = run_process(command, workspace.root, timeout)
+    outcome = run_process(command, workspace.root, timeout, workspace.sandbox)
     output = outcome.output.rstrip("\n")
-    text = f"{output}\n{_status_line(outcome, timeout)}" if output else _status_line(outcome, timeout)
-    return ToolResult(text, is_error=outcome.exit_code != 0)
+    lines = [output, _status_line(outcome, timeout), outcome.sandbox_hint]
+    return ToolResult("\n".join(line for line in lines if line), is_error=outcome.exit_code != 0)
 
 
 RUN_COMMAND = Tool(
@@ -234,12 +247,13 @@ def run_tests(workspace: Workspace, arguments: dict[str, Any]) -> ToolResult:
             "make test); run the tests with run_command instead"
         )
     timeout = _timeout(workspace, arguments)
-    outcome = run_process(command, workspace.root, timeout)
+    outcome = run_process(command, workspace.root, timeout, workspace.sandbox)
     if outcome.timed_out:
         summary = _status_line(outcome, timeout)
     else:
         summary = summarize_tests(outcome.output, outcome.exit_code)
-    return ToolResult(f"$ {command}\n{outcome.output.rstrip()}\n{summary}", is_error=outcome.exit_code != 0)
+    hint = f"\n{outcome.sandbox_hint}" if outcome.sandbox_hint else ""
+    return ToolResult(f"$ {command}\n{outcome.output.rstrip()}\n{summary}{hint}", is_error=outcome.exit_code != 0)
 
 
 RUN_TESTS = Tool(

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from glmcode.errors import SandboxError
+from glmcode.sandbox import UNCONFINED, Sandbox
 from glmcode.tools.listing import list_repo_files
 
 
@@ -23,12 +24,14 @@ class ToolError(Exception):
 
 
 class Workspace:
-    def __init__(self, root: str | Path, *, test_command: str | None = None, command_timeout: float = 120.0):
+    def __init__(self, root: str | Path, *, test_command: str | None = None, command_timeout: float = 120.0,
+                 sandbox: Sandbox = UNCONFINED):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise SandboxError(f"{root}: not a directory")
         self.test_command = test_command
         self.command_timeout = command_timeout
+        self.sandbox = sandbox  # the OS sandbox the shell tools run commands in
         toplevel = _git_toplevel(self.root)
         self.is_git = toplevel == self.root  # the root of a git work tree (where checkpoints use git)
         self._in_git = toplevel is not None  # anywhere inside one (where git lists the files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -92,8 +93,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:
 
 def write_checkpoint(directory: Path) -> Path:
     """A tiny but complete checkpoint directory in the Hugging Face layout (not a working model)."""
-    import json
-
     import numpy
     from safetensors.numpy import save_file
 
@@ -109,3 +108,14 @@ def write_checkpoint(directory: Path) -> Path:
              "weight_map": {"model.embed_tokens.weight": shard}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     return directory
+
+
+@pytest.fixture
+def script(tmp_path: Path):
+    """Writes a replay script (a JSON list of raw completions) and returns its path for --replay."""
+    def write(steps: list[str]) -> str:
+        path = tmp_path / "script.json"
+        path.write_text(json.dumps(steps))
+        return str(path)
+
+    return write

@@ -42,7 +42,7 @@ def _report(**changes: object) -> RunReport:
 def test_stream_json_emits_one_valid_record_per_line_and_merges_deltas() -> None:
     out = io.StringIO()
     renderer = JsonRenderer(RunStats(model="m"), out, stream=True)
-    renderer.start({"session_id": "s1", "model": "m", "backend": "replay", "repo": "/r", "approval": "ask",
+    renderer.start({"session_id": "s1", "model": "m", "backend": "replay", "repo": "/r", "approval": "ask", "sandbox": "off",
                     "tools": ["read_file"], "version": "0"})
     for event in BACKEND_EVENTS:
         renderer.event(event)
@@ -59,7 +59,7 @@ def test_stream_json_emits_one_valid_record_per_line_and_merges_deltas() -> None
 def test_json_prints_only_the_result_object() -> None:
     out = io.StringIO()
     renderer = JsonRenderer(RunStats(model="m"), out, stream=False)
-    renderer.start({"session_id": None, "model": "m", "backend": "replay", "repo": "/r", "approval": "ask",
+    renderer.start({"session_id": None, "model": "m", "backend": "replay", "repo": "/r", "approval": "ask", "sandbox": "off",
                     "tools": [], "version": "0"})
     for event in BACKEND_EVENTS:
         renderer.event(event)

@@ -32,16 +32,6 @@ DONE = "Fixed.</think>`add` now returns the sum of its arguments."
 FIX_SCRIPT = [READ, EDIT, DONE]
 
 
-@pytest.fixture
-def script(tmp_path: Path):
-    def write(steps: list[str]) -> str:
-        path = tmp_path / "script.json"
-        path.write_text(json.dumps(steps))
-        return str(path)
-
-    return write
-
-
 def session_user_messages(home: Path) -> list[str]:
     messages = []
     for path in sorted((home / "data" / "glmcode" / "sessions").glob("*.jsonl")):

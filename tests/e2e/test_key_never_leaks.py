@@ -107,10 +107,14 @@ def test_the_key_never_appears_in_any_output_or_file(glmcode: GlmcodeRunner, pro
     config.write_text(f'api_key = "{API_KEY}"\n')
     peek = [reply(tool_calls=[{"name": "run_command", "arguments": {"command": f"cut -d'\"' -f2 {config}"}}]),
             reply("Done.")]
-    with over(*peek) as server:
+    with over(*peek) as server:  # the sandbox hides glmcode's own config from commands
         run = glmcode("fix", "which key is configured?", "--remote", server.base_url, "--yes", cwd=project,
                       key_in_env=False)
-    assert run.returncode == 5 and "[REDACTED]" in run.stderr, run.stderr  # the tests still fail: exit 5
+    assert run.returncode == 5 and "error: cut:" in run.stderr, run.stderr  # it failed; the tests still fail: 5
+    with over(*peek) as server:  # without it the command reads the file, and what it prints is masked
+        run = glmcode("fix", "which key is configured?", "--remote", server.base_url, "--yes", "--sandbox", "off",
+                      cwd=project, key_in_env=False)
+    assert run.returncode == 5 and "[REDACTED]" in run.stderr, run.stderr
 
     for server in servers:
         assert server.violations == [], server.violations
