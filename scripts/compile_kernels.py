@@ -73,10 +73,9 @@ def variants(quick: bool):
 
     norm_ptrs = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16", "summed_ptr": "*bf16"}
     yield ("add_rms_norm 2048", triton_fused._rms_norm_kernel, norm_ptrs, dict(HAS_RESIDUAL=True, BLOCK_D=2048), 4, 1)
-    for deinterleave in (False, True):
-        yield (f"rope deinterleave={deinterleave}", triton_fused._rope_kernel,
-               {"q_ptr": "*bf16", "k_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32"},
-               dict(HALF=32, BLOCK_H=32, DEINTERLEAVE=deinterleave), 4, 1)
+    yield ("rope", triton_fused._rope_kernel,
+           {"q_ptr": "*bf16", "k_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32"},
+           dict(HALF=32, BLOCK_H=32), 4, 1)
     yield ("silu_mul", triton_fused._silu_mul_kernel, {"gate_up_ptr": "*bf16", "out_ptr": "*bf16"},
            dict(BLOCK=1024), 4, 1)
     yield ("route_topk E=64 k=4 + shared", triton_fused._route_topk_kernel,

@@ -294,10 +294,12 @@ class Bench:
     """Random inputs of the chosen shapes, the correctness cases and the timers."""
 
     def __init__(self, torch, device, shapes: Shapes):
-        from glmcode.engine.cuda import reference, triton_fused, triton_mla, triton_moe
+        from glmcode.engine import ops
+        from glmcode.engine.cuda import moe, triton_fused, triton_mla, triton_moe
 
         self.torch, self.device, self.shapes = torch, device, shapes
-        self.ref, self.mla, self.moe, self.fused = reference, triton_mla, triton_moe, triton_fused
+        self.ops, self.cuda_moe = ops, moe  # the PyTorch references: ops.X.reference
+        self.mla, self.moe, self.fused = triton_mla, triton_moe, triton_fused
         self.dtype = torch.bfloat16
         self.gen = torch.Generator(device="cpu").manual_seed(0)  # small index tensors
         self.device_gen = torch.Generator(device=device).manual_seed(0)  # large random tensors
@@ -348,7 +350,7 @@ class Bench:
         ids = torch.stack([torch.randperm(s.experts, generator=self.gen)[: s.top_k] for _ in range(tokens)])
         weights = torch.rand(tokens, s.top_k, generator=self.gen) + 0.1
         ids, weights = ids.to(self.device, torch.int32), weights.to(self.device)
-        ids, weights = self.ref.with_shared_expert(ids, weights, s.experts)
+        ids, weights = self.ops.with_shared_expert(ids, weights, s.experts)
         return self.randn(tokens, s.hidden), w13, w2, ids, weights
 
     # ---- correctness -------------------------------------------------------------------------
@@ -365,23 +367,23 @@ class Bench:
         for block_size in sorted({s.block_size, 16 if self.device.type == "cuda" else 1}):
             seq_lens = [1, 3 * block_size + 1, 300 if self.device.type == "cuda" else 13]
             inputs = self.mla_inputs(seq_lens, block_size)
-            want = self.ref.mla_decode_reference(*inputs, 256**-0.5)
+            want = self.ops.mla_decode.reference(*inputs, 256**-0.5)
             for splits in (None, 1, 4):
                 got = self.mla.mla_decode(*inputs, 256**-0.5, num_splits=splits)
                 checks.append(self.compare(f"mla_decode bs={block_size} splits={splits}", got, want))
         checks += self.fp8_checks()
         for tokens in s.moe_batches:
             x, w13, w2, ids, weights = self.moe_inputs(tokens)
-            want = self.ref.fused_moe_reference(x, w13, w2, ids, weights)
+            want = self.ops.fused_moe.reference(x, w13, w2, ids, weights)
             aligned = self.moe.moe_align(ids, w13.shape[0], 16)
-            want_aligned = self.ref.moe_align_reference(ids, w13.shape[0], 16)
+            want_aligned = self.cuda_moe.moe_align_reference(ids, w13.shape[0], 16)
             same = all(self.torch.equal(a, b) for a, b in zip(aligned, want_aligned))
             checks.append({"name": f"moe_align T={tokens}", "ok": same})
             checks.append(self.compare(f"fused_moe T={tokens} (+shared)", self.moe.fused_moe(x, w13, w2, ids, weights), want))
-        if self.ref.grouped_mm_available(self.device):
+        if self.cuda_moe.grouped_mm_available(self.device):
             x, w13, w2, ids, weights = self.moe_inputs(s.prefill_tokens)
-            want = self.ref.fused_moe_reference(x, w13, w2, ids, weights)
-            checks.append(self.compare(f"grouped_moe T={s.prefill_tokens}", self.ref.grouped_moe(x, w13, w2, ids, weights), want))
+            want = self.ops.fused_moe.reference(x, w13, w2, ids, weights)
+            checks.append(self.compare(f"grouped_moe T={s.prefill_tokens}", self.cuda_moe.grouped_moe(x, w13, w2, ids, weights), want))
             checks.append(self.compare(f"fused_moe T={s.prefill_tokens}", self.moe.fused_moe(x, w13, w2, ids, weights), want))
         checks += self.small_op_checks()
         if self.device.type == "cuda":
@@ -397,35 +399,39 @@ class Bench:
         quantized, scales = quantize_fp8_per_token(rows)
         per_token = (quantized.view(cache.shape), scales.view(cache.shape[:2]))
         tensor_scale = torch.tensor([rows.float().abs().max().item() / 448.0], device=self.device)
-        per_tensor = (self.ref.quantize_fp8_per_tensor(rows, tensor_scale.item()).view(cache.shape), tensor_scale)
+        per_tensor_values = (rows.float() / tensor_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        per_tensor = (per_tensor_values.view(cache.shape), tensor_scale)
         checks = []
         for name, (fp8_cache, kv_scale) in (("per_token", per_token), ("per_tensor", per_tensor)):
-            want = self.ref.mla_decode_reference(q_nope, q_pe, fp8_cache, tables, lens, 0.0625, kv_scale)
+            want = self.ops.mla_decode.reference(q_nope, q_pe, fp8_cache, tables, lens, 0.0625, kv_scale)
             got = self.mla.mla_decode(q_nope, q_pe, fp8_cache, tables, lens, 0.0625, kv_scale, num_splits=2)
             checks.append(self.compare(f"mla_decode fp8 {name}", got, want))
         return checks
 
     def small_op_checks(self) -> list[dict]:
-        s, ref, fused = self.shapes, self.ref, self.fused
+        s, ops, fused = self.shapes, self.ops, self.fused
         x, residual, weight = self.randn(3, s.hidden), self.randn(3, s.hidden), self.randn(s.hidden)
         checks = [
-            self.compare("rms_norm", fused.rms_norm(x, weight, 1e-5), ref.rms_norm_reference(x, weight, 1e-5)),
+            self.compare("rms_norm", fused.rms_norm(x, weight, 1e-5), ops.rms_norm.reference(x, weight, 1e-5)),
             self.compare("add_rms_norm", fused.add_rms_norm(x, residual, weight, 1e-5)[0],
-                         ref.add_rms_norm_reference(x, residual, weight, 1e-5)[0]),
+                         ops.add_rms_norm.reference(x, residual, weight, 1e-5)[0]),
         ]
         gate_up = self.randn(3, 2 * s.inter)
-        checks.append(self.compare("silu_mul", fused.silu_mul(gate_up), ref.silu_mul_reference(gate_up)))
-        table = ref.rope_cos_sin(4096, s.rope, 1e6, device=self.device)
+        checks.append(self.compare("silu_mul", fused.silu_mul(gate_up), ops.silu_mul.reference(gate_up)))
+        table = self.rope_table()
         positions = self.torch.tensor([0, 5, 4000], device=self.device)
-        for deinterleave in (False, True):
-            q = self.randn(3, s.heads, 192 + s.rope)
-            kv_a = self.randn(3, s.latent + s.rope)
-            want_q = ref.rope_interleaved_reference(q[..., 192:], positions, table, deinterleave)
-            want_k = ref.rope_interleaved_reference(kv_a[:, s.latent:], positions, table, deinterleave)
-            fused.rope_interleaved_(q[..., 192:], kv_a[:, s.latent:], positions, table, deinterleave)
-            checks.append(self.compare(f"rope q deinterleave={deinterleave}", q[..., 192:], want_q))
-            checks.append(self.compare(f"rope k deinterleave={deinterleave}", kv_a[:, s.latent:], want_k))
+        q, kv_a = self.randn(3, s.heads, 192 + s.rope), self.randn(3, s.latent + s.rope)
+        want_q, want_kv_a = q.clone(), kv_a.clone()
+        ops.rope_.reference(want_q[..., 192:], want_kv_a[:, s.latent:], positions, table)
+        fused.rope_(q[..., 192:], kv_a[:, s.latent:], positions, table)
+        checks.append(self.compare("rope q", q, want_q))
+        checks.append(self.compare("rope k", kv_a, want_kv_a))
         return checks
+
+    def rope_table(self):
+        from glmcode.engine.model.layers import Rotary
+
+        return Rotary(self.shapes.rope, 1e6, 4096).cos_sin(self.device)
 
     def graph_checks(self) -> list[dict]:
         """Capture once, then replay with new lengths / routing written into the static inputs."""
@@ -435,13 +441,13 @@ class Bench:
         lens.copy_(torch.tensor([4000, 33], dtype=torch.int32))
         tables.copy_(tables.flip(0))
         checks = [self.compare("mla_decode CUDA graph replay", replay(),
-                               self.ref.mla_decode_reference(q_nope, q_pe, cache, tables, lens, 0.0625))]
+                               self.ops.mla_decode.reference(q_nope, q_pe, cache, tables, lens, 0.0625))]
         x, w13, w2, ids, weights = self.moe_inputs(8)
         replay = self.capture(lambda: self.moe.fused_moe(x, w13, w2, ids, weights))
         ids.copy_(ids.flip(0))
         x.copy_(self.randn(*x.shape))
         checks.append(self.compare("fused_moe CUDA graph replay", replay(),
-                                   self.ref.fused_moe_reference(x, w13, w2, ids, weights)))
+                                   self.ops.fused_moe.reference(x, w13, w2, ids, weights)))
         checks.append(self.graphed_step_check())
         return checks
 
@@ -460,7 +466,7 @@ class Bench:
         runner.capture()
         batch = {"q_nope": q_nope[:3], "q_pe": q_pe[:3], "block_tables": tables[5:8, :3],
                  "seq_lens": self.torch.tensor([1, 100, 190], dtype=self.torch.int32, device=self.device)}
-        want = self.ref.mla_decode_reference(batch["q_nope"], batch["q_pe"], cache, batch["block_tables"],
+        want = self.ops.mla_decode.reference(batch["q_nope"], batch["q_pe"], cache, batch["block_tables"],
                                              batch["seq_lens"], 0.0625)
         return self.compare("GraphedStep bucket 4, batch 3", runner(batch), want)
 
@@ -527,7 +533,7 @@ class Bench:
             row = {"batch": batch, "context": context, "num_splits": splits}
             row.update(self.timed_variants(
                 lambda: self.mla.mla_decode(*inputs, 0.0625),
-                lambda: self.ref.mla_decode_reference(*inputs, 0.0625),
+                lambda: self.ops.mla_decode.reference(*inputs, 0.0625),
                 cache_bytes,
             ))
             rows.append(row)
@@ -559,11 +565,11 @@ class Bench:
             row = {"tokens": tokens, "experts_read": experts_read}
             row.update(self.timed_variants(
                 lambda: self.moe.fused_moe(x, w13, w2, ids, weights),
-                lambda: self.ref.fused_moe_reference(x, w13, w2, ids, weights),
+                lambda: self.ops.fused_moe.reference(x, w13, w2, ids, weights),
                 experts_read * expert_bytes,
             ))
-            if self.ref.grouped_mm_available(self.device):
-                row["grouped_mm_ms"] = self.time_ms(lambda: self.ref.grouped_moe(x, w13, w2, ids, weights))
+            if self.cuda_moe.grouped_mm_available(self.device):
+                row["grouped_mm_ms"] = self.time_ms(lambda: self.cuda_moe.grouped_moe(x, w13, w2, ids, weights))
             rows.append(row)
         rows.append({"sweep": self.sweep_moe()})
         return rows
@@ -584,18 +590,17 @@ class Bench:
         return results
 
     def time_small_ops(self) -> list[dict]:
-        s, ref, fused = self.shapes, self.ref, self.fused
+        s, ops, fused = self.shapes, self.ops, self.fused
         x, residual, weight = self.randn(1, s.hidden), self.randn(1, s.hidden), self.randn(s.hidden)
         gate_up = self.randn(1, 2 * s.inter)
-        table = ref.rope_cos_sin(4096, s.rope, 1e6, device=self.device)
+        table = self.rope_table()
         q, kv_a, positions = self.randn(1, s.heads, s.rope), self.randn(1, s.latent + s.rope), self.torch.tensor([7], device=self.device)
         cases = {
             "add_rms_norm": (lambda: fused.add_rms_norm(x, residual, weight, 1e-5),
-                             lambda: ref.add_rms_norm_reference(x, residual, weight, 1e-5)),
-            "silu_mul": (lambda: fused.silu_mul(gate_up), lambda: ref.silu_mul_reference(gate_up)),
-            "rope_q_and_k": (lambda: fused.rope_interleaved_(q, kv_a[:, s.latent:], positions, table),
-                             lambda: (ref.rope_interleaved_reference(q, positions, table),
-                                      ref.rope_interleaved_reference(kv_a[:, s.latent:], positions, table))),
+                             lambda: ops.add_rms_norm.reference(x, residual, weight, 1e-5)),
+            "silu_mul": (lambda: fused.silu_mul(gate_up), lambda: ops.silu_mul.reference(gate_up)),
+            "rope_q_and_k": (lambda: fused.rope_(q, kv_a[:, s.latent:], positions, table),
+                             lambda: ops.rope_.reference(q, kv_a[:, s.latent:], positions, table)),
         }
         return [{"op": name, "triton_ms": self.time_ms(fast), "reference_ms": self.time_ms(slow)}
                 for name, (fast, slow) in cases.items()]

@@ -93,6 +93,7 @@ class LLM:
         self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, storage, self.device, compute_dtype=self.dtype)
         self.blocks = BlockManager(num_blocks, self.block_size, options.enable_prefix_caching)
         self.max_context = min(self.config.max_position_embeddings, num_blocks * self.block_size)
+        model.rotary.reserve(self.max_context, self.device)
         self.runner = select_runner(model, self.kv_cache, kernel_path=self.kernel_path, max_num_seqs=options.max_num_seqs,
                                     max_context=self.max_context, scratch_slot=num_blocks * self.block_size)  # fmt: skip
         self.scheduler = Scheduler(self.blocks, max_num_seqs=options.max_num_seqs,

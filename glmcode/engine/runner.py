@@ -18,7 +18,7 @@ import torch
 
 from glmcode.engine.kv_cache import KVCache
 from glmcode.engine.model import GlmMoeLite
-from glmcode.engine.model.attention import AttentionBatch, SequenceSlice, expanded_is_cheaper
+from glmcode.engine.model.attention import SequenceSlice, SpanBatch, expanded_is_cheaper
 from glmcode.engine.sequence import Sequence
 
 # Attention scores of one context piece are kept under this many elements.
@@ -50,7 +50,7 @@ class ModuleRunner:
         self.max_score_elements = MAX_SCORE_ELEMENTS
 
     def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        batch = AttentionBatch(
+        batch = SpanBatch(
             positions=torch.arange(start, end, device=self.device),
             write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
             sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
@@ -60,7 +60,7 @@ class ModuleRunner:
         return self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        batch = AttentionBatch(
+        batch = SpanBatch(
             positions=self._tensor([len(s) - 1 for s in seqs]),
             write_slots=self._tensor([self.kv_cache.slots(s, len(s) - 1, len(s))[0] for s in seqs]),
             sequences=[

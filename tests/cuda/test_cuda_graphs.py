@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from glmcode.engine.cuda.graphs import GraphedStep
-from glmcode.engine.cuda.reference import mla_decode_reference
+from glmcode.engine import ops
 
 
 def decode_step_over(cache: torch.Tensor):
     def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return mla_decode_reference(
+        return ops.mla_decode.reference(
             inputs["q_nope"], inputs["q_pe"], cache, inputs["block_tables"], inputs["seq_lens"], 0.25
         )
 

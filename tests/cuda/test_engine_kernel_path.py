@@ -10,13 +10,12 @@ check (scripts/gpu_check.py).
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
 
 from glmcode.engine import LLM, SamplingParams
-from glmcode.engine.cuda import runner as cuda_runner
+from glmcode.engine import ops
 from glmcode.engine.cuda.runner import ABSORBED_PREFILL_MAX_TOKENS, CudaRunner, batch_buckets
 from glmcode.engine.kv_cache import LayerCache
 from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
@@ -191,24 +190,21 @@ def test_batch_buckets_end_at_the_batch_limit():
 
 
 @pytest.mark.skipif(TRITON_SKIP_REASON is not None, reason=str(TRITON_SKIP_REASON))
-def test_triton_kernels_in_the_interpreter_give_the_cpu_engine_tokens(
-    tiny_checkpoint, cpu_llm, triton_mla, triton_moe, triton_fused, monkeypatch
-):
-    """The same path with every kernel call going to Triton (interpreted), not to a reference."""
-    triton_kernels = types.SimpleNamespace(
-        mla_decode=triton_mla.mla_decode,
-        fused_moe=triton_moe.fused_moe,
-        rms_norm=triton_fused.rms_norm,
-        add_rms_norm=triton_fused.add_rms_norm,
-        rope_interleaved_=triton_fused.rope_interleaved_,
-        silu_mul=triton_fused.silu_mul,
-        route_topk=triton_fused.route_topk,
-    )
-    monkeypatch.setattr(cuda_runner, "ops", triton_kernels)
-    llm = make_llm(tiny_checkpoint, kernel_path=True, block_size=4, max_num_seqs=4)
-    tokens = prompt(llm)[:20]
-    torch.testing.assert_close(llm.score(tokens), cpu_llm.score(tokens), atol=1e-4, rtol=0)
+def test_triton_kernels_in_the_interpreter_give_the_cpu_engine_tokens(tiny_checkpoint, cpu_llm, monkeypatch):
+    """The same path with every op that has a kernel running it (interpreted), not its PyTorch body."""
+    tokens = prompt(cpu_llm)[:20]
     prompts = [tokens, tokens[:11], tokens[3:9]]  # three rows and a padded one in bucket 4
     params = SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[])
-    completions = llm.generate_batch(prompts, params)
-    assert [c.token_ids for c in completions] == [cpu_llm.generate(p, params).token_ids for p in prompts]
+    want_logits = cpu_llm.score(tokens)
+    want_tokens = [cpu_llm.generate(p, params).token_ids for p in prompts]
+    calls = []
+
+    def every_tensor(tensor: torch.Tensor) -> bool:
+        calls.append(tensor.shape)
+        return True
+
+    monkeypatch.setattr(ops, "uses_triton", every_tensor)
+    llm = make_llm(tiny_checkpoint, kernel_path=True, block_size=4, max_num_seqs=4)
+    torch.testing.assert_close(llm.score(tokens), want_logits, atol=1e-4, rtol=0)
+    assert [c.token_ids for c in llm.generate_batch(prompts, params)] == want_tokens
+    assert calls  # the ops did dispatch

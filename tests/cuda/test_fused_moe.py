@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmcode.engine.cuda.reference import (
-    fused_moe_reference,
-    moe_align_reference,
-    silu_mul_reference,
-    stack_shared_expert,
-    with_shared_expert,
-)
+from glmcode.engine import ops
+from glmcode.engine.cuda.moe import moe_align_reference
 
 
 def routing(num_tokens, num_experts, top_k, gen):
@@ -65,7 +60,7 @@ def test_fused_moe_matches_reference(triton_moe, device, num_tokens, top_k, dtyp
         device, num_tokens=num_tokens, num_experts=6, top_k=top_k, hidden=64, inter=48, dtype=dtype,
     )
     got = triton_moe.fused_moe(x, w13, w2, ids, weights, block_n=32, block_k=32)
-    want = fused_moe_reference(x, w13, w2, ids, weights)
+    want = ops.fused_moe.reference(x, w13, w2, ids, weights)
     assert got.dtype == dtype and got.shape == x.shape
     torch.testing.assert_close(got.float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
@@ -75,7 +70,7 @@ def test_bigger_row_blocks_and_int64_ids(triton_moe, device):
         device, num_tokens=70, num_experts=5, top_k=2, hidden=32, inter=16, dtype=torch.float32, seed=1,
     )
     got = triton_moe.fused_moe(x, w13, w2, ids.long(), weights, block_m=64, block_n=16, block_k=16)
-    torch.testing.assert_close(got, fused_moe_reference(x, w13, w2, ids, weights), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ops.fused_moe.reference(x, w13, w2, ids, weights), atol=1e-5, rtol=1e-5)
 
 
 def test_shared_expert_folded_in_as_an_extra_expert(triton_moe, device):
@@ -84,12 +79,12 @@ def test_shared_expert_folded_in_as_an_extra_expert(triton_moe, device):
         device, num_tokens=3, num_experts=4, top_k=2, hidden=32, inter=16, dtype=torch.float32, seed=2,
     )
     shared_w13, shared_w2 = w13[0].clone() * 0.5, w2[0].clone() * 2.0
-    stacked_w13, stacked_w2 = stack_shared_expert(w13, w2, shared_w13, shared_w2)
-    all_ids, all_weights = with_shared_expert(ids, weights, shared_expert_id=4)
+    stacked_w13, stacked_w2 = torch.cat([w13, shared_w13[None]]), torch.cat([w2, shared_w2[None]])
+    all_ids, all_weights = ops.with_shared_expert(ids, weights, shared_expert_id=4)
 
     got = triton_moe.fused_moe(x, stacked_w13, stacked_w2, all_ids, all_weights, block_n=16, block_k=16)
-    shared = silu_mul_reference(x @ shared_w13.T) @ shared_w2.T
-    want = fused_moe_reference(x, w13, w2, ids, weights) + shared
+    shared = ops.silu_mul.reference(x @ shared_w13.T) @ shared_w2.T
+    want = ops.fused_moe.reference(x, w13, w2, ids, weights) + shared
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -99,5 +94,5 @@ def test_real_glm_expert_shapes(triton_moe, device):
         device, num_tokens=1, num_experts=2, top_k=1, hidden=2048, inter=1536, dtype=torch.bfloat16, seed=3,
     )
     got = triton_moe.fused_moe(x, w13, w2, ids, weights, block_n=256, block_k=256)
-    want = fused_moe_reference(x, w13, w2, ids, weights)
+    want = ops.fused_moe.reference(x, w13, w2, ids, weights)
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glmcode.engine.cuda.reference import (
-    mla_decode_reference,
-    quantize_fp8_per_tensor,
-)
-from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
+from glmcode.engine import ops
+from glmcode.engine.quant.latent_cache import FP8_E4M3_MAX, quantize_fp8_per_token
+
+mla_decode_reference = ops.mla_decode.reference
+
+
+def quantize_fp8_per_tensor(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """Cache rows -> float8_e4m3fn with one fixed scale (values / scale, saturated at 448)."""
+    return (rows.float() / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def paged_case(

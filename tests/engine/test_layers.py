@@ -6,15 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmcode.engine.model.layers import RMSNorm, Rotary, apply_rotary, linear_forward
+from glmcode.engine import ops
+from glmcode.engine.model.layers import RMSNorm, Rotary
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32, 33])
-def test_linear_forward_equals_f_linear_for_every_row_count(rows):
+def test_linear_equals_f_linear_for_every_row_count(rows):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, 40, generator=generator)
     x = torch.randn(2, rows, 40, generator=generator)[:1]  # a batch dim and a non-trivial view
-    out = linear_forward(x, weight)
+    out = ops.linear(x, weight)
     assert out.shape == (1, rows, 48)
     torch.testing.assert_close(out, F.linear(x, weight))
 
@@ -25,21 +26,23 @@ def test_interleaved_rotary_matches_the_reference():
     q = torch.randn(5, 3, 8, generator=generator)  # [T, heads, rope dims]
     k = torch.randn(5, 8, generator=generator)
     positions = torch.tensor([0, 1, 7, 100, 4095])
-    rotary = Rotary(8, 10000.0)
-    cos, sin = rotary.cos_sin(positions, torch.float32)
+    table = Rotary(8, 10000.0, max_positions=4096).cos_sin(torch.device("cpu"))
+    cos, sin = table[positions].chunk(2, dim=-1)
     # The reference takes [batch, heads, T, dim] and cos/sin duplicated over both halves.
     full_cos, full_sin = torch.cat([cos, cos], -1)[None], torch.cat([sin, sin], -1)[None]
     ref_q, ref_k = modeling.apply_rotary_pos_emb_interleave(
         q.transpose(0, 1)[None], k[None, None], full_cos, full_sin
     )
-    torch.testing.assert_close(apply_rotary(q, cos, sin), ref_q[0].transpose(0, 1))
-    torch.testing.assert_close(apply_rotary(k, cos, sin), ref_k[0, 0])
+    ops.rope_(q, k, positions, table)
+    torch.testing.assert_close(q, ref_q[0].transpose(0, 1))
+    torch.testing.assert_close(k, ref_k[0, 0])
 
 
 def test_rotary_preserves_pair_norms_and_is_identity_at_position_zero():
     x = torch.randn(2, 8)
-    cos, sin = Rotary(8, 1e6).cos_sin(torch.tensor([0, 9]), torch.float32)
-    out = apply_rotary(x, cos, sin)
+    table = Rotary(8, 1e6, max_positions=16).cos_sin(torch.device("cpu"))
+    out, unused_q = x.clone(), torch.zeros(2, 1, 8)
+    ops.rope_(unused_q, out, torch.tensor([0, 9]), table)
     torch.testing.assert_close(out[0], torch.cat([x[0, 0::2], x[0, 1::2]]))
     pairs_in = x[1, 0::2] ** 2 + x[1, 1::2] ** 2
     pairs_out = out[1, :4] ** 2 + out[1, 4:] ** 2

@@ -30,7 +30,7 @@ def _rms_norm_kernel(
         tl.store(summed_ptr + row * stride_s + cols, x, mask=mask)
         x = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
-    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as the reference does
+    normed = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded as ops.rms_norm does
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -42,17 +42,13 @@ def _rope_kernel(
     stride_q_t, stride_q_h, stride_k_t, stride_cs,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    DEINTERLEAVE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pairs = tl.arange(0, HALF)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cos = tl.load(cos_sin_ptr + position * stride_cs + pairs)
     sin = tl.load(cos_sin_ptr + position * stride_cs + HALF + pairs)
-    if DEINTERLEAVE:
-        even_out, odd_out = pairs, HALF + pairs
-    else:
-        even_out, odd_out = 2 * pairs, 2 * pairs + 1
+    even_out, odd_out = pairs, HALF + pairs  # de-interleaved, as ops.rope_ lays them out
 
     heads = tl.arange(0, BLOCK_H)
     q_rows = q_ptr + token * stride_q_t + heads[:, None] * stride_q_h
@@ -150,28 +146,21 @@ def _norm(x, residual, weight, eps):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton version of reference.rms_norm_reference (x [..., D], weight [D])."""
+    """Triton version of ops.rms_norm (x [..., D], weight [D])."""
     return _norm(x, None, weight, eps)[0]
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of reference.add_rms_norm_reference: (rms_norm(x + residual), x + residual)."""
+    """Triton version of ops.add_rms_norm: (rms_norm(x + residual), x + residual)."""
     return _norm(x, residual, weight, eps)
 
 
-def rope_interleaved_(
-    q_pe: torch.Tensor,
-    k_pe: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor,
-    deinterleave: bool = False,
-) -> None:
+def rope_(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     """Rotate q_pe [T, N, R] and k_pe [T, R] in place (strided views are fine; last dim contiguous).
 
-    Same rotation and layouts as reference.rope_interleaved_reference; cos_sin from
-    reference.rope_cos_sin (float32 [max_positions, R]).
+    Same rotation and layout as ops.rope_; cos_sin float32 [max_positions, R] (Rotary.cos_sin).
     """
     num_tokens, num_heads, rope_dim = q_pe.shape
     if q_pe.stride(-1) != 1 or k_pe.stride(-1) != 1 or cos_sin.stride(-1) != 1:
@@ -184,13 +173,12 @@ def rope_interleaved_(
         q_pe.stride(0), q_pe.stride(1), k_pe.stride(0), cos_sin.stride(0),
         HALF=rope_dim // 2,
         BLOCK_H=triton.next_power_of_2(num_heads),
-        DEINTERLEAVE=deinterleave,
         num_warps=4,
     )
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """Triton version of reference.silu_mul_reference: [..., 2I] -> silu(gate) * up, [..., I]."""
+    """Triton version of ops.silu_mul: [..., 2I] -> silu(gate) * up, [..., I]."""
     rows = _rows(gate_up)
     inter_size = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], inter_size, dtype=gate_up.dtype, device=gate_up.device)
@@ -210,7 +198,7 @@ def route_topk(
     normalize: bool,
     shared_expert_id: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of reference.route_topk_reference, one program per token (logits [T, E])."""
+    """Triton version of ops.route_topk, one program per token (logits [T, E])."""
     num_tokens, num_experts = logits.shape
     if logits.stride(-1) != 1:
         raise ValueError("the last dim of logits must be contiguous")

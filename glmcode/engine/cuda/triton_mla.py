@@ -189,7 +189,7 @@ def mla_decode(
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """Triton absorbed MLA decode; same contract as reference.mla_decode_reference.
+    """Triton absorbed MLA decode; same contract as ops.mla_decode.
 
     kv_cache may be bf16/fp16 (no kv_scale) or float8_e4m3fn with kv_scale: a one-element float32
     tensor (per-tensor) or [num_blocks, block_size] float32 (per token). Latent and rope dims must

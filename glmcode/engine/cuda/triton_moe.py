@@ -6,7 +6,7 @@ with tl.dot, so an expert's weights are read once per block, however many tokens
 launches per MoE layer: align (one program), gate/up (writes silu(gate) * up), down (scales each
 pair's row by its routing weight), and a sum over the k slots. Every buffer size depends only on
 shapes, so the call can be captured in a CUDA graph. The shared expert joins as one more expert
-(reference.with_shared_expert).
+(ops.with_shared_expert).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from glmcode.engine.cuda.reference import moe_align_reference, moe_max_blocks
+from glmcode.engine.cuda.moe import moe_align_reference, moe_max_blocks
 from glmcode.engine.cuda.triton_common import dot_dtype
 
 # Above this many pairs the one-program align (quadratic in pairs) gives way to torch's sort.
@@ -148,7 +148,7 @@ def _moe_down_kernel(
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of reference.moe_align_reference (one program) for up to 1024 pairs."""
+    """Triton version of moe.moe_align_reference (one program) for up to 1024 pairs."""
     num_pairs = topk_ids.numel()
     if num_pairs > MAX_TRITON_ALIGN_PAIRS:
         return moe_align_reference(topk_ids, num_experts, block_m)
@@ -184,7 +184,7 @@ def fused_moe(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """Triton fused MoE; same contract as reference.fused_moe_reference.
+    """Triton fused MoE; same contract as ops.fused_moe.
 
     x [T, H], w13 [E, 2I, H], w2 [E, H, I] (row-major, last dim contiguous), topk_ids [T, k],
     topk_weights [T, k]. Returns [T, H] in x's dtype.

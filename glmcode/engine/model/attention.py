@@ -9,14 +9,19 @@ Per token and layer the cache holds 576 values: the normalized 512-d latent c_kv
   the output, so queries attend over the cached latents directly and the cache is never
   re-expanded. Used for decode, and for prefill chunks too short to amortize an expansion.
 
-Both walk the context in pieces (each softmaxed on its own, then merged exactly), so memory
-stays bounded at any length.
+Which form, and which kernels compute it, is the batch's business: the runner that built the
+batch chose. `SpanBatch` (here; the module and fused-CPU runners) walks the context in pieces,
+each softmaxed on its own and then merged exactly, so memory stays bounded at any length;
+`cuda.attention.PagedBatch` (the CUDA runner) describes the context with tensors only, so a
+decode step can be captured in a CUDA graph. The projections, norms, rope and the cache write
+around it are the same for every path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +29,8 @@ from torch import nn
 
 from glmcode.engine.config import LATENT_NORM_EPS, ModelConfig
 from glmcode.engine.kv_cache import KVSpan, LayerCache
-from glmcode.engine.model.layers import RMSNorm, apply_rotary, linear
+from glmcode.engine import ops
+from glmcode.engine.model.layers import RMSNorm, linear
 
 
 @dataclass(frozen=True)
@@ -38,13 +44,16 @@ class SequenceSlice:
     spans: list[KVSpan]
 
 
-@dataclass
-class AttentionBatch:
+class AttentionBatch(Protocol):
+    """Where a forward pass's new tokens sit, and how they attend over the cache."""
+
     positions: torch.Tensor  # [T] position of each new token
     write_slots: torch.Tensor  # [T] cache slot each new token's latent goes to
-    sequences: list[SequenceSlice]
-    expanded: bool = False  # attend in the expanded form (a long prefill chunk of one sequence)
-    max_score_elements: int = 1 << 24  # bounds the [heads, queries, keys] scores of one piece
+
+    def attend(self, attn: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """q_nope [T, N, P] and roped q_pe [T, N, R] -> per-head outputs [T, N, V]; the new
+        tokens' latents are already in the cache."""
+        ...
 
 
 def expanded_is_cheaper(config: ModelConfig, num_queries: int) -> bool:
@@ -90,7 +99,7 @@ class KVBProjection(nn.Module):
         return torch.bmm(self.w_uv, latent.transpose(1, 2)).transpose(1, 2)
 
     def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W_UK transposed [N, L, P], W_UV [N, V, L]) as plain tensors, for expanding a context."""
+        """(W_UK transposed [N, L, P], W_UV [N, V, L]) as plain tensors, for expand_context."""
         return self.w_uk_t, self.w_uv
 
 
@@ -124,69 +133,85 @@ class MLAttention(nn.Module):
     def load_kv_b_proj(self, weight: torch.Tensor) -> None:
         self.kv_b_proj.load(weight)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        batch: AttentionBatch,
-        kv_cache: LayerCache,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """x: [T, hidden]; kv_cache: this layer's slots. Writes the new latents."""
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, kv_cache: LayerCache, cos_sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes the new tokens' latents into this layer's cache."""
         num_tokens = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
         q_nope, q_pe = q.view(num_tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], -1)
-        q_pe = apply_rotary(q_pe, cos, sin)
-
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], -1)
         latent = self.kv_a_layernorm(latent)
-        k_pe = apply_rotary(k_pe, cos, sin)
+        ops.rope_(q_pe, k_pe, batch.positions, cos_sin)
         kv_cache.write(batch.write_slots, torch.cat([latent, k_pe], -1))
-
-        attend = self._expanded_attention if batch.expanded else self._absorbed_attention
-        out = attend(q_nope.transpose(0, 1), q_pe.transpose(0, 1), kv_cache, batch)  # [T, N, V]
+        out = batch.attend(self, q_nope, q_pe, kv_cache)  # [T, N, V]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
-    def _expanded_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+
+def expand_context(kv_b: nn.Module, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latents [S, L] -> per-head keys (their nope part) [N, S, P] and values [N, S, V]."""
+    w_uk_t, w_uv = kv_b.halves()
+    heads, value_dim = w_uv.shape[0], w_uv.shape[1]
+    keys = torch.matmul(latent, w_uk_t)
+    values = F.linear(latent, w_uv.flatten(0, 1)).view(-1, heads, value_dim).transpose(0, 1)
+    return keys, values
+
+
+@dataclass
+class SpanBatch:
+    """The module path's batch: each sequence's context as host-side runs of cache slots.
+
+    A long prefill chunk of one sequence attends in the expanded form; decode steps and short
+    chunks (any number of sequences) in the absorbed form. Either way the context goes piece by
+    piece, each piece's scores [heads, queries, keys] under max_score_elements.
+    """
+
+    positions: torch.Tensor
+    write_slots: torch.Tensor
+    sequences: list[SequenceSlice]
+    expanded: bool = False
+    max_score_elements: int = 1 << 24
+
+    def attend(self, attn: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        form = self._expanded if self.expanded else self._absorbed
+        return form(attn, q_nope.transpose(0, 1), q_pe.transpose(0, 1), cache)
+
+    def _expanded(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
-        (seq,) = batch.sequences
-        queries = torch.cat([q_nope, q_pe], -1) * self.scale  # [N, T, P + R]
-        w_uk_t, w_uv = self.kv_b_proj.halves()
+        (seq,) = self.sequences
+        queries = torch.cat([q_nope, q_pe], -1) * attn.scale  # [N, T, P + R]
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            latent, k_pe = piece.split([self.latent_dim, self.rope_dim], -1)
-            k_nope = torch.matmul(latent, w_uk_t)  # [N, S, P]
-            v = F.linear(latent, w_uv.flatten(0, 1)).view(-1, self.num_heads, self.v_dim)
-            k_pe = k_pe.expand(self.num_heads, -1, -1)  # one rope key shared by all heads
+            latent, k_pe = piece.split([attn.latent_dim, attn.rope_dim], -1)
+            k_nope, v = expand_context(attn.kv_b_proj, latent)  # [N, S, P], [N, S, V]
+            k_pe = k_pe.expand(attn.num_heads, -1, -1)  # one rope key shared by all heads
             scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
-            return scores, v.transpose(0, 1)  # [N, S, V]
+            return scores, v
 
-        out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+        out = self._attend(attn.num_heads, scores_and_values, seq, cache)
         return out.transpose(0, 1).to(queries.dtype)
 
-    def _absorbed_attention(self, q_nope, q_pe, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+    def _absorbed(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        q_latent = self.kv_b_proj.absorb_query(q_nope)  # [N, T, L]
-        queries = torch.cat([q_latent, q_pe], -1) * self.scale  # [N, T, L + R]
-        out_latent = torch.empty_like(queries[..., : self.latent_dim])
-        for seq in batch.sequences:
+        q_latent = attn.kv_b_proj.absorb_query(q_nope)  # [N, T, L]
+        queries = torch.cat([q_latent, q_pe], -1) * attn.scale  # [N, T, L + R]
+        out_latent = torch.empty_like(queries[..., : attn.latent_dim])
+        for seq in self.sequences:
             seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
 
             def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
                 scores = torch.mm(piece, seq_queries.t()).t().contiguous()
-                return scores.view(self.num_heads, -1, piece.shape[0]), piece[:, : self.latent_dim]
+                return scores.view(attn.num_heads, -1, piece.shape[0]), piece[:, : attn.latent_dim]
 
-            out = self._attend(scores_and_values, seq, kv_cache, batch.max_score_elements)
+            out = self._attend(attn.num_heads, scores_and_values, seq, cache)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return self.kv_b_proj.values(out_latent).transpose(0, 1)  # [T, N, V]
+        return attn.kv_b_proj.values(out_latent).transpose(0, 1)  # [T, N, V]
 
     def _attend(
         self,
+        num_heads: int,
         scores_and_values: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         seq: SequenceSlice,
-        kv_cache: LayerCache,
-        max_score_elements: int,
+        cache: LayerCache,
     ) -> torch.Tensor:
         """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
 
@@ -196,9 +221,9 @@ class MLAttention(nn.Module):
         """
         num_queries = seq.rows.stop - seq.rows.start
         first = seq.first_position
-        query_pos = torch.arange(first, first + num_queries, device=kv_cache.device)[:, None]
-        piece_tokens = max(1, max_score_elements // (self.num_heads * num_queries))
-        pieces = list(_pieces(kv_cache, seq.spans, piece_tokens))
+        query_pos = torch.arange(first, first + num_queries, device=cache.device)[:, None]
+        piece_tokens = max(1, self.max_score_elements // (num_heads * num_queries))
+        pieces = list(_pieces(cache, seq.spans, piece_tokens))
         outputs, log_masses = [], []
         for start, piece in pieces:
             scores, values = scores_and_values(piece)

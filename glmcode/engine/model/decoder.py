@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.kv_cache import KVCache
+from glmcode.engine.kv_cache import KVCache, LayerCache
 from glmcode.engine.model.attention import AttentionBatch, MLAttention
 from glmcode.engine.model.layers import GatedMLP, RMSNorm, Rotary, linear
 from glmcode.engine.model.moe import MoE, Router
@@ -25,9 +25,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size) if dense else MoE(config)
 
-    def forward(self, x, batch: AttentionBatch, kv_cache, cos, sin) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_cache, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: AttentionBatch, kv_cache: LayerCache,
+                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(this layer's output, the residual stream before it): the next norm adds the two."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, kv_cache, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Backbone(nn.Module):
@@ -44,16 +51,17 @@ class GlmMoeLite(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = linear(config.hidden_size, config.vocab_size)
-        self.rotary = Rotary(config.rope_dim, config.rope_theta)
+        self.rotary = Rotary(config.rope_dim, config.rope_theta, config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_cache: KVCache) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden]; the new tokens' latents are
         written into the cache."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        cos_sin = self.rotary.cos_sin(x.device)
+        residual = None
         for layer, layer_cache in zip(self.model.layers, kv_cache.layers):
-            x = layer(x, batch, layer_cache, cos, sin)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, batch, layer_cache, cos_sin)
+        return self.model.norm(x, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

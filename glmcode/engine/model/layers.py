@@ -1,56 +1,48 @@
 """Building blocks shared by attention and the feed-forward layers.
 
 Every projection is a plain bias-free `nn.Linear` called as `module(x)`, so a quantized module
-with the same call signature can replace it after the weights are loaded.
+with the same call signature can replace it after the weights are loaded. The arithmetic is in
+engine/ops.py, which runs the GPU kernels on CUDA tensors.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from glmcode.engine import ops
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer that takes the fast CPU kernel for few-row inputs."""
+    """A bias-free linear layer that takes the fast CPU form for few-row inputs (ops.linear)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_forward(x, self.weight)
+        return ops.linear(x, self.weight)
 
 
 def linear(in_features: int, out_features: int) -> Linear:
     return Linear(in_features, out_features)
 
 
-def linear_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. Decode multiplies one or a few rows by big weights; on CPU, torch.mv and
-    weight @ x.T run those 3-4x faster than F.linear (measured in bf16, torch 2.13)."""
-    rows = x.numel() // x.shape[-1]
-    if not x.is_cpu or rows > 32:
-        return F.linear(x, weight)
-    flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:
-        out = torch.mv(weight, flat[0])
-    else:
-        out = torch.mm(weight, flat.t()).t()
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
 class RMSNorm(nn.Module):
-    """Normalizes in float32, casts back, then scales (the reference's order of operations)."""
+    """Normalizes in float32, casts back, then scales (the reference's order of operations).
+
+    Called with a residual, it first adds it and returns (normed, sum): the pre-norm block
+    boundary in one step.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -63,37 +55,32 @@ class GatedMLP(nn.Module):
         self.down_proj = linear(width, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
 
 
 class Rotary:
-    """Rotary position embedding on interleaved pairs (x[2i], x[2i+1]).
+    """Rotary position embedding: the float32 cos | sin table that ops.rope_ reads by position.
 
-    The rotated pairs come out de-interleaved (all first elements, then all second elements),
-    exactly as the reference does it. Queries and keys go through the same function, so q.k is
-    unchanged by that permutation, and the cache stores keys in this layout.
+    The angles are computed as the reference implementation computes them (float32 positions
+    times float32 inverse frequencies), so the tables agree to the bit.
     """
 
-    def __init__(self, dim: int, theta: float):
+    def __init__(self, dim: int, theta: float, max_positions: int):
         # Explicit device: the model is built under a meta-device context.
         exponents = torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim
         self.inv_freq = 1.0 / (theta**exponents)
+        self.max_positions = max_positions
+        self._table: torch.Tensor | None = None
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape [T, dim / 2] for integer positions [T]."""
-        inv_freq = self.inv_freq.to(positions.device)
-        angles = positions[:, None].float() * inv_freq
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def cos_sin(self, device: torch.device) -> torch.Tensor:
+        """The table [positions, dim] (cos of the dim/2 frequencies, then their sin) on `device`.
+        Built once (CUDA graphs read it at a fixed address); see `reserve`."""
+        if self._table is None or self._table.device != device:
+            self.reserve(self.max_positions, device)
+        return self._table
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, ..., dim]; cos/sin: [T, dim / 2], broadcast over the middle dims."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+    def reserve(self, num_positions: int, device: torch.device) -> None:
+        """Build the table for positions [0, num_positions): an engine whose context is shorter
+        than the model's maximum needs no more."""
+        angles = torch.arange(num_positions, dtype=torch.float, device=device)[:, None] * self.inv_freq.to(device)
+        self._table = torch.cat([angles.cos(), angles.sin()], dim=-1).contiguous()

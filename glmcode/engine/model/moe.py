@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmcode.engine import ops
 from glmcode.engine.config import ModelConfig
-from glmcode.engine.model.layers import GatedMLP, linear_forward, silu_and_mul
+from glmcode.engine.model.layers import GatedMLP
 
 
 class Router(nn.Module):
-    """Top-k expert choice in float32.
+    """Top-k expert choice in float32 (ops.route_topk).
 
     Scores are sigmoid(logits). The correction bias only steers which experts are picked; the
     weights are the unbiased scores of the picked experts, renormalized, times the routed
@@ -28,17 +29,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.empty(config.n_routed_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
-        choice = scores + self.e_score_correction_bias
-        if self.n_group > 1:
-            choice = self._keep_best_groups(choice)
+    def forward(self, x: torch.Tensor, shared_expert_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] -> (expert ids [T, k] int32, weights [T, k] float32); with
+        shared_expert_id, one more always-picked slot of weight 1."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.n_group == 1:
+            return ops.route_topk(logits, self.e_score_correction_bias, self.top_k, self.scaling, self.normalize, shared_expert_id)
+        scores = logits.sigmoid()
+        choice = self._keep_best_groups(scores + self.e_score_correction_bias)
         expert_ids = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, expert_ids)
         if self.normalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, expert_ids
+        expert_ids, weights = expert_ids.to(torch.int32), weights * self.scaling
+        if shared_expert_id is not None:
+            expert_ids, weights = ops.with_shared_expert(expert_ids, weights, shared_expert_id)
+        return expert_ids, weights
 
     def _keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Group-limited routing: only experts in the topk_group best groups stay eligible."""
@@ -52,8 +58,8 @@ class Router(nn.Module):
 class RoutedExperts(nn.Module):
     """All routed experts of one layer, stacked: gate_up [E, 2I, H] and down [E, H, I].
 
-    Only the experts a token picked are computed. A quantized variant replaces this module
-    whole, keeping `forward(x, expert_ids, weights)`.
+    Only the experts a token picked are computed (ops.fused_moe). A quantized variant replaces
+    this module whole, keeping `forward(x, expert_ids, weights)`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -62,39 +68,8 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, width))
 
-    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        hidden = silu_and_mul(linear_forward(x, self.gate_up_proj[index]))
-        return linear_forward(hidden, self.down_proj[index])
-
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return self._one_token(x, expert_ids[0], weights[0])
-        return self._grouped_by_expert(x, expert_ids, weights)
-
-    def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = None
-        for index, weight in zip(expert_ids.tolist(), weights.unbind()):
-            y = (self.expert(index, x).float() * weight).to(x.dtype)
-            out = y if out is None else out + y
-        return out
-
-    def _grouped_by_expert(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        top_k = expert_ids.shape[1]
-        flat_ids = expert_ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_of = order // top_k
-        sorted_weights = weights.flatten()[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for index, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
-            y = self.expert(index, x[tokens]).float() * sorted_weights[start : start + count, None]
-            out.index_add_(0, tokens, y.to(x.dtype))
-            start += count
-        return out
+        return ops.fused_moe(x, self.gate_up_proj, self.down_proj, expert_ids, weights)
 
 
 class MoE(nn.Module):
@@ -103,7 +78,24 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.experts = RoutedExperts(config)
         self.shared_experts = GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.shared_expert_id: int | None = None  # set by fold_shared_expert
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, expert_ids = self.gate(x)
-        return self.experts(x, expert_ids, weights) + self.shared_experts(x)
+        expert_ids, weights = self.gate(x, self.shared_expert_id)
+        out = self.experts(x, expert_ids, weights)
+        return out if self.shared_expert_id is not None else out + self.shared_experts(x)
+
+    def fold_shared_expert(self) -> bool:
+        """Make the shared expert the last of the stacked routed experts, picked by every token,
+        so one fused MoE call runs it too (the GPU path does this once at load; the modules
+        keep views of the new stacks, so nothing is held twice). False when it cannot be folded:
+        quantized experts, or a shared expert wider than a routed one (n_shared_experts > 1)."""
+        experts, shared = self.experts, self.shared_experts
+        if type(experts) is not RoutedExperts or shared.width != experts.down_proj.shape[2]:
+            return False
+        self.shared_expert_id = experts.gate_up_proj.shape[0]
+        for name, shared_linear in (("gate_up_proj", shared.gate_up_proj), ("down_proj", shared.down_proj)):
+            stacked = torch.cat([getattr(experts, name), shared_linear.weight[None]])
+            setattr(experts, name, nn.Parameter(stacked, requires_grad=False))
+            shared_linear.weight = nn.Parameter(stacked[-1], requires_grad=False)
+        return True

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmcode.engine import ops
 from glmcode.engine.cpu import kernels as cpu_kernels
 from glmcode.engine.cpu.kernels import in_huge_pages
 from glmcode.engine.quant import linear
@@ -13,43 +14,16 @@ from glmcode.engine.quant.formats import Int4Weight, QuantizedWeight
 
 
 class _RoutedExperts(nn.Module):
-    """``forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H]``.
-
-    Returns ``sum_i topk_weights[t, i] * expert_{topk_ids[t, i]}(x[t])``. Only the experts
-    that some token selected run; each runs once on all of its tokens.
-    """
+    """``forward(x [T, H], topk_ids [T, k], topk_weights [T, k]) -> [T, H]``: the weighted sum of
+    each token's experts, grouped by expert (ops.moe_by_expert), as the float experts do."""
 
     num_experts: int
 
     def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        weights = weights.to(x.dtype)
-        out = None
-        for slot, index in enumerate(ids.tolist()):
-            y = self.expert(index, x) * weights[slot]
-            out = y if out is None else out + y
-        return out
-
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return self.one_token(x, topk_ids[0], topk_weights[0])
-        out = torch.zeros_like(x)
-        flat_ids = topk_ids.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        token_of = order // topk_ids.shape[1]
-        weights = topk_weights.reshape(-1)[order].to(x.dtype)
-        start = 0
-        for expert_index, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_of[start : start + count]
-            y = self.expert(expert_index, x[rows]) * weights[start : start + count, None]
-            out.index_add_(0, rows, y)
-            start += count
-        return out
+        return ops.moe_by_expert(x, topk_ids, topk_weights, self.expert)
 
 
 class QuantizedExperts(_RoutedExperts):
@@ -94,10 +68,13 @@ class StackedInt4Experts(_RoutedExperts):
         gate, up = self._linear("up", index, x.to(self.compute_dtype), self.up_group).chunk(2, dim=-1)
         return self._linear("down", index, F.silu(gate) * up, self.down_group)[:, : self.hidden_size].to(x.dtype)
 
-    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            return super().forward(x, topk_ids, topk_weights)
+        # one token: all of its experts in one kernel call
         y = cpu_kernels.ops().int4_moe_token(
-            x.to(self.compute_dtype), ids, weights, self.up_packed, self.up_scales, self.up_zeros, self.up_group,
-            self.down_packed, self.down_scales, self.down_zeros, self.down_group,
+            x.to(self.compute_dtype), topk_ids[0], topk_weights[0], self.up_packed, self.up_scales, self.up_zeros,
+            self.up_group, self.down_packed, self.down_scales, self.down_zeros, self.down_group,
         )
         return y[:, : self.hidden_size].to(x.dtype)
 

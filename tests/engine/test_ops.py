@@ -1,7 +1,4 @@
-"""The PyTorch references (the CPU path and the kernels' oracle) against the model math itself.
-
-These need no triton.
-"""
+"""The ops' PyTorch bodies (the CPU path and the kernels' oracle) against the model math itself."""
 
 from __future__ import annotations
 
@@ -9,14 +6,8 @@ import pytest
 import torch
 
 from glmcode.engine import ops
-from glmcode.engine.cuda.reference import (
-    fused_moe_reference,
-    grouped_mm_available,
-    grouped_moe,
-    rope_cos_sin,
-    rope_interleaved_reference,
-    silu_mul_reference,
-)
+from glmcode.engine.cuda.moe import grouped_mm_available, grouped_moe
+from glmcode.engine.model.layers import Rotary
 from glmcode.engine.quant.latent_cache import quantize_fp8_per_token
 
 
@@ -44,11 +35,12 @@ def test_absorbed_decode_equals_expanded_attention():
     rows = torch.cat([c_kv, k_pe], dim=-1)
     for position in range(context):
         cache[pages[position // block_size], position % block_size] = rows[position]
-    absorbed = ops.absorbed_mla_decode(
-        q_nope[None].float(), q_pe[None].float(), w_uk.float(), w_uv.float(), cache.float(), pages[None],
-        torch.tensor([context], dtype=torch.int32), scale,
+    q_latent = torch.einsum("np,npl->nl", q_nope, w_uk)  # W_UK folded into the query
+    out_latent = ops.mla_decode(
+        q_latent[None].float(), q_pe[None].float(), cache.float(), pages[None], torch.tensor([context], dtype=torch.int32), scale
     )[0]
-    torch.testing.assert_close(absorbed.double(), expanded, atol=1e-4, rtol=1e-4)
+    absorbed = torch.einsum("nl,nvl->nv", out_latent.double(), w_uv)  # W_UV applied after
+    torch.testing.assert_close(absorbed, expanded, atol=1e-4, rtol=1e-4)
 
 
 def naive_moe(x, w13, w2, ids, weights):
@@ -61,7 +53,7 @@ def naive_moe(x, w13, w2, ids, weights):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_reference_and_grouped_path_match_the_formula(dtype):
+def test_moe_and_its_grouped_gpu_form_match_the_formula(dtype):
     gen = torch.Generator().manual_seed(1)
     tokens, experts, top_k, hidden, inter = 7, 5, 2, 32, 16
     x = torch.randn(tokens, hidden, generator=gen).to(dtype)
@@ -71,28 +63,34 @@ def test_moe_reference_and_grouped_path_match_the_formula(dtype):
     weights = torch.rand(tokens, top_k, generator=gen)
     want = naive_moe(x, w13, w2, ids, weights)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(fused_moe_reference(x, w13, w2, ids, weights).double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(ops.fused_moe(x, w13, w2, ids, weights).double(), want, atol=tol, rtol=tol)
     if grouped_mm_available(x.device):
         torch.testing.assert_close(grouped_moe(x, w13, w2, ids, weights).double(), want, atol=tol, rtol=tol)
 
 
-def test_rope_layouts_agree_on_dot_products_and_depend_on_relative_position():
+def rope_table(positions: int, rope_dim: int, theta: float) -> torch.Tensor:
+    return Rotary(rope_dim, theta, positions).cos_sin(torch.device("cpu"))
+
+
+def test_rope_dot_products_depend_on_relative_position_only():
     gen = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 2, 64, generator=gen), torch.randn(1, 64, generator=gen)
-    table = rope_cos_sin(64, 64, 1e6)
+    table = rope_table(64, 64, 1e6)
 
-    def score(q_pos, k_pos, deinterleave):
-        q_rot = rope_interleaved_reference(q, torch.tensor([q_pos]), table, deinterleave)
-        k_rot = rope_interleaved_reference(k, torch.tensor([k_pos]), table, deinterleave)
+    def score(q_pos, k_pos):
+        q_rot, k_rot = q.clone(), k.clone()
+        ops.rope_(q_rot, torch.zeros(1, 64), torch.tensor([q_pos]), table)
+        ops.rope_(torch.zeros(1, 1, 64), k_rot, torch.tensor([k_pos]), table)
         return q_rot[0] @ k_rot[0]
 
-    torch.testing.assert_close(score(9, 4, False), score(9, 4, True))
-    torch.testing.assert_close(score(9, 4, False), score(25, 20, False), atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(score(9, 4, False), score(9, 5, False))
-    # the pair (x0, x1) at position 1 turns by exactly one radian (inv_freq[0] = 1)
-    rotated = rope_interleaved_reference(torch.tensor([[1.0, 0.0] * 32]), torch.tensor([1]), table)
-    torch.testing.assert_close(rotated[0, :2], torch.tensor([1.0, 1.0]).cos() * torch.tensor([1.0, 0.0])
-                               + torch.tensor([0.0, 1.0]) * torch.tensor(1.0).sin())
+    torch.testing.assert_close(score(9, 4), score(25, 20), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(9, 4), score(9, 5))
+    # the pair (x0, x1) at position 1 turns by exactly one radian (inv_freq[0] = 1); the rotated
+    # pair lands de-interleaved, at dims 0 and 32
+    x = torch.tensor([[1.0, 0.0] * 32])
+    ops.rope_(torch.zeros(1, 1, 64), x, torch.tensor([1]), table)
+    one = torch.tensor(1.0)
+    torch.testing.assert_close(torch.stack([x[0, 0], x[0, 32]]), torch.stack([one.cos(), one.sin()]))
 
 
 def test_fp8_per_token_round_trip_is_within_the_format_precision():
@@ -104,15 +102,10 @@ def test_fp8_per_token_round_trip_is_within_the_format_precision():
     assert relative.max() < 2**-4  # e4m3: 3 mantissa bits
 
 
-def test_dispatchers_use_the_references_on_cpu():
+def test_ops_run_their_pytorch_bodies_on_cpu():
     gen = torch.Generator().manual_seed(3)
     gate_up = torch.randn(2, 8, generator=gen)
     assert not ops.uses_triton(gate_up)
-    torch.testing.assert_close(ops.silu_mul(gate_up), silu_mul_reference(gate_up))
-    q_pe, k_pe = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 8, generator=gen)
-    positions, table = torch.tensor([0, 3, 5]), rope_cos_sin(8, 8, 1e4)
-    want_q = rope_interleaved_reference(q_pe, positions, table)
-    want_k = rope_interleaved_reference(k_pe, positions, table)
-    ops.rope_interleaved_(q_pe, k_pe, positions, table)
-    torch.testing.assert_close(q_pe, want_q)
-    torch.testing.assert_close(k_pe, want_k)
+    torch.testing.assert_close(ops.silu_mul(gate_up), ops.silu_mul.reference(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
