@@ -1,8 +1,9 @@
 """bubblewrap (`bwrap`): the command in new namespaces, seeing a filesystem built for it.
 
 The root is bound read-only; the repository is bound back writable (workspace-write) with its
-`.git/` read-only over it; /tmp is a fresh tmpfs; each hidden directory is covered by an empty
-tmpfs and each hidden file by /dev/null. `--unshare-all` gives new user, pid, network, ipc, uts
+`.git/` read-only over it; /tmp is a fresh tmpfs, through which the Python environments and PATH
+directories that live under /tmp (a CI checkout's virtualenv, say) show read-only; each hidden
+directory is covered by an empty tmpfs and each hidden file by /dev/null. `--unshare-all` gives new user, pid, network, ipc, uts
 and cgroup namespaces (`--share-net` keeps the network when the policy allows it): the command
 sees only a loopback interface, and when it exits the kernel kills everything left in its pid
 namespace, however it detached. `--die-with-parent` ends the sandbox when glmcode goes.
@@ -14,8 +15,10 @@ Works unprivileged and as root where the kernel allows user namespaces; the prob
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from glmcode.sandbox.policy import SandboxPolicy
@@ -50,6 +53,8 @@ def argv(policy: SandboxPolicy, command: str) -> list[str]:
     if policy.network:
         args.append("--share-net")
     args += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in _toolchains_in_tmp(policy.root):
+        args += ["--ro-bind", str(path), str(path)]
     root = str(policy.root)
     args += ["--bind" if policy.writable else "--ro-bind", root, root]  # after /tmp: the repo may be in it
     for path in policy.protected:
@@ -67,6 +72,22 @@ _TMP = Path("/tmp")
 
 def _under(path: Path, top: Path) -> bool:
     return path == top or top in path.parents
+
+
+def _toolchains_in_tmp(root: Path) -> list[Path]:
+    """What the private /tmp would hide but commands need: glmcode's own Python environment and
+    the directories on PATH (a `bin/` entry counts as its parent, the virtualenv), under /tmp."""
+    candidates = [Path(sys.prefix), Path(sys.base_prefix)]
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if entry:
+            candidates.append(Path(entry).parent if Path(entry).name == "bin" else Path(entry))
+    found: list[Path] = []
+    for candidate in candidates:
+        path = candidate.resolve()
+        if path != _TMP and _under(path, _TMP) and not _under(path, root) and path.is_dir():
+            if not any(_under(path, seen) for seen in found):
+                found = [seen for seen in found if not _under(seen, path)] + [path]
+    return found
 
 
 def _hide(path: Path) -> list[str]:

@@ -10,6 +10,7 @@ each mode; every mechanism that works on this machine must give exactly that.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -156,6 +157,20 @@ def test_a_timeout_kills_the_whole_tree(mechanism, repo: Path, home: Path) -> No
     result = call(ws, "run_command", command=f"setsid sleep {marker} & sleep 600", timeout=1)
     assert "timed out after 1s" in result.output
     assert not outlived(marker)
+
+
+def test_a_toolchain_under_tmp_stays_visible_read_only(repo: Path, home: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bubblewrap's private /tmp must not hide the virtualenv a CI checkout in /tmp runs from."""
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip("the temporary directory is not under /tmp")
+    tool = write(tmp_path / "venv", "bin/mytool", "#!/bin/sh\necho the tool ran\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tool.parent}{os.pathsep}{os.environ['PATH']}")
+    ws = sandboxed(repo, home, "workspace-write", bubblewrap)
+    result = call(ws, "run_command", command=f"mytool && touch {tool.parent}/planted")
+    assert "the tool ran" in result.output and "Read-only file system" in result.output, result.output
+    assert not (tool.parent / "planted").exists()
 
 
 def test_landlock_keeps_new_top_level_entries_out(repo: Path, home: Path) -> None:
