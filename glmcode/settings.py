@@ -23,6 +23,7 @@ from glmcode.errors import UsageError
 from glmcode.options import (
     APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode, choices,
 )
+from glmcode.mcp.config import McpServerConfig, merge_server_tables, parse_servers
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
 SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")
@@ -74,6 +75,8 @@ class Settings:
     top_p: float = 1.0
     max_output_tokens: int = 16384
     sessions_dir: str | None = None
+    # [mcp_servers.NAME] tables from the config files (glmcode.mcp.config), merged name by name
+    mcp_servers: dict[str, McpServerConfig] = field(default_factory=dict)
     # key -> "default" | a config file path | "env GLMCODE_X" | "flag"
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -95,6 +98,8 @@ class Settings:
             else:
                 text = _format_value(value)
             rows.append((key, text, self.sources.get(key, "default")))
+        servers = [name + ("" if server.enabled else " (disabled)") for name, server in self.mcp_servers.items()]
+        rows.append(("mcp_servers", ", ".join(servers) or "(none)", self.sources.get("mcp_servers", "default")))
         return rows
 
 
@@ -246,7 +251,8 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_output_tokens": _positive_int,
     "sessions_dir": _path,
 }
-KEYS = tuple(f.name for f in fields(Settings) if f.name != "sources")
+# Flat keys; `mcp_servers` is a table of tables, read from the config files only (load_settings).
+KEYS = tuple(f.name for f in fields(Settings) if f.name not in ("sources", "mcp_servers"))
 assert set(KEYS) == set(PARSERS), "every setting needs a parser"
 
 DESCRIPTIONS = {
@@ -315,7 +321,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _apply(settings: Settings, key: str, value: Any, source: str, where: str, *, repo_file: bool = False) -> None:
     if key not in PARSERS:
-        raise UsageError(f"unknown setting '{key}' in {where} (known: {', '.join(KEYS)})")
+        raise UsageError(f"unknown setting '{key}' in {where} (known: {', '.join(KEYS)}, mcp_servers)")
     try:
         parsed = PARSERS[key](value)
     except _Invalid as problem:
@@ -335,9 +341,15 @@ def load_settings(
     """Merge every layer; flag overrides whose value is None are ignored (flag not given)."""
     env = os.environ if env is None else env
     settings = Settings()
+    servers: dict[str, dict[str, Any]] = {}
     for path, repo_file in ((user_config_path(env), False), (repo_config_path(Path(repo_root)), True)):
         for key, value in _read_toml(path).items():
+            if key == "mcp_servers":
+                merge_server_tables(servers, value, str(path))
+                settings.sources[key] = str(path)
+                continue
             _apply(settings, key, value, str(path), str(path), repo_file=repo_file)
+    settings.mcp_servers = parse_servers(servers)
     for key in KEYS:
         name = env_var(key)
         if name in env and key not in NOT_FROM_ENV:

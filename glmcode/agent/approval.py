@@ -5,7 +5,9 @@ edits freely and asks before commands; `yolo` allows everything. Command rules a
 a command's words ("git push", "pytest"). They are checked on every simple command of a shell
 line (`a && b`, `a; b`, `a | b`, `$(b)`), after env assignments and wrappers such as `env` or
 `sudo`, so `FOO=1 git push -f` and `ls && git push` are caught. A deny rule always wins, even in
-yolo; a command whose every part is allowed runs without asking.
+yolo; a command whose every part is allowed runs without asking. Tools that run like commands
+without being shell lines (MCP tools) are matched by their `rule_name`, deny rules even when the
+tool is read-only.
 """
 
 from __future__ import annotations
@@ -155,16 +157,16 @@ class Approver:
 
     def decide(self, tool: Tool, arguments: dict[str, Any], preview: str | None = None) -> Decision:
         """May this call run? Read tools always may; the rest depends on the mode, rules and the human."""
+        line = tool.rule_name or str(arguments.get("command") or preview or "")
         if tool.kind == "read":
-            return Decision(True, "read-only")
+            refusal = self._denied(line) if tool.rule_name else None
+            return refusal or Decision(True, "read-only")
         if self.mode is ApprovalMode.PLAN:
             return Decision(False, _PLAN_REFUSAL)
         if tool.kind == "command":
-            line = str(arguments.get("command") or preview or "")
-            rule = self.rules.denied(line) if line else None
-            if rule is not None:
-                return Decision(False, f"Refused: the user's rules deny `{rule}` commands. Do not retry it "
-                                       "in another form; find another way or tell the user what is needed.")
+            refusal = self._denied(line)
+            if refusal is not None:
+                return refusal
             if self.mode is ApprovalMode.YOLO:
                 return Decision(True, "yolo mode")
             if line and self.rules.allowed(line):
@@ -172,6 +174,13 @@ class Approver:
         elif self.mode in (ApprovalMode.AUTO_EDIT, ApprovalMode.YOLO):
             return Decision(True, f"{self.mode.value} mode")
         return self._ask_human(tool, arguments, preview)
+
+    def _denied(self, line: str) -> Decision | None:
+        rule = self.rules.denied(line) if line else None
+        if rule is None:
+            return None
+        return Decision(False, f"Refused: the user's rules deny `{rule}` commands. Do not retry it in another "
+                               "form; find another way or tell the user what is needed.")
 
     def _ask_human(self, tool: Tool, arguments: dict[str, Any], preview: str | None) -> Decision:
         what = "running a command" if tool.kind == "command" else "changing files"

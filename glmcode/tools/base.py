@@ -30,6 +30,9 @@ class Tool:
     preview: Callable[["Workspace", dict[str, Any]], str | None] = lambda workspace, arguments: None
     # Files an edit will change, to checkpoint first; None means "anything" (a command).
     touched_paths: Callable[["Workspace", dict[str, Any]], list[Path] | None] = lambda workspace, arguments: None
+    # For a tool that is not a shell command but runs like one (an MCP tool): the name the
+    # allow/deny command rules match. None: the rules see the `command` argument or the preview.
+    rule_name: str | None = None
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI-style function spec the model sees."""

@@ -73,7 +73,11 @@ def check_arguments(tool: Tool, arguments: Any) -> dict[str, Any]:
     for key, value in arguments.items():
         if value is None:
             continue
-        kind = properties[key].get("type", "string")
+        schema = properties[key]
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        if not isinstance(kind, str):  # no single declared type (anyOf, a list of types): as given
+            checked[key] = value
+            continue
         value = _coerce(value, kind)
         is_number_but_bool = kind in ("integer", "number") and isinstance(value, bool)
         if not isinstance(value, _TYPES.get(kind, (object,))) or is_number_but_bool:
