@@ -1,7 +1,8 @@
 """The `glmcode` command: flags and commands only.
 
-A command parses its arguments and hands over: `ask` and `fix` to glmcode.run, `chat` to
-glmcode.repl, the rest to the module that owns what they show (doctor, weights, settings).
+A command parses its arguments and hands over: `ask`, `fix` and `run` to glmcode.run, `chat` to
+glmcode.repl, the rest to the module that owns what they show (doctor,
+weights, settings, glmcode.mcp.manage).
 
 The flags the agent commands share are declared once (`RUN_OPTIONS`, one per `RunFlags` field);
 `with_run_flags` adds the named ones to a command, which receives them as one `RunFlags`.
@@ -51,8 +52,10 @@ app = typer.Typer(
 )
 model_app = typer.Typer(cls=Group, help="Inspect, download and quantize the model weights.")
 config_app = typer.Typer(cls=Group, help="Show the configuration.")
+mcp_app = typer.Typer(cls=Group, help="List, add, remove and test MCP servers (mcp_servers in the config).")
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
+app.add_typer(mcp_app, name="mcp")
 
 # --- the flags the agent commands share ------------------------------------------------------------
 
@@ -244,19 +247,40 @@ def chat(flags: RunFlags) -> None:
     raise typer.Exit(run_repl(settings, repo_root, replay=flags.replay, resume=flags.resume_id(), yes=flags.yes))
 
 
+@app.command("run", cls=Command)
+@interruptible
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "output_format", "replay")
+def run_command(
+    name: Annotated[str, typer.Argument(help="The custom command: .glmcode/commands/NAME.md or the user's.")],
+    arguments: Annotated[list[str] | None, typer.Argument(help="Its arguments ($ARGUMENTS, $1, $2...).")] = None,
+    *,
+    flags: RunFlags,
+) -> None:
+    """Run a custom command to the end, as a script would: `glmcode run review src/app.py --yes`."""
+    from glmcode.custom_commands import load_commands
+    from glmcode.repl import BUILTIN_NAMES
+
+    _check_output_format(flags.output_format)
+    words = list(arguments or [])
+    command = load_commands(find_repo(flags.repo), builtins=BUILTIN_NAMES).require(name)
+    prompt = command.render(" ".join(words), words)
+    raise typer.Exit(run_task(flags, prompt, command="run", read_only=False, verify=False))
+
+
 @app.command(cls=Command)
 @interruptible
 def doctor(
     model: ModelOpt = None, repo: RepoOpt = None,
 ) -> None:
-    """Check torch, CUDA, memory, the weights and the remote key; print the fix for each problem."""
+    """Check torch, CUDA, memory, the weights, the remote key and the MCP servers; print the fix for each problem."""
     from glmcode.doctor import can_run_something, run_checks
 
-    settings = load_settings(find_repo(repo), {"model": model})
+    repo_root = find_repo(repo)
+    settings = load_settings(repo_root, {"model": model})
     console = Console(highlight=False, soft_wrap=True)
     checks = []
     with console.status("checking…") as status:  # shown on a terminal only
-        for check in run_checks(settings, progress=lambda what: status.update(f"{what}…")):
+        for check in run_checks(settings, repo=repo_root, progress=lambda what: status.update(f"{what}…")):
             console.print(check.line(), markup=False)
             checks.append(check)
     if not can_run_something(checks):
@@ -361,6 +385,103 @@ def config_show(
     for key, value, source in rows:
         table.add_row(key, value, source)
     console.print(table)
+
+
+# --- mcp --------------------------------------------------------------------------------------------
+
+ScopeOpt = Annotated[str, typer.Option(
+    "--scope", help="user (~/.config/glmcode/config.toml) or repo (.glmcode.toml of the repository).")]
+
+
+@mcp_app.command("list", cls=Command)
+@interruptible
+def mcp_list(
+    repo: RepoOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The configured MCP servers, where each is declared, what it runs (keys masked)."""
+    from glmcode.mcp.manage import listing
+
+    rows = listing(load_settings(find_repo(repo), {}))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no MCP servers configured; add one with `glmcode mcp add NAME -- COMMAND [ARGS...]`")
+        return
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:  # one line each, unwrapped, for grep as much as for eyes
+        state = "" if row["enabled"] else " (disabled)"
+        tools = "" if row["tools"] == "all" else f" tools: {', '.join(row['tools'])};"
+        print(f"{row['name']:<{width}}  {row['transport']:<5}  {row['target']}{state}  [{tools} in {row['source']}]")
+
+
+@mcp_app.command("add", cls=Command)
+@interruptible
+def mcp_add(
+    name: Annotated[str, typer.Argument(help="A name for the server (its tools become mcp__NAME__TOOL).")],
+    command: Annotated[list[str] | None, typer.Argument(
+        help="After --: the command and its arguments (stdio).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="A streamable HTTP server instead of a command.")] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", "-e", help="KEY=VALUE for the server (VAR in braces after a $ reads the environment).")] = None,
+    header: Annotated[list[str] | None, typer.Option(
+        "--header", help="KEY=VALUE HTTP header (VAR in braces after a $ reads the environment).")] = None,
+    tools: Annotated[str | None, typer.Option("--tools", help="Comma-separated tools to expose (default all).")] = None,
+    trust_read_only: Annotated[bool, typer.Option(
+        "--trust-read-only", help="Run its read-only tools without approval.")] = False,
+    scope: ScopeOpt = "user",
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a server of the same name.")] = False,
+    repo: RepoOpt = None,
+) -> None:
+    """Declare an MCP server: `glmcode mcp add git -- mcp-server-git --repository .` or `--url URL`."""
+    from glmcode.mcp.manage import add_server, config_file, parse_pairs
+
+    if bool(command) == bool(url):
+        raise UsageError("give the server's command after -- (stdio) or --url URL (HTTP), not both or neither")
+    table: dict[str, Any] = {"url": url} if url else {"command": command[0], "args": command[1:]}
+    if env:
+        table["env"] = parse_pairs(env, "--env")
+    if header:
+        table["headers"] = parse_pairs(header, "--header")
+    if tools:
+        table["tools"] = [tool.strip() for tool in tools.split(",") if tool.strip()]
+    if trust_read_only:
+        table["trust_read_only"] = True
+    path = config_file(scope, find_repo(repo))
+    config = add_server(path, name, table, replace=replace)
+    print(f"added MCP server {name} ({config.transport}: {config.target()}) to {path}; "
+          f"check it with `glmcode mcp test {name}`")
+
+
+@mcp_app.command("remove", cls=Command)
+@interruptible
+def mcp_remove(
+    name: Annotated[str, typer.Argument(help="The server to remove.")],
+    scope: Annotated[str | None, typer.Option(
+        "--scope", help="user or repo (default: the one file that declares it).")] = None,
+    repo: RepoOpt = None,
+) -> None:
+    """Delete [mcp_servers.NAME] from the config file that declares it."""
+    from glmcode.mcp.manage import config_file, remove_server
+
+    repo_root = find_repo(repo)
+    paths = [config_file(scope, repo_root)] if scope else [user_config_path(), repo_config_path(repo_root)]
+    print(f"removed MCP server {name} from {remove_server(paths, name)}")
+
+
+@mcp_app.command("test", cls=Command)
+@interruptible
+def mcp_test(
+    name: Annotated[str, typer.Argument(help="The server to start.")],
+    repo: RepoOpt = None,
+) -> None:
+    """Start one MCP server, list its tools, stop it (exit 3 if it does not start)."""
+    from glmcode.mcp.manage import test_server
+
+    repo_root = find_repo(repo)
+    for line in test_server(load_settings(repo_root, {}), repo_root, name, show_progress=sys.stderr.isatty()):
+        print(line)
 
 
 # --- entry point ------------------------------------------------------------------------------------

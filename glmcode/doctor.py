@@ -202,8 +202,24 @@ def check_sandbox(mechanisms: Sequence[Mechanism] | None = None) -> Check:
                  "commands make no new top-level files in the repository")
 
 
+def check_mcp_servers(settings: Settings, repo: Path) -> list[Check]:
+    """Start every enabled MCP server (together) and report the ones that do not start."""
+    from glmcode.mcp.manage import probe
+
+    checks = []
+    for name, started, what in probe(settings, repo):
+        if started:
+            checks.append(Check("ok", f"MCP server {name} started ({what})"))
+        else:
+            where = ", ".join(settings.mcp_servers[name].sources) or "the config"
+            checks.append(Check("fail", f"MCP server {name} did not start: {what}",
+                                f"fix [mcp_servers.{name}] in {where}, or set enabled = false; "
+                                f"`glmcode mcp test {name}` tries it alone"))
+    return checks
+
+
 def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
-               progress: Callable[[str], None] = lambda what: None) -> Iterator[Check]:
+               progress: Callable[[str], None] = lambda what: None, repo: Path | None = None) -> Iterator[Check]:
     """Every check in order, each as soon as it is done; `progress` hears what a slow one is doing."""
     yield check_python()
     progress("loading torch, looking for a CUDA GPU")
@@ -219,6 +235,9 @@ def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
     yield check_remote_key(settings, env)
     yield check_sandbox()
     yield from check_optional_tools()
+    if repo is not None and any(config.enabled for config in settings.mcp_servers.values()):
+        progress("starting the MCP servers")
+        yield from check_mcp_servers(settings, repo)
 
 
 def can_run_something(checks: list[Check]) -> bool:

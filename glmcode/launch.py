@@ -1,6 +1,7 @@
 """From settings to a ready agent: pick and open the backend, build the agent around it.
 
-`glmcode.run` (one request: `ask`, `fix`) and `glmcode.repl` (`chat`) share this wiring.
+`glmcode.run` (one request: `ask`, `fix`, `run`), `glmcode.repl` (`chat`) and `glmcode.acp` share
+this wiring: the backend, the session's MCP servers, and the agent with its tools.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from glmcode.agent.events import AnyEvent
     from glmcode.agent.loop import Agent
     from glmcode.agent.session import SessionLog
+    from glmcode.mcp.client import McpServers
     from glmcode.tools.base import Tool
     from glmcode.tools.workspace import Workspace
 
@@ -132,6 +134,7 @@ def build_agent(
     on_event: Callable[[AnyEvent], None],
     session: SessionLog,
     sandbox: Sandbox,
+    mcp: McpServers | None = None,
 ) -> AgentParts:
     from glmcode.agent.approval import Approver, CommandRules
     from glmcode.agent.loop import Agent, AgentConfig
@@ -143,13 +146,17 @@ def build_agent(
     mode = ApprovalMode("plan" if read_only else settings.approval)
     approver = Approver(mode, CommandRules(allow=settings.allow_commands, deny=settings.deny_commands), ask=ask)
     config = AgentConfig(
-        secrets=secrets_of(settings),
+        secrets=(*secrets_of(settings), *(mcp.secret_values() if mcp else ())),
         max_turns=settings.max_turns,
         thinking=Thinking(enabled=settings.thinking),
         sampling=Sampling(temperature=settings.temperature, top_p=settings.top_p,
                           max_tokens=settings.max_output_tokens),
     )
     tools = read_only_tools() if read_only else all_tools()
+    if mcp is not None:
+        from glmcode.mcp.tools import mcp_tools
+
+        tools += [tool for tool in mcp_tools(mcp) if tool.kind == "read" or not read_only]
     agent = Agent(backend, workspace, approver, config, session=session, tools=tools, on_event=on_event)
     return AgentParts(agent, approver, workspace, session, tools)
 
@@ -169,6 +176,23 @@ def command_sandbox(settings: Settings, repo: Path, *, unattended: bool) -> Sand
                          own_dirs=(config_home(), data_home(), settings.sessions_path()),
                          extra_hidden=settings.sandbox_hidden)
     return open_sandbox(policy)
+
+
+def start_mcp_servers(settings: Settings, repo: Path, *, read_only: bool = False,
+                      show_progress: bool = False) -> McpServers:
+    """The session's MCP servers, started in parallel (a spinner on stderr meanwhile, when it is a
+    terminal). A read-only run starts only the servers whose read-only tools it may use."""
+    from glmcode.mcp.client import McpServers
+    from glmcode.mcp.manage import start_with_spinner
+
+    configs = [config for config in settings.mcp_servers.values() if config.trust_read_only or not read_only]
+    servers = McpServers(configs, repo, log_dir=data_home() / "logs")
+    try:
+        start_with_spinner(servers, show_progress)
+    except BaseException:  # Ctrl-C while they start: stop the ones already up
+        servers.close()
+        raise
+    return servers
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:

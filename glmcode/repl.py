@@ -4,6 +4,10 @@ Input: Enter sends. Esc then Enter (or Alt+Enter) inserts a new line, and so doe
 ends with a backslash. `@path` attaches a file from the repository; Tab completes paths after
 `@` and slash commands. Ctrl-C stops the current answer (a second Ctrl-C leaves); at an empty
 prompt Ctrl-C twice, Ctrl-D or /exit leaves.
+
+Besides the built-in slash commands, `/NAME args` runs a custom command (glmcode.custom_commands),
+read afresh each time so a new or edited file works at once. The session's MCP servers start
+before the first prompt and stop when the REPL ends.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from rich.console import Console
 from rich.text import Text
 
 from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
+from glmcode.custom_commands import CommandSet, load_commands
 from glmcode.launch import (
     AgentParts, backend_label, build_agent, command_sandbox, model_label, open_backend, open_session,
+    start_mcp_servers,
 )
+from glmcode.mcp.client import McpServers
 from glmcode.options import APPROVAL_MODES, ApprovalMode
 from glmcode.run import ctrl_c_cancels, describe_failure
 from glmcode.sandbox import Sandbox
@@ -47,8 +54,10 @@ SLASH_COMMANDS = {
     "/model": "the model and backend in use",
     "/tokens": "context and token usage",
     "/sessions": "saved sessions for this repository",
+    "/mcp": "the MCP servers of this session and their tools",
     "/exit": "leave (also Ctrl-D)",
 }
+BUILTIN_NAMES = (*SLASH_COMMANDS, "/quit")  # names a custom command may not take
 _SLASH_ARGUMENTS = {"/think": ["on", "off", "show", "hide"], "/mode": list(APPROVAL_MODES)}
 _ATTACHMENT = re.compile(r"(?<!\S)@(\S+)")
 MAX_ATTACHMENT_BYTES = 256_000
@@ -76,7 +85,8 @@ class ReplCompleter(Completer):
 
     def __init__(self, repo: Path) -> None:
         self.paths = PathCompleter(get_paths=lambda: [str(repo)], expanduser=False)
-        self.commands = WordCompleter(list(SLASH_COMMANDS), sentence=True)
+        custom = lambda: [f"/{name}" for name in load_commands(repo, builtins=BUILTIN_NAMES).commands]  # noqa: E731
+        self.commands = WordCompleter(lambda: [*SLASH_COMMANDS, *custom()], sentence=True)
 
     def get_completions(self, document: Document, complete_event: Any) -> Iterable[Completion]:
         before = document.text_before_cursor
@@ -127,6 +137,7 @@ class Repl:
     console: Console
     read_input: Callable[[], str]
     unattended: bool = False  # --yes: commands run without anyone seeing them first
+    servers: McpServers | None = None
     _done: bool = field(default=False, init=False)
     _cancel: threading.Event = field(default_factory=threading.Event, init=False)
 
@@ -163,8 +174,13 @@ class Repl:
         if attached:
             self.console.print(Text(f"attached: {', '.join(attached)}", style="dim"))
         self._cancel = threading.Event()
-        stop_note = lambda: self.console.print(Text("\nstopping… (Ctrl-C again to leave)", style="yellow"))
-        with ctrl_c_cancels(self._cancel, on_first=stop_note):
+
+        def stopping() -> None:
+            if self.servers is not None:
+                self.servers.interrupt()
+            self.console.print(Text("\nstopping… (Ctrl-C again to leave)", style="yellow"))
+
+        with ctrl_c_cancels(self._cancel, on_first=stopping):
             result = self.parts.agent.run(message, cancel=self._cancel)
         self.renderer.pause()
         problem = describe_failure(result)
@@ -176,11 +192,19 @@ class Repl:
 
     def slash(self, line: str) -> None:
         command, _, argument = line.partition(" ")
-        handler = getattr(self, "cmd_" + command[1:], None)
-        if handler is None:
+        handler = getattr(self, "cmd_" + command[1:], None) if command in BUILTIN_NAMES else None
+        if handler is not None:
+            handler(argument.strip())
+            return
+        custom = self.custom_commands().get(command[1:])
+        if custom is None:
             self.console.print(Text(f"unknown command {command}; /help lists them", style="yellow"))
             return
-        handler(argument.strip())
+        self.say(f"{command}: {custom.description}", "dim")
+        self.send(custom.render(argument))
+
+    def custom_commands(self) -> CommandSet:
+        return load_commands(self.repo, builtins=BUILTIN_NAMES)
 
     def say(self, text: str, style: str = "") -> None:
         self.console.print(Text(text, style=style))
@@ -188,6 +212,13 @@ class Repl:
     def cmd_help(self, argument: str) -> None:
         for command, description in SLASH_COMMANDS.items():
             self.say(f"{command:<10} {description}")
+        custom = self.custom_commands()
+        if custom.commands:
+            self.say("custom commands (.glmcode/commands/, ~/.config/glmcode/commands/):", "bold")
+            for name, command in custom.commands.items():
+                self.say(f"/{name:<9} {command.summary()}")
+        for problem in custom.problems:  # unwrapped: the paths in them stay whole to copy
+            self.console.print(Text(problem, style="yellow"), soft_wrap=True)
         self.say("Enter sends; Esc Enter or a trailing \\ adds a line; @path attaches a file; "
                  "Ctrl-C stops an answer; Ctrl-D leaves.", "dim")
 
@@ -260,6 +291,17 @@ class Repl:
             self.say(f"{marker} {info.id}  {' '.join(info.first_user_message.split())[:60]}")
         self.say("resume one with: glmcode chat --resume ID", "dim")
 
+    def cmd_mcp(self, argument: str) -> None:
+        states = list(self.servers.states.values()) if self.servers is not None else []
+        if not states:
+            self.say("no MCP servers configured ([mcp_servers.NAME] in the config; see `glmcode mcp add`)")
+        for state in states:
+            if state.running:
+                tools = ", ".join(tool.name for tool in state.tools) or "no tools"
+                self.say(f"✓ {state.name} ({state.config.transport}): {tools}")
+            else:
+                self.say(f"✗ {state.name}: {state.error}", "yellow")
+
     def cmd_exit(self, argument: str) -> None:
         self._done = True
 
@@ -288,14 +330,16 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
     stats = RunStats(model=model_label(settings, replay))
     renderer = TerminalRenderer(stats, console, show_thinking=settings.show_thinking)
     backend = open_backend(settings, replay=replay, show_progress=True)
+    servers: McpServers | None = None
     try:
         stats.context_window = backend.context_window
         session = open_session(settings, repo, resume=resume, meta={"command": "chat"})
         approval_prompt = ApprovalPrompt(renderer, console, ask_line)
         ask = (lambda request: True) if yes else approval_prompt
         sandbox = command_sandbox(settings, repo, unattended=yes)
+        servers = start_mcp_servers(settings, repo, show_progress=True)
         parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=renderer.event,
-                            session=session, sandbox=sandbox)
+                            session=session, sandbox=sandbox, mcp=servers)
         history = data_home() / "history"
         history.parent.mkdir(parents=True, exist_ok=True)
         history.touch(mode=0o600)  # what the user typed may hold secrets: keep it private
@@ -312,11 +356,15 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
         console.print(Text(sandbox_line(sandbox), style="yellow" if sandbox.unavailable else "dim"))
         if resume is not None:
             console.print(Text(f"resumed session {session.id} ({len(parts.agent.messages)} messages)", style="dim"))
+        for warning in [*servers.warnings(), *load_commands(repo, builtins=BUILTIN_NAMES).problems]:
+            console.print(Text(warning, style="yellow"), soft_wrap=True)
         console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
         repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
                     read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "),
-                    unattended=yes)
+                    unattended=yes, servers=servers)
         approval_prompt.on_interrupt = repl.stop_current
         return repl.loop()
     finally:
+        if servers is not None:
+            servers.close()
         backend.close()

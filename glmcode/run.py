@@ -29,6 +29,7 @@ from glmcode.errors import GlmcodeError, Interrupted, UsageError
 from glmcode.events import Notice, Usage
 from glmcode.launch import (
     backend_label, build_agent, command_sandbox, model_label, open_backend, open_session, secrets_of,
+    start_mcp_servers,
 )
 from glmcode.sandbox import Sandbox
 from glmcode.options import ApprovalMode
@@ -155,16 +156,25 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Backend
     interactive = flags.output_format == "text" and sys.stdin.isatty() and sys.stdout.isatty()
     ask = _approval_callback(flags.yes, interactive, renderer, cancel)
     sandbox = command_sandbox(settings, repo, unattended=flags.yes or command == "fix")
-    parts = build_agent(settings, backend, repo, read_only=read_only, ask=ask, on_event=renderer.event,
-                        session=session, sandbox=sandbox)
-    approval = ApprovalMode.PLAN.value if read_only else settings.approval
-    renderer.start({"session_id": session.id, "model": stats.model, "backend": backend_label(settings, flags.replay),
-                    "repo": str(repo), "approval": approval, "sandbox": sandbox.name,
-                    "tools": [tool.name for tool in parts.tools], "version": __version__})
-    if sandbox.unavailable is not None and not read_only:
-        renderer.event(Notice(f"commands will be refused: {sandbox.unavailable}"))
-    with ctrl_c_cancels(cancel, on_first=lambda: print("\nstopping… (Ctrl-C again to quit)", file=sys.stderr)):
-        result = parts.agent.run(prompt, cancel=cancel)
+    with start_mcp_servers(settings, repo, read_only=read_only, show_progress=sys.stderr.isatty()) as servers:
+        parts = build_agent(settings, backend, repo, read_only=read_only, ask=ask, on_event=renderer.event,
+                            session=session, sandbox=sandbox, mcp=servers)
+        approval = ApprovalMode.PLAN.value if read_only else settings.approval
+        renderer.start({"session_id": session.id, "model": stats.model,
+                        "backend": backend_label(settings, flags.replay), "repo": str(repo), "approval": approval,
+                        "sandbox": sandbox.name, "tools": [tool.name for tool in parts.tools],
+                        "version": __version__})
+        if sandbox.unavailable is not None and not read_only:
+            renderer.event(Notice(f"commands will be refused: {sandbox.unavailable}"))
+        for warning in servers.warnings():
+            renderer.event(Notice(warning))
+
+        def stopping() -> None:
+            servers.interrupt()
+            print("\nstopping… (Ctrl-C again to quit)", file=sys.stderr)
+
+        with ctrl_c_cancels(cancel, on_first=stopping):
+            result = parts.agent.run(prompt, cancel=cancel)
     status, error = result.status, describe_failure(result)
     tests = diff = None
     if verify:

@@ -139,6 +139,10 @@ class McpServers:
     def failed(self) -> list[ServerState]:
         return [state for state in self.states.values() if state.ready.is_set() and not state.running]
 
+    def warnings(self) -> list[str]:
+        """One line per server that did not start."""
+        return [f"MCP server '{state.name}' did not start: {state.error}" for state in self.failed()]
+
     def tools(self) -> list[McpTool]:
         return [tool for state in self.running() for tool in state.tools]
 

@@ -2,7 +2,7 @@
 
     python flaky_server.py [crash|hang|noisy]   crash: exits at once; hang: never answers;
                                                  noisy: complains on stderr, then exits
-Its tools: echo, sleep (for timeouts), huge (a big result), picture (image content), die
+Its tools: echo, getenv, sleep (for timeouts), huge (a big result), picture (image content), die
 (the process exits mid-call), spawn (starts a long-lived grandchild, for the orphan checks).
 """
 
@@ -29,6 +29,12 @@ server = MCPServer("flaky")
 def echo(text: str, times: int = 1) -> str:
     """Repeat the text."""
     return " ".join([text] * times)
+
+
+@server.tool()
+def getenv(name: str) -> str:
+    """A variable of the server's environment (a careless server that prints its own keys)."""
+    return f"{name}={os.environ.get(name, '')}"
 
 
 @server.tool()

@@ -19,10 +19,10 @@ from glmcode.tools.workspace import Workspace
 from .conftest import flaky_server, git_server, time_server, wait_until_gone
 
 
-def tool_call(name: str, **arguments: object) -> str:
+def tool_call(tool: str, **arguments: object) -> str:
     pairs = "".join(f"<arg_key>{key}</arg_key><arg_value>{value if isinstance(value, str) else json.dumps(value)}"
                     f"</arg_value>" for key, value in arguments.items())
-    return f"<tool_call>{name}{pairs}</tool_call>"
+    return f"<tool_call>{tool}{pairs}</tool_call>"
 
 
 class Run:
@@ -129,10 +129,10 @@ def test_timeouts_and_a_dying_server_are_tool_errors_the_model_sees(marker, tmp_
 
 def test_keys_in_a_servers_env_are_masked_in_what_the_model_sees(marker, tmp_path):
     secret = "sk-live-0123456789abcdefXYZ"
-    script = ["</think>" + tool_call("mcp__flaky__echo", text=f"the key is {secret}"), "</think>ok"]
+    script = ["</think>" + tool_call("mcp__flaky__getenv", name="SERVICE_API_KEY"), "</think>ok"]
     run = Run(tmp_path, [flaky_server(marker, env={"SERVICE_API_KEY": secret})], script)
     run("leak it")
-    assert run.tool_messages() == ["the key is [REDACTED]"]
+    assert run.tool_messages() == ["SERVICE_API_KEY=[REDACTED]"]
 
 
 @pytest.mark.parametrize("server, tool, expected", [

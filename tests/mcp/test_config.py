@@ -32,8 +32,9 @@ def test_the_repo_table_overrides_the_user_table_key_by_key(tmp_path, env):
         headers = { Authorization = "Bearer ${DOCS_TOKEN}" }
     """.replace("\n        ", "\n"))
     repo = tmp_path / "repo"
-    write(repo / ".glmcode.toml", "[mcp_servers.docs]\nenabled = false\n[mcp_servers.time]\ncommand = \"mcp-server-time\"\n"
-                                  "tool_timeout_sec = 5\ntrust_read_only = true\n")
+    write(repo / ".glmcode.toml", "[mcp_servers.docs]\nenabled = false\n"
+                                  "[mcp_servers.time]\ncommand = \"mcp-server-time\"\ntool_timeout_sec = 5\n"
+                                  "trust_read_only = true\n")
     settings = load_settings(repo, env=env)
     servers = settings.mcp_servers
     assert list(servers) == ["git", "docs", "time"]

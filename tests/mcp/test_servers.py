@@ -53,7 +53,8 @@ def test_an_http_server_gets_its_headers_from_environment_variables(http_server)
         assert TOKEN in servers.secret_values(), "header values are masked wherever glmcode shows text"
     with started(config, environ={"NOTES_TOKEN": "wrong-token-value"}) as servers:
         [failed] = servers.failed()
-        assert failed.error == f"{http_server} answered HTTP 401 Unauthorized: check its headers (a missing or wrong key?)"
+        assert failed.error == (f"{http_server} answered HTTP 401 Unauthorized: "
+                                "check its headers (a missing or wrong key?)")
     with started(config, environ={}) as servers:
         assert servers.failed()[0].error == "header Authorization uses ${NOTES_TOKEN}, which is not set"
 
