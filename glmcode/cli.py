@@ -1,7 +1,7 @@
 """The `glmcode` command: flags and commands only.
 
 A command parses its arguments and hands over: `ask`, `fix` and `run` to glmcode.run, `chat` to
-glmcode.repl, the rest to the module that owns what they show (doctor,
+glmcode.repl, `acp` to glmcode.acp, the rest to the module that owns what they show (doctor,
 weights, settings, glmcode.mcp.manage).
 
 The flags the agent commands share are declared once (`RUN_OPTIONS`, one per `RunFlags` field);
@@ -265,6 +265,21 @@ def run_command(
     command = load_commands(find_repo(flags.repo), builtins=BUILTIN_NAMES).require(name)
     prompt = command.render(" ".join(words), words)
     raise typer.Exit(run_task(flags, prompt, command="run", read_only=False, verify=False))
+
+
+@app.command(cls=Command)
+@interruptible
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, "no_think", "max_turns", "replay")
+def acp(flags: RunFlags) -> None:
+    """Serve the Agent Client Protocol on stdin/stdout, for Zed and other editors (sessions, diffs, approvals)."""
+    import asyncio
+
+    from glmcode.acp.agent import GlmcodeAcpAgent, serve, warn
+
+    if sys.stdin.isatty():
+        warn("serving the Agent Client Protocol on stdin/stdout; an editor runs this command "
+             "(see the README's Editors section). Ctrl-C leaves.")
+    asyncio.run(serve(GlmcodeAcpAgent(flags.overrides(), replay=flags.replay, yes=flags.yes)))
 
 
 @app.command(cls=Command)

@@ -173,6 +173,20 @@ def _line_count(text: str) -> int:
     return text.count("\n") + (1 if text and not text.endswith("\n") else 0)
 
 
+def planned_change(workspace: Workspace, tool_name: str,
+                   arguments: dict[str, Any]) -> tuple[Path, str | None, str] | None:
+    """(path, old text or None for a new file, new text) that write_file or edit_file would make;
+    None for any other tool, or a call that would fail. For editors that show a change whole."""
+    plan = {WRITE_FILE.name: _plan_write, EDIT_FILE.name: _plan_edit}.get(tool_name)
+    if plan is None:
+        return None
+    try:
+        planned = plan(workspace, arguments)
+    except Exception:  # noqa: BLE001 - the run reports the problem
+        return None
+    return planned.path, planned.old_text, planned.new_text
+
+
 def _preview(plan: Callable[[Workspace, dict[str, Any]], _PlannedWrite]) -> Callable[..., str | None]:
     """The diff a planned change would make, for an approval prompt; None if it would fail."""
 
