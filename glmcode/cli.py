@@ -249,7 +249,7 @@ def chat(flags: RunFlags) -> None:
 
 @app.command("run", cls=Command)
 @interruptible
-@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SESSION_FLAGS, "output_format", "replay")
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SANDBOX_FLAGS, *SESSION_FLAGS, "output_format", "replay")
 def run_command(
     name: Annotated[str, typer.Argument(help="The custom command: .glmcode/commands/NAME.md or the user's.")],
     arguments: Annotated[list[str] | None, typer.Argument(help="Its arguments ($ARGUMENTS, $1, $2...).")] = None,
@@ -269,7 +269,7 @@ def run_command(
 
 @app.command(cls=Command)
 @interruptible
-@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, "no_think", "max_turns", "replay")
+@with_run_flags(*MODEL_FLAGS, *APPROVAL_FLAGS, *SANDBOX_FLAGS, "no_think", "max_turns", "replay")
 def acp(flags: RunFlags) -> None:
     """Serve the Agent Client Protocol on stdin/stdout, for Zed and other editors (sessions, diffs, approvals)."""
     import asyncio

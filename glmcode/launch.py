@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +176,14 @@ def command_sandbox(settings: Settings, repo: Path, *, unattended: bool) -> Sand
                          own_dirs=(config_home(), data_home(), settings.sessions_path()),
                          extra_hidden=settings.sandbox_hidden)
     return open_sandbox(policy)
+
+
+def sandbox_for_mode(settings: Settings, repo: Path, mode: str, *, unattended: bool) -> Sandbox | None:
+    """The sandbox approval `mode` implies when the mode changes mid-session (yolo runs commands
+    unasked), or None when the `sandbox` setting fixes it."""
+    if settings.sandbox is not None:
+        return None
+    return command_sandbox(replace(settings, approval=mode), repo, unattended=unattended)
 
 
 def start_mcp_servers(settings: Settings, repo: Path, *, read_only: bool = False,

@@ -12,7 +12,6 @@ before the first prompt and stop when the REPL ends.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import signal
 import threading
@@ -35,7 +34,7 @@ from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
 from glmcode.custom_commands import CommandSet, load_commands
 from glmcode.launch import (
     AgentParts, backend_label, build_agent, command_sandbox, model_label, open_backend, open_session,
-    start_mcp_servers,
+    sandbox_for_mode, start_mcp_servers,
 )
 from glmcode.mcp.client import McpServers
 from glmcode.options import APPROVAL_MODES, ApprovalMode
@@ -241,12 +240,12 @@ class Repl:
             return
         self.parts.approver.mode = ApprovalMode(argument)
         self.say(f"mode: {argument}")
-        if self.settings.sandbox is None:  # the default sandbox follows the mode (yolo runs commands unasked)
-            settings = dataclasses.replace(self.settings, approval=argument)
+        sandbox = sandbox_for_mode(self.settings, self.repo, argument, unattended=self.unattended)
+        if sandbox is not None:
             before = self.parts.workspace.sandbox.name
-            self.parts.workspace.sandbox = command_sandbox(settings, self.repo, unattended=self.unattended)
-            if self.parts.workspace.sandbox.name != before:
-                self.say(sandbox_line(self.parts.workspace.sandbox))
+            self.parts.workspace.sandbox = sandbox
+            if sandbox.name != before:
+                self.say(sandbox_line(sandbox))
 
     def cmd_diff(self, argument: str) -> None:
         diff = self.parts.agent.checkpoints.diff()

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from glmcode.errors import UsageError
+from glmcode.mcp.config import McpServerConfig, merge_server_tables, parse_servers
 from glmcode.options import (
     APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode, choices,
 )
-from glmcode.mcp.config import McpServerConfig, merge_server_tables, parse_servers
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
 SECRET_ENV_VARS = ("ZHIPUAI_API_KEY", "ZAI_API_KEY", "GLMCODE_API_KEY")

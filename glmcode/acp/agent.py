@@ -240,7 +240,13 @@ class GlmcodeAcpAgent:
     async def set_session_mode(self, session_id: str, mode_id: str, **kwargs: Any) -> None:
         if mode_id not in APPROVAL_MODES:
             raise RequestError.invalid_params({"mode_id": mode_id, "expected": list(APPROVAL_MODES)})
-        self._session(session_id).parts.approver.mode = ApprovalMode(mode_id)
+        from glmcode.launch import sandbox_for_mode
+
+        session = self._session(session_id)
+        session.parts.approver.mode = ApprovalMode(mode_id)
+        sandbox = sandbox_for_mode(session.settings, session.repo, mode_id, unattended=self.yes)
+        if sandbox is not None:
+            session.parts.workspace.sandbox = sandbox
         return None
 
     async def prompt(self, session_id: str, prompt: list[Any], **kwargs: Any) -> PromptResponse:
@@ -290,7 +296,7 @@ class GlmcodeAcpAgent:
 
     def _build(self, cwd: Path, client_servers: list[Any], resume: str | None) -> AcpSession:
         """Settings, backend, MCP servers and agent for one session (blocking: runs off the loop)."""
-        from glmcode.launch import build_agent, open_session
+        from glmcode.launch import build_agent, command_sandbox, open_session
         from glmcode.mcp.client import McpServers
 
         repo = find_repo(cwd)
@@ -305,8 +311,11 @@ class GlmcodeAcpAgent:
                 session.notes.append(f"MCP server '{state.name}' did not start: {state.error}")
                 warn(session.notes[-1])
         ask = (lambda request: True) if self.yes else session.ask
+        sandbox = command_sandbox(settings, repo, unattended=self.yes)
         session.parts = build_agent(settings, backend, repo, read_only=False, ask=ask, on_event=session.on_event,
-                                    session=log, mcp=session.servers)
+                                    session=log, sandbox=sandbox, mcp=session.servers)
+        if sandbox.unavailable is not None:
+            session.notes.append(f"commands will be refused: {sandbox.unavailable}")
         return session
 
     def _open_backend(self, settings: Settings) -> Any:
