@@ -20,10 +20,7 @@
 // Activations stay float32 throughout.
 #include "cpu_kernels.h"
 
-#include <cpuid.h>
 #include <omp.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -223,8 +220,6 @@ void rope(const float* in, const std::vector<float>& cos, const std::vector<floa
   }
 }
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-
 // Attention over a bfloat16 cache with VDPBF16PS, which multiplies and sums pairs of bf16: the
 // cache is read as stored, and one instruction does the work of two float FMAs and their
 // conversions. Queries and softmax weights are rounded to bf16 first, as the module path does.
@@ -303,25 +298,6 @@ GLMCODE_BF16 void to_bf16(const float* in, int64_t n, at::BFloat16* out) {
 // ---- AMX: attention as tile products (TDPBF16PS: a 16x32 by 32x16 bf16 product per instruction)
 
 #define GLMCODE_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Whether this CPU has AMX-BF16 and the kernel lets this process use its tile registers.
-bool amx_available() {
-  static const bool available = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return available;
-}
 
 // The heads of one attend_amx call, in the two groups that the tiles hold (a tile has at most
 // 16 rows and 16 float columns): up to 32 heads share each pass over the cache.
@@ -455,23 +431,6 @@ GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D,
   }
 }
 
-// exp of 16 floats: 2^n * e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
-// (relative error ~1e-7, like expf).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for accuracy
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // p[t] = exp(p[t] - shift) for t < count; returns their sum.
 inline float exp_shifted(float* p, int64_t count, float shift) {
   float total = 0.f;
@@ -556,7 +515,7 @@ class DecodePlan : public torch::CustomClassHolder {
     TORCH_CHECK(cfg_.latent % 32 == 0 && cfg_.hidden % 16 == 0,
                 "decode plan: latent must be a multiple of 32 and hidden of 16");
     const int64_t num_layers = r.integer();
-    use_amx_ = r.integer() != 0 && amx_available();
+    use_amx_ = r.integer() != 0 && amx_support().bf16;
     inv_freq_ = r.floats();
     final_norm_ = r.floats();
     lm_head_ = r.linear();
@@ -1060,7 +1019,8 @@ class DecodePlan : public torch::CustomClassHolder {
     for (size_t r = 0; r < up.size(); ++r) {
       const Linear& d = r < chosen.size() ? l.expert_down[chosen[r]] : l.down;
       float* act = s.act.data() + r * (gate_up_stride_ / 2);
-      silu_mul(gate_up_out_.data() + r * gate_up_stride_, d.in, act);
+      const float* gate = gate_up_out_.data() + r * gate_up_stride_;
+      silu_mul(gate, gate + d.in, d.in, act);
       down.push_back({&d, act, down_out_.data() + r * down_stride_});
     }
     products(down, s);
@@ -1072,21 +1032,11 @@ class DecodePlan : public torch::CustomClassHolder {
     }
   }
 
-  static void silu_mul(const float* gate_up, int64_t width, float* out) {
-    int64_t i = 0;
-    for (; i + 16 <= width; i += 16) {
-      const __m512 gate = _mm512_loadu_ps(gate_up + i);
-      const __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-      _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(gate, sigmoid), _mm512_loadu_ps(gate_up + width + i)));
-    }
-    for (; i < width; ++i) out[i] = silu(gate_up[i]) * gate_up[width + i];
-  }
-
   // x += down(silu(gate) * up) of normed x
   void gated(const Linear& gate_up, const Linear& down, ThreadState& s) {
     products({{&gate_up, s.normed.data(), gate_up_out_.data()}}, s);
 #pragma omp barrier
-    silu_mul(gate_up_out_.data(), down.in, s.act.data());
+    silu_mul(gate_up_out_.data(), gate_up_out_.data() + down.in, down.in, s.act.data());
     products({{&down, s.act.data(), down_out_.data()}}, s);
 #pragma omp barrier
     for (int64_t i = 0; i < cfg_.hidden; ++i) s.x[i] += down_out_[i];

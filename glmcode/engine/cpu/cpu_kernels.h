@@ -1,12 +1,16 @@
-// Kernels shared by the quantized matmul ops (cpu_quant.cpp) and the fused decode step
-// (cpu_decode.cpp): int8 activation quantization and one 16-row weight tile of an int4 / int8
-// matrix-vector product on AVX-512 VNNI. The weight layouts are described in cpu_quant.cpp.
+// Kernels shared by the quantized matmul ops (cpu_quant.cpp), the many-row products on AMX
+// (cpu_prefill.cpp) and the fused decode step (cpu_decode.cpp): int8 activation quantization,
+// one 16-row weight tile of an int4 / int8 matrix-vector product on AVX-512 VNNI, and what the
+// AMX code needs to know about the CPU. The weight layouts are described in cpu_quant.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +22,7 @@ namespace glmcode_cpu {
 
 constexpr int kTile = 16;
 constexpr int kMaxRows = 4;  // activation rows sharing one pass over a weight tile
+constexpr int64_t kAmxMinRows = 8;  // products of at least this many rows run on AMX tiles
 // Weights stream from memory once per token: prefetching this far ahead keeps enough cache-line
 // requests in flight for one core to approach its memory bandwidth (the hardware prefetcher
 // alone stops at page boundaries).
@@ -30,6 +35,64 @@ struct QuantizedRows {
   std::vector<float> scales;   // [M, G]
   std::vector<int32_t> sums;   // [M, G]
 };
+
+// exp of 16 floats: 2^n * e^r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+// (relative error ~1e-7, like expf).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln2 split in two for accuracy
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out = silu(gate) * up for n values
+inline void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), _mm512_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// ---- AMX
+
+// The tile registers' shapes (the LDTILECFG operand, palette 1).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Which AMX units this CPU has that the kernel lets this process use (the tile registers must
+// be requested once per process).
+struct AmxSupport {
+  bool bf16 = false, int8 = false;
+};
+
+inline const AmxSupport& amx_support() {
+  static const AmxSupport support = [] {
+    AmxSupport s;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24))) return s;  // AMX-TILE
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    if (syscall(SYS_arch_prctl, kRequestPermission, kTileData) != 0) return s;
+    s.bf16 = edx & (1u << 22);
+    s.int8 = edx & (1u << 25);
+    return s;
+  }();
+  return support;
+}
 
 template <typename T>
 float to_float(T v) { return static_cast<float>(v); }
@@ -78,18 +141,54 @@ inline int32_t quantize_group<float>(const float* src, int64_t group, bool biase
   return _mm512_reduce_add_epi32(sum);
 }
 
+inline __m512 load_bf16(const at::BFloat16* p);
+
+// The same for bfloat16 input (bit-identical to the scalar version: the bf16 -> float widening
+// is exact).
+template <>
+inline int32_t quantize_group<at::BFloat16>(const at::BFloat16* src, int64_t group, bool biased, int8_t* dst,
+                                            float* scale_out) {
+  if (group % 16) return quantize_group_scalar(src, group, biased, dst, scale_out);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(src + i)));
+  const float max_abs = _mm512_reduce_max_ps(amax);
+  const float scale = max_abs > 0.f ? max_abs / 127.f : 1.f;
+  const __m512 inv = _mm512_set1_ps(1.f / scale);
+  __m512i sum = _mm512_setzero_si512();
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
+  for (int64_t i = 0; i < group; i += 16) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(src + i), inv));
+    sum = _mm512_add_epi32(sum, q);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
+  }
+  *scale_out = scale;
+  return _mm512_reduce_add_epi32(sum);
+}
+
+// Rows of x [M, K] to int8, one scale and sum per group of `group` inputs, into values [M, K],
+// scales and sums [M, K / group].
 template <typename T>
-void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRows& out, bool biased = false) {
+void quantize_rows_into(const T* x, int64_t M, int64_t K, int64_t group, bool biased, int8_t* values, float* scales,
+                        int32_t* sums) {
   const int64_t G = K / group;
-  out.values.resize(M * K);
-  out.scales.resize(M * G);
-  out.sums.resize(M * G);
   at::parallel_for(0, M * G, 64, [&](int64_t begin, int64_t end) {
     for (int64_t mg = begin; mg < end; ++mg) {
       const int64_t offset = (mg / G) * K + (mg % G) * group;
-      out.sums[mg] = quantize_group(x + offset, group, biased, out.values.data() + offset, &out.scales[mg]);
+      sums[mg] = quantize_group(x + offset, group, biased, values + offset, &scales[mg]);
     }
   });
+}
+
+// The same into `out`, sized for padded_rows >= M rows (AMX reads whole blocks of 16; rows past
+// M are zero).
+template <typename T>
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t group, QuantizedRows& out, bool biased = false,
+                   int64_t padded_rows = 0) {
+  const int64_t G = K / group, rows = std::max(M, padded_rows);
+  out.values.assign(rows * K, 0);
+  out.scales.assign(rows * G, 0.f);
+  out.sums.assign(rows * G, 0);
+  quantize_rows_into(x, M, K, group, biased, out.values.data(), out.scales.data(), out.sums.data());
 }
 
 inline __m512 load_bf16(const at::BFloat16* p) {
@@ -113,10 +212,11 @@ inline void store_row(Out* dst, __m512 v) {
 template <>
 inline void store_row<float>(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 
-// One tile of 16 output rows for MB activation rows starting at m0.
+// One tile of 16 output rows for MB activation rows starting at m0: output row m0 + r goes to
+// y + r * ldy, its 16 values at column 16 * tile.
 template <int MB, typename Out>
 void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
-               const QuantizedRows& x, int64_t m0, int64_t K, int64_t group, Out* y, int64_t N,
+               const QuantizedRows& x, int64_t m0, int64_t K, int64_t group, Out* y, int64_t ldy,
                int64_t tile) {
   const int64_t G = K / group;
   // The high nibble is used in place (16 * q): one AND instead of a shift and an AND. Its
@@ -161,12 +261,12 @@ void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16*
       acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xs * static_cast<float>(xsum)), acc[r]);
     }
   }
-  for (int r = 0; r < MB; ++r) store_row(y + (m0 + r) * N + tile * kTile, acc[r]);
+  for (int r = 0; r < MB; ++r) store_row(y + r * ldy + tile * kTile, acc[r]);
 }
 
 template <int MB, typename Out>
 void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const QuantizedRows& x,
-               int64_t m0, int64_t K, int64_t group, Out* y, int64_t N, int64_t tile) {
+               int64_t m0, int64_t K, int64_t group, Out* y, int64_t ldy, int64_t tile) {
   const int64_t G = K / group;
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
@@ -202,8 +302,19 @@ void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const 
     }
   }
   const __m512 s = _mm512_loadu_ps(scales + tile * kTile);
-  for (int r = 0; r < MB; ++r) store_row(y + (m0 + r) * N + tile * kTile, _mm512_mul_ps(acc[r], s));
+  for (int r = 0; r < MB; ++r) store_row(y + r * ldy + tile * kTile, _mm512_mul_ps(acc[r], s));
 }
 
+
+// ---- cpu_prefill.cpp: products of many rows on AMX-INT8 tiles
+
+// Whether the CPU has AMX-INT8, this process may use it, and it was not turned off.
+bool amx_products_enabled();
+// Whether a product of `rows` rows over `in` inputs in groups of `group` runs on AMX.
+bool amx_products_apply(int64_t rows, int64_t in, int64_t group);
+// y [heads, M, N] (or [M, N] for heads = 1) = x [heads * M, K] @ w[h].T for int4 (bits 4:
+// scales, zeros) or int8 (bits 8: scales, sums) weights in the tile layout, stacked per head.
+at::Tensor amx_linear(const at::Tensor& x, int bits, int64_t heads, const at::Tensor& packed, const at::Tensor& scales,
+                      const at::Tensor& zeros_or_sums, int64_t group);
 
 }  // namespace glmcode_cpu

@@ -67,6 +67,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.size(2) == 64, "packed must be uint8 [N/16, K/8, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && zeros.scalar_type() == at::kBFloat16, "scales/zeros must be bfloat16");
   TORCH_CHECK(group % 32 == 0, "int4 groups must be a multiple of 32");
+  if (amx_products_apply(M, K, group)) return amx_linear(x, 4, 1, packed, scales, zeros, group);
   const QuantizedRows q = quantize_input(x, group);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
@@ -77,7 +78,7 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
     scalar_t* out = y.data_ptr<scalar_t>();
     for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
       int4_tile<decltype(mb)::value>(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, m0, K,
-                                     group, out, N, t);
+                                     group, out + m0 * N, N, t);
     });
   });
   return y;
@@ -90,6 +91,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   check_input(x, K, group);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.size(2) == 64, "packed must be int8 [N/16, K/4, 64]");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && sums.scalar_type() == at::kInt, "scales f32, sums int32");
+  if (amx_products_apply(M, K, group)) return amx_linear(x, 8, 1, packed, scales, sums, group);
   const QuantizedRows q = quantize_input(x, group, /*biased=*/true);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* w = packed.data_ptr<int8_t>();
@@ -99,7 +101,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
     scalar_t* out = y.data_ptr<scalar_t>();
     for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
-      int8_tile<decltype(mb)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out, N, t);
+      int8_tile<decltype(mb)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out + m0 * N, N, t);
     });
   });
   return y;
@@ -116,6 +118,7 @@ at::Tensor int8_linear_heads(const at::Tensor& x_in, const at::Tensor& packed, c
   check_input(rows, K, group);
   TORCH_CHECK(packed.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && sums.scalar_type() == at::kInt,
               "packed int8, scales f32, sums int32");
+  if (amx_products_apply(M, K, group)) return amx_linear(rows, 8, H, packed, scales, sums, group);
   const QuantizedRows q = quantize_input(rows, group, /*biased=*/true);
   at::Tensor y = at::empty({H, M, N}, x.options());
   const int8_t* w = packed.data_ptr<int8_t>();
@@ -130,8 +133,9 @@ at::Tensor int8_linear_heads(const at::Tensor& x_in, const at::Tensor& packed, c
         const int8_t* wt = w + (h * tiles + t) * (K / 4) * 64;
         const int32_t* st = ws + (h * tiles + t) * G * kTile;
         int64_t m = 0;
-        for (; m + kMaxRows <= M; m += kMaxRows) int8_tile<kMaxRows>(wt, s + h * N, st, q, h * M + m, K, group, out, N, t);
-        for (; m < M; ++m) int8_tile<1>(wt, s + h * N, st, q, h * M + m, K, group, out, N, t);
+        for (; m + kMaxRows <= M; m += kMaxRows)
+          int8_tile<kMaxRows>(wt, s + h * N, st, q, h * M + m, K, group, out + (h * M + m) * N, N, t);
+        for (; m < M; ++m) int8_tile<1>(wt, s + h * N, st, q, h * M + m, K, group, out + (h * M + m) * N, N, t);
       }
     });
   });
@@ -189,7 +193,7 @@ at::Tensor int4_moe_token(const at::Tensor& x_in, const at::Tensor& expert_ids, 
       int4_tile<1>(down_packed.data_ptr<uint8_t>() + (e * down_tiles + t) * tile_bytes,
                    down_scales.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups,
                    down_zeros.data_ptr<at::BFloat16>() + (e * down_tiles + t) * tile_groups, qh, r, I, down_group,
-                   down.data(), H, t);
+                   down.data() + r * H, H, t);
     }
   });
   at::Tensor out = at::zeros({1, H}, x.options().dtype(at::kFloat));

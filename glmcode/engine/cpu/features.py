@@ -29,7 +29,12 @@ def has_amx() -> bool:
     return " amx_bf16" in _cpu_flags() and " amx_tile" in _cpu_flags()
 
 
+def has_amx_int8() -> bool:
+    """AMX tiles with int8 (the many-row quantized products of prefill)."""
+    return " amx_int8" in _cpu_flags() and " amx_tile" in _cpu_flags()
+
+
 def cpu_features() -> list[str]:
     """The instruction sets our kernels use that this CPU has, by name."""
-    features = {"AVX-512 VNNI": has_vnni(), "AVX512_BF16": has_bf16_dot(), "AMX": has_amx()}
+    features = {"AVX-512 VNNI": has_vnni(), "AVX512_BF16": has_bf16_dot(), "AMX-BF16": has_amx(), "AMX-INT8": has_amx_int8()}
     return [name for name, present in features.items() if present]

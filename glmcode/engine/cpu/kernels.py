@@ -1,7 +1,9 @@
 """Our AVX-512 VNNI kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
 
-The same extension holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py);
-both build on the tile kernels of cpu_kernels.h.
+Products of many rows (a prefill chunk, a chunk's routed experts grouped by expert) run on AMX-INT8
+tiles where the CPU has them (cpu_prefill.cpp), over the same packed weights. The same extension
+holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py); all build on the tile
+kernels of cpu_kernels.h.
 
 The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
 cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
@@ -10,10 +12,12 @@ cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_K
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from glmcode.engine.cpu.features import has_vnni
 
 TILE = 16
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
@@ -48,6 +52,8 @@ def available() -> bool:
     except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
         log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
         return False
+    if os.environ.get("GLMCODE_AMX", "1") == "0":
+        torch.ops.glmcode_cpu.set_amx_products(False)
     return True
 
 
@@ -56,6 +62,22 @@ def ops():
     if not available():
         raise RuntimeError("glmcode CPU kernels are not available on this machine")
     return torch.ops.glmcode_cpu
+
+
+def amx_available() -> bool:
+    """Whether many-row products can run on AMX-INT8 tiles here (the CPU has them, the kernel
+    grants them, the extension is built)."""
+    return available() and ops().amx_products_available()
+
+
+@contextlib.contextmanager
+def amx_products(enabled: bool) -> Iterator[None]:
+    """Runs the block with the AMX products on or off (off: the VNNI kernels take every product)."""
+    previous = ops().set_amx_products(enabled)
+    try:
+        yield
+    finally:
+        ops().set_amx_products(previous)
 
 
 def _pad_rows(t: torch.Tensor, value: float = 0) -> torch.Tensor:

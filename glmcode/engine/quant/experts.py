@@ -43,10 +43,12 @@ class QuantizedExperts(_RoutedExperts):
 
 
 class StackedInt4Experts(_RoutedExperts):
-    """int4 routed experts stacked per layer for our VNNI kernels.
+    """int4 routed experts stacked per layer for our CPU kernels.
 
     A decoded token runs through all of its experts in one kernel call (one activation
-    quantization, one parallel pass over every selected expert's tiles).
+    quantization, one parallel pass over every selected expert's tiles); so does a chunk of
+    tokens, grouped by expert (each active expert one many-row product per weight, on AMX tiles
+    where the CPU has them).
     """
 
     def __init__(self, gate_up: list[Int4Weight], down: list[Int4Weight], *, dtype: torch.dtype):
@@ -60,17 +62,13 @@ class StackedInt4Experts(_RoutedExperts):
             for i, part in enumerate(("packed", "scales", "zeros")):
                 self.register_buffer(f"{prefix}_{part}", in_huge_pages(torch.stack([p[i] for p in packs])))
 
-    def _linear(self, prefix: str, index: int, x: torch.Tensor, group: int) -> torch.Tensor:
-        packed, scales, zeros = (getattr(self, f"{prefix}_{part}")[index] for part in ("packed", "scales", "zeros"))
-        return cpu_kernels.int4_linear(x, packed, scales, zeros, group)
-
-    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self._linear("up", index, x.to(self.compute_dtype), self.up_group).chunk(2, dim=-1)
-        return self._linear("down", index, F.silu(gate) * up, self.down_group)[:, : self.hidden_size].to(x.dtype)
-
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1:
-            return super().forward(x, topk_ids, topk_weights)
+        if x.shape[0] > 1:  # a chunk, grouped by expert in one kernel call
+            y = cpu_kernels.ops().int4_moe_grouped(
+                x.to(self.compute_dtype), topk_ids, topk_weights, self.up_packed, self.up_scales, self.up_zeros,
+                self.up_group, self.down_packed, self.down_scales, self.down_zeros, self.down_group,
+            )
+            return y.to(x.dtype)
         # one token: all of its experts in one kernel call
         y = cpu_kernels.ops().int4_moe_token(
             x.to(self.compute_dtype), topk_ids[0], topk_weights[0], self.up_packed, self.up_scales, self.up_zeros,
