@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from glmcode.engine.weights.layout import INDEX_FILE, read_index
 from glmcode.errors import BackendUnavailable, CheckpointError, GlmcodeError, Interrupted
 from glmcode.settings import Settings
 
@@ -34,11 +35,11 @@ def checkpoint_problems(model_dir: Path) -> list[str]:
     if not model_dir.is_dir():
         return ["not a directory"]
     problems = [f"missing {name}" for name in ("config.json", "tokenizer.json") if not (model_dir / name).is_file()]
-    index_path = model_dir / "model.safetensors.index.json"
+    index_path = model_dir / INDEX_FILE
     if index_path.is_file():
         try:
-            shards = set(json.loads(index_path.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError):
+            shards = set(read_index(index_path)["weight_map"].values())
+        except CheckpointError:
             return problems + [f"{index_path.name} is not a valid safetensors index"]
         missing = sorted(shard for shard in shards if not (model_dir / shard).is_file())
         if missing:
@@ -59,12 +60,12 @@ def describe_checkpoint(model_dir: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError as error:
         raise CheckpointError(f"{config_path} is not valid JSON: {error}") from None
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / INDEX_FILE
     total_size = None
     if index.is_file():
         try:
-            total_size = json.loads(index.read_text()).get("metadata", {}).get("total_size")
-        except ValueError:
+            total_size = read_index(index).get("metadata", {}).get("total_size")
+        except CheckpointError:
             total_size = None
     shards = sorted(p.name for p in model_dir.glob("*.safetensors"))
     size = total_size or sum((model_dir / name).stat().st_size for name in shards)

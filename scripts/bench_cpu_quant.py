@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from glmcode.engine import LLM, SamplingParams  # noqa: E402
-from glmcode.engine import llm as llm_module
-from glmcode.engine.quant.formats import QuantScheme  # noqa: E402
-from glmcode.engine.quant.loader import random_quantized_model  # noqa: E402
+from glmcode.engine.config import ModelConfig  # noqa: E402
+from glmcode.engine.model import GlmMoeLite  # noqa: E402
+from glmcode.engine.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, QuantScheme, int4_group_size  # noqa: E402
+from glmcode.engine.quant.loader import QuantizedModelBuilder  # noqa: E402
 from glmcode.engine.tokenizer import Tokenizer  # noqa: E402
 
 FULL_CONFIG = {
@@ -93,6 +94,37 @@ def build_llm(config: dict, quantization: str, directory: Path, max_context: int
     return llm
 
 
+def random_quantized_model(config: ModelConfig, scheme: QuantScheme, *, seed: int = 0) -> GlmMoeLite:
+    """A model of `config`'s shapes with random weights made directly in quantized form: no
+    float weights and no checkpoint on disk are ever needed."""
+    generator = torch.Generator().manual_seed(seed)
+    builder = QuantizedModelBuilder(config, torch.bfloat16, torch.device("cpu"))
+    for name, slot in builder.slots.items():
+        if slot.covers:  # the fused form of experts that come one by one
+            continue
+        bits = scheme.bits_for(name, slot.shape)
+        builder.place(name, random_tensor(slot.shape, generator) if bits is None else random_quantized(slot.shape, bits, scheme, generator))
+    return builder.finish()
+
+
+def random_tensor(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if len(shape) == 1:
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator) * shape[-1] ** -0.5
+
+
+def random_quantized(shape: tuple[int, ...], bits: int, scheme: QuantScheme, generator: torch.Generator) -> QuantizedWeight:
+    rows, cols = shape
+    step = cols**-0.5 / 4  # a weight std of about 1 / sqrt(cols): activations stay in range
+    if bits == 8:
+        values = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=generator)
+        return Int8Weight(values, torch.full((rows,), step / 16))
+    group = int4_group_size(cols, scheme.group_size)
+    nibbles = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
+    scales = torch.full((rows, cols // group), step, dtype=torch.bfloat16)
+    return Int4Weight(nibbles, scales, torch.zeros_like(scales), group)
+
+
 def time_prefill(llm: LLM, tokens: int, repeats: int = 2) -> float:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, llm.num_real_tokens, (tokens,), generator=gen).tolist()
@@ -118,8 +150,8 @@ def time_decode(llm: LLM, context: int, steps: int) -> float:
 
 def compare_kernels(repeats: int = 30) -> dict:
     """Median microseconds per call, aten packed-weight ops vs ours, at the model's shapes."""
-    from glmcode.engine.quant import experts, linear
-    from glmcode.engine.quant.formats import Int4Weight, Int8Weight
+    from glmcode.engine.quant import experts as quant_experts
+    from glmcode.engine.quant import linear
 
     gen = torch.Generator().manual_seed(0)
 
@@ -155,7 +187,7 @@ def compare_kernels(repeats: int = 30) -> dict:
         original = linear.select_kernel
         linear.select_kernel = lambda bits, device, kernel=kernel: kernel
         try:
-            moe = experts.quantized_experts(gate_up, down, dtype=torch.bfloat16)
+            moe = quant_experts.quantized_experts(gate_up, down, dtype=torch.bfloat16)
             head, o4, o8 = (linear.quantized_linear(w, dtype=torch.bfloat16) for w in (lm_head, o_proj4, o_proj8))
         finally:
             linear.select_kernel = original

@@ -12,16 +12,17 @@ from typing import TYPE_CHECKING, Any
 _PUBLIC = {
     "LLM": "glmcode.engine.llm",
     "Completion": "glmcode.engine.llm",
-    "RequestStats": "glmcode.engine.llm",
+    "RequestStats": "glmcode.engine.sequence",
     "StreamOutput": "glmcode.engine.llm",
     "SamplingParams": "glmcode.engine.sampler",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["LLM", "Completion", "RequestStats", "SamplingParams", "StreamOutput"]
 
 if TYPE_CHECKING:
-    from glmcode.engine.llm import LLM, Completion, RequestStats, StreamOutput
+    from glmcode.engine.llm import LLM, Completion, StreamOutput
     from glmcode.engine.sampler import SamplingParams
+    from glmcode.engine.sequence import RequestStats
 
 
 def __getattr__(name: str) -> Any:

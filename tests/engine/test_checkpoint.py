@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glmcode.engine import LLM
-from glmcode.engine.weights.loader import INDEX_FILE, SINGLE_FILE
+from glmcode.engine.weights.layout import INDEX_FILE, SINGLE_FILE
 from glmcode.errors import CheckpointError
 
 EXPERT = "model.layers.1.mlp.experts.3.up_proj.weight"

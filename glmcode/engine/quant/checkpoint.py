@@ -18,11 +18,8 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
-import zlib
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -36,92 +33,15 @@ from glmcode.engine.quant.formats import (
     int4_group_size,
     quantize,
 )
+from glmcode.engine.weights.layout import INDEX_FILE, read_index
+from glmcode.engine.weights.progress import byte_progress
+from glmcode.engine.weights.safetensors import SafetensorsFile, checkpoint_files, file_crc32, open_shards, read_header
 from glmcode.errors import CheckpointError, UsageError
 
 QUANT_METHOD = "glmcode"
 FORMAT_VERSION = 1
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 1 << 30
 _ROWS_PER_CHUNK = 8192  # rows quantized at once: bounds memory for the 154880-row lm_head
-_CRC_BLOCK = 16 << 20
-
-_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading safetensors without mapping whole shards (bounded memory on any checkpoint size)
-
-
-class SafetensorsFile:
-    """One .safetensors file read tensor by tensor (or row range by row range) with pread."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.header = read_safetensors_header(path)
-        self._data_start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
-
-    def names(self) -> list[str]:
-        return [name for name in self.header if name != "__metadata__"]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor ``name``, or only rows ``[start, stop)`` of its first dimension."""
-        info = self.header[name]
-        dtype, shape = _DTYPES[info["dtype"]], list(info["shape"])
-        begin, end = info["data_offsets"]
-        if rows is not None:
-            row_bytes = (end - begin) // max(shape[0], 1)
-            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
-            shape[0] = rows[1] - rows[0]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(self._data_start + begin)
-            if f.readinto(buffer.numpy()) != end - begin:
-                raise CheckpointError(f"{self.path} is truncated (tensor {name}); re-download or re-quantize it")
-        return buffer.view(dtype).reshape(shape)
-
-
-def read_safetensors_header(path: Path) -> dict:
-    try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > path.stat().st_size - 8:
-                raise ValueError("header longer than the file")
-            return json.loads(f.read(length))
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-create it") from exc
-
-
-def checkpoint_shards(model_dir: Path) -> dict[str, str]:
-    """Tensor name -> shard file name, from the index or the single ``model.safetensors``."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        return dict(_read_json(index)["weight_map"])
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return {name: single.name for name in SafetensorsFile(single).names()}
-    raise CheckpointError(f"{model_dir} has no {INDEX_FILE} or model.safetensors")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} ({exc})") from exc
-
 
 # ---------------------------------------------------------------------------------------------
 # Writing: shards of bounded size, then index and config, then one rename
@@ -166,14 +86,6 @@ class _ShardWriter:
         return {"metadata": {"total_size": total_size, "shards": shards}, "weight_map": weight_map}
 
 
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        while block := f.read(_CRC_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def quantize_checkpoint(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
@@ -192,26 +104,26 @@ def quantize_checkpoint(
     src, dst = Path(src_dir), Path(dst_dir)
     if bits not in (4, 8) or linear_bits not in (4, 8):
         raise UsageError(f"--bits must be 4 or 8 (got experts {bits}, linear {linear_bits})")
-    config = _read_json(src / "config.json")
+    config = _read_config(src)
     if "quantization_config" in config:
         raise UsageError(f"{src} is already quantized; quantize the original float checkpoint")
     if dst.exists() and any(dst.iterdir()):
         raise UsageError(f"{dst} already exists and is not empty; remove it or pick another directory")
     scheme = QuantScheme(expert_bits=bits, linear_bits=linear_bits, group_size=group_size)
-    shards = checkpoint_shards(src)
+    files = checkpoint_files(src)
+    shards = open_shards(files)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
         writer = _ShardWriter(work, shard_bytes)
-        files = {name: SafetensorsFile(src / name) for name in sorted(set(shards.values()))}
-        ordered = sorted(shards, key=lambda n: (shards[n], files[shards[n]].header[n]["data_offsets"][0]))
-        total_bytes = sum(_tensor_bytes(files[shards[n]].header[n]) for n in ordered)
-        with _progress_bar(progress, total_bytes, f"quantizing to int{bits}") as advance:
+        ordered = sorted(files, key=lambda n: (files[n], shards[files[n]].header[n]["data_offsets"][0]))
+        total_bytes = sum(shards[files[n]].nbytes(n) for n in ordered)
+        with byte_progress(f"quantizing to int{bits}", total_bytes, enabled=progress) as advance:
             for name in ordered:
-                source = files[shards[name]]
+                source = shards[files[name]]
                 _convert_tensor(name, source, scheme, writer)
-                advance(_tensor_bytes(source.header[name]))
+                advance(source.nbytes(name))
         index = writer.finish()
         _copy_side_files(src, work)
         (work / INDEX_FILE).write_text(json.dumps(index, indent=2))
@@ -258,11 +170,6 @@ def quantized_tensors(blocks: list[QuantizedWeight]) -> dict[str, torch.Tensor]:
     }
 
 
-def _tensor_bytes(info: dict) -> int:
-    begin, end = info["data_offsets"]
-    return end - begin
-
-
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, chat template, generation config: everything but weights, index and config."""
     for path in src.iterdir():
@@ -271,34 +178,13 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def _progress_bar(enabled: bool, total: int, description: str):
-    if not enabled:
-        return nullcontext(lambda _: None)
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    class _Bar:
-        def __enter__(self):
-            self.progress = Progress(
-                "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn()
-            )
-            self.progress.__enter__()
-            task = self.progress.add_task(description, total=total)
-            return lambda n: self.progress.advance(task, n)
-
-        def __exit__(self, *exc):
-            return self.progress.__exit__(*exc)
-
-    return _Bar()
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
 def quantization_config(model_dir: str | os.PathLike) -> dict | None:
     """The ``quantization_config`` of a glmcode-quantized checkpoint, or None for a float one."""
-    config = _read_json(Path(model_dir) / "config.json")
-    section = config.get("quantization_config")
+    section = _read_config(Path(model_dir)).get("quantization_config")
     if section is None:
         return None
     if section.get("quant_method") != QUANT_METHOD:
@@ -323,7 +209,7 @@ def verify_quantized_checkpoint(model_dir: str | os.PathLike, *, checksums: bool
     model_dir = Path(model_dir)
     if quantization_config(model_dir) is None:
         raise CheckpointError(f"{model_dir} is not a quantized checkpoint (no quantization_config)")
-    index = _read_json(model_dir / INDEX_FILE)
+    index = read_index(model_dir / INDEX_FILE)
     recorded = index.get("metadata", {}).get("shards", {})
     names_by_shard: dict[str, set[str]] = {}
     for name, shard in index["weight_map"].items():
@@ -340,7 +226,7 @@ def verify_quantized_checkpoint(model_dir: str | os.PathLike, *, checksums: bool
                 f"{path} has {path.stat().st_size} bytes, expected {stats['size']} (truncated or "
                 f"overwritten); re-quantize the checkpoint"
             )
-        missing = names - set(read_safetensors_header(path))
+        missing = names - set(read_header(path))
         if missing:
             raise CheckpointError(f"{path} lacks {len(missing)} tensors, e.g. {min(missing)}; re-quantize the checkpoint")
         if checksums and file_crc32(path) != stats["crc32"]:
@@ -351,9 +237,14 @@ _QUANT_SUFFIX = re.compile(r"\.(qweight|scales|zeros)$")
 
 
 def iter_checkpoint_weights(
-    model_dir: str | os.PathLike, scheme: QuantScheme | None = None
+    model_dir: str | os.PathLike,
+    scheme: QuantScheme | None = None,
+    *,
+    keep: Callable[[str], bool] = lambda name: True,
+    advance: Callable[[int], None] = lambda nbytes: None,
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """Every weight of a checkpoint under its source name, quantized where it should be.
+    """Every weight of a checkpoint that `keep(name)` wants, under its source name, quantized
+    where it should be; `advance(nbytes)` hears of every byte read (for a progress bar).
 
     A quantized checkpoint yields ``Int8Weight`` / ``Int4Weight`` for its quantized tensors
     (after :func:`verify_quantized_checkpoint`). A float checkpoint with a ``scheme`` is
@@ -363,29 +254,37 @@ def iter_checkpoint_weights(
     section = quantization_config(model_dir)
     if section is not None:
         verify_quantized_checkpoint(model_dir)
-        yield from _iter_quantized(model_dir, section)
-        return
-    shards = checkpoint_shards(model_dir)
-    for shard in sorted(set(shards.values())):
-        source = SafetensorsFile(model_dir / shard)
-        for name in source.names():
-            bits = scheme.bits_for(name, source.shape(name)) if scheme else None
+    for source in open_shards(checkpoint_files(model_dir)).values():
+        names = source.names()
+        for name in names:
+            if section is not None:
+                match = _QUANT_SUFFIX.search(name)
+                if match is not None and match.group(1) != "qweight":
+                    continue  # read with its qweight
+                if match is not None:
+                    base = name[: match.start()]
+                    if keep(f"{base}.weight"):
+                        parts = [f"{base}.{suffix}" for suffix in ("qweight", "scales", "zeros") if f"{base}.{suffix}" in names]
+                        advance(sum(source.nbytes(part) for part in parts))
+                        yield f"{base}.weight", _read_quantized(source, base, names, section)
+                    continue
+            if not keep(name):
+                continue
+            bits = scheme.bits_for(name, source.shape(name)) if scheme is not None and section is None else None
             tensor = source.read(name)
+            advance(source.nbytes(name))
             yield name, tensor if bits is None else quantize(tensor, bits, scheme.group_size)
 
 
-def _iter_quantized(model_dir: Path, section: dict) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    shards = checkpoint_shards(model_dir)
-    for shard in sorted(set(shards.values())):
-        source = SafetensorsFile(model_dir / shard)
-        names = source.names()
-        for name in names:
+def checkpoint_bytes(model_dir: str | os.PathLike, keep: Callable[[str], bool] = lambda name: True) -> int:
+    """The bytes iter_checkpoint_weights reads for the tensors `keep` wants."""
+    total = 0
+    for source in open_shards(checkpoint_files(model_dir)).values():
+        for name in source.names():
             match = _QUANT_SUFFIX.search(name)
-            if match is None:
-                yield name, source.read(name)
-            elif match.group(1) == "qweight":
-                base = name[: match.start()]
-                yield f"{base}.weight", _read_quantized(source, base, names, section)
+            if keep(name if match is None else name[: match.start()] + ".weight"):
+                total += source.nbytes(name)
+    return total
 
 
 def _read_quantized(source: SafetensorsFile, base: str, names: list[str], section: dict) -> QuantizedWeight:
@@ -399,3 +298,10 @@ def _read_quantized(source: SafetensorsFile, base: str, names: list[str], sectio
     if group_size != int4_group_size(qweight.shape[1] * 2, section["group_size"]):
         raise CheckpointError(f"{source.path}: {base} has an unexpected int4 group size {group_size}")
     return Int4Weight(nibbles=qweight, scales=scales, zeros=zeros, group_size=group_size)
+
+
+def _read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {model_dir / 'config.json'} ({exc})") from exc

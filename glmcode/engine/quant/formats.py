@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from glmcode import options
+from glmcode.engine.weights.names import weight_role
+
 GROUP_SIZE = 128
 
 
@@ -69,25 +72,24 @@ class QuantScheme:
         """``"int4"``: int4 experts, int8 elsewhere (quality first). ``"int4-all"``: int4
         everywhere (speed first: a third fewer bytes per token). ``"int8"``: int8 everywhere."""
         schemes = {
-            "int4": cls(expert_bits=4, linear_bits=8),
-            "int4-all": cls(expert_bits=4, linear_bits=4),
-            "int8": cls(expert_bits=8, linear_bits=8),
+            options.INT4: cls(expert_bits=4, linear_bits=8),
+            options.INT4_ALL: cls(expert_bits=4, linear_bits=4),
+            options.INT8: cls(expert_bits=8, linear_bits=8),
         }
         if name not in schemes:
-            raise ValueError(f"unknown quantization {name!r}; use one of {sorted(schemes)}")
+            raise ValueError(f"unknown quantization {name!r}; use one of {', '.join(options.QUANTIZATIONS)}")
         return schemes[name]
 
     def bits_for(self, name: str, shape: tuple[int, ...]) -> int | None:
         """The bit width for checkpoint tensor ``name``, or None to keep it unquantized."""
-        if len(shape) != 2 or not name.endswith(".weight"):
+        role = weight_role(name) if len(shape) == 2 else None
+        if role is None:
             return None
-        if "embed_tokens" in name or name.endswith(".mlp.gate.weight"):
-            return None
-        if name.endswith(".kv_b_proj.weight"):
+        if role == "kv_b_proj":
             # Decode reads it as int8 per head in any scheme (Int8KVBProjection): int4 in the
             # checkpoint would only lose precision.
             return 8
-        bits = self.expert_bits if ".experts." in name or ".shared_experts." in name else self.linear_bits
+        bits = self.expert_bits if role == "expert" else self.linear_bits
         # int4 groups need 32 | in_features; only toy shapes miss that, and they get int8.
         return 8 if bits == 4 and shape[1] % 32 else bits
 
