@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import re
 import sys
 import threading
@@ -356,13 +357,23 @@ class GlmcodeAcpAgent:
                     await send(update_agent_message_text(message["content"]))
                 for call in message.get("tool_calls") or []:
                     function = call.get("function", {})
-                    arguments = function.get("arguments") if isinstance(function.get("arguments"), dict) else {}
+                    arguments = _arguments(function.get("arguments"))
                     await send(acp.start_tool_call(call.get("id", ""), tool_title(function.get("name", ""), arguments),
                                                    kind=tool_kind(function.get("name", "")), status="completed",
                                                    raw_input=arguments))
             elif role == "tool":
                 await send(acp.update_tool_call(message.get("tool_call_id", ""), status="completed",
                                                 content=[output_content(str(message.get("content") or ""))]))
+
+
+def _arguments(value: Any) -> dict[str, Any]:
+    """A saved tool call's arguments: a dict, or the JSON text of one."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _client_servers(servers: list[Any]) -> list[McpServerConfig]:

@@ -60,9 +60,9 @@ def test_glmcode_run_renders_the_command_and_runs_the_agent(cli: Cli, commands: 
     assert result.stdout.strip() == "Reviewed."
     result = cli("run", "git:summary", "3", "--replay", str(script), "-o", "json")
     assert result.returncode == 0 and json.loads(result.stdout)["status"] == "done"
-    assert session_user_messages(cli.home) == [
-        "Review calc.py for bugs, above all the sign of add.\n(All I typed: calc.py the sign of add)",
+    assert sorted(session_user_messages(cli.home)) == [  # both runs may share a second: sorted
         "# Summarize the last commits\nSummarize the last 3 commits.",
+        "Review calc.py for bugs, above all the sign of add.\n(All I typed: calc.py the sign of add)",
     ]
 
 
