@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from glmcode import options
 from glmcode.errors import CheckpointError, UsageError
 
 SUPPORTED_MODEL_TYPES = ("glm4_moe_lite",)
@@ -38,7 +39,7 @@ _REQUIRED_FIELDS = (
     "max_position_embeddings",
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in options.DTYPES}  # float32, bfloat16, float16
 
 
 @dataclass(frozen=True)

@@ -218,16 +218,9 @@ class LLM:
         self.blocks.commit(seq)
 
     def _accept(self, seq: Sequence, token: int) -> None:
-        """Appends a sampled token and decides whether the request is finished."""
         if not seq.stats.prefill_seconds:
             seq.stats.prefill_seconds = time.perf_counter() - seq.admitted_at
-        if token in seq.stop_ids:
-            self.scheduler.finish(seq, "stop")
-            return
-        seq.token_ids.append(token)
-        seq.pending.append(token)
-        if len(seq.completion_ids) >= seq.params.max_tokens or len(seq) >= self.max_context:
-            self.scheduler.finish(seq, "length")
+        self.scheduler.accept(seq, token, self.max_context)
 
     def _abort_unfinished(self, seqs: list[Sequence]) -> None:
         with self._lock:  # after the step in flight, if any

@@ -80,6 +80,17 @@ class Scheduler:
             decoding = self._make_room(decoding)
             return DecodeStep(decoding) if decoding else None
 
+    def accept(self, seq: Sequence, token: int, max_context: int) -> None:
+        """Append a sampled token for the consumer; retire the sequence at a stop token, its
+        max_tokens or the end of the context."""
+        if token in seq.stop_ids:
+            self.finish(seq, "stop")
+            return
+        seq.token_ids.append(token)
+        seq.pending.append(token)
+        if len(seq.completion_ids) >= seq.params.max_tokens or len(seq) >= max_context:
+            self.finish(seq, "length")
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Retire a sequence (finished, aborted or failed): its blocks go back to the pool."""
         with self._lock:
