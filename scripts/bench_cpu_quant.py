@@ -1,37 +1,55 @@
-"""CPU speed of the quantized engine at GLM-4.7-Flash's real shapes, with random weights.
+"""CPU speed of the quantized engine at GLM-4.7-Flash's real shapes, with random weights, and
+llama.cpp on the same shapes in the same run.
 
-The weights are generated directly in quantized form (no 60 GB checkpoint) and handed to
-`LLM.from_model` with a tokenizer written beside the config. Prefill is timed through LLM.generate; decode at context C through
-the engine's decode path on a cache whose first C slots hold random latents (as
-bench_engine.py does; speed does not depend on the values). Prints a table and JSON; the
-llama.cpp figures measured on the same 2-core machine are the baseline.
+glmcode's weights are generated directly in quantized form (no 60 GB checkpoint) and handed to
+`LLM.from_model`; with `--against llama.cpp` a GGUF of the same shapes is written (Q4_0, a Q6_K
+output, as `llama-quantize Q4_0` makes; see llama_cpp_side.py) and llama-cpp-python runs it on
+the same token ids. Each engine measures in a process of its own (the full-size models do not
+fit the machine twice), and the engines take turns, round by round, so that a busy machine
+slows both alike. A round measures:
 
-    PYTHONPATH=. python scripts/bench_cpu_quant.py --quantization int4 [--layers 4] [--contexts 512,4096]
+- load_s: building glmcode's random quantized model / loading the GGUF (from page cache or disk)
+- prefill_P: P prompt tokens from an empty cache, to the last token's logits
+- prefill_P_at_D: P more tokens after D cached ones (llama-bench's pp P @ d D)
+- decode_C: one token after C cached ones (median of --decode-steps steps)
+- peak_rss_gb: the process's peak resident memory
+
+Cached contexts are random: random latents in glmcode's cache, random keys in llama.cpp's
+(through its sequence-state API); a step's cost does not depend on the values. Prints a table
+(medians, ranges over every sample of every round, ratios of the medians) and JSON.
+
+    python scripts/bench_cpu_quant.py --quantization int4-all [--layers 4] [--against llama.cpp] [--rounds 3]
+    python scripts/bench_engine.py --config full --quantization int4-all --against llama.cpp --long-context
+
+`--against llama.cpp` needs the benchmark extra (`pip install -e ".[bench]"`). A full-size run
+needs ~19 GB free per engine: the script refuses to start with less (see --force).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from glmcode.engine import LLM, SamplingParams  # noqa: E402
+from glmcode.engine import LLM  # noqa: E402
 from glmcode.engine.config import ModelConfig  # noqa: E402
 from glmcode.engine.model import GlmMoeLite  # noqa: E402
 from glmcode.engine.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, QuantScheme, int4_group_size  # noqa: E402
 from glmcode.engine.quant.loader import QuantizedModelBuilder  # noqa: E402
+from glmcode.engine.sequence import Sequence  # noqa: E402
 from glmcode.engine.tokenizer import Tokenizer  # noqa: E402
 
 FULL_CONFIG = {
@@ -66,24 +84,42 @@ FULL_CONFIG = {
     "dtype": "bfloat16",
 }
 
-# llama.cpp (llama-cpp-python 0.3.36, Q4_0 + repacking, flash attention, 2 threads), same VM.
-LLAMA_CPP = {"decode_512": 9.05, "decode_4096": 3.76, "prefill_512": 22.1, "load_s": 21.7, "rss_gb": 17.0}
+FULL_GB = 19.0  # peak RSS of one full-size engine, with a margin
+ENGINES = ("glmcode", "llama.cpp")
+# higher is better for speeds, lower for the rest (ratios say how many times better glmcode is)
+LOWER_IS_BETTER = ("load_s", "peak_rss_gb")
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
+def available_gb() -> float:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def prompt_ids(count: int, vocab: int, seed: int) -> list[int]:
+    """The same token ids for both engines (3 and up: llama.cpp's placeholder vocabulary starts
+    with three merge tokens)."""
+    return np.random.default_rng(seed).integers(3, vocab, count).tolist()
+
+
+# ----- glmcode's side
 
 
 def build_llm(config: dict, quantization: str, directory: Path, max_context: int) -> LLM:
     """An LLM over random quantized weights; the directory holds only config and tokenizer."""
-    writer = _script("make_tiny_checkpoint")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
     writer.make_tokenizer().save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     (directory / "config.json").write_text(json.dumps(config))
@@ -125,27 +161,108 @@ def random_quantized(shape: tuple[int, ...], bits: int, scheme: QuantScheme, gen
     return Int4Weight(nibbles, scales, torch.zeros_like(scales), group)
 
 
-def time_prefill(llm: LLM, tokens: int, repeats: int = 2) -> float:
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, llm.num_real_tokens, (tokens,), generator=gen).tolist()
-    llm.generate(prompt[:16], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        seconds.append(llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0)).stats.prefill_seconds)
-    return tokens / min(seconds)
+class GlmcodeSide:
+    """Times glmcode's runner directly: the chunks a prefill takes, then the last token's logits."""
 
-
-def time_decode(llm: LLM, context: int, steps: int) -> float:
-    """Median tokens/s of single decode steps at `context` cached tokens."""
-    decoder = _script("bench_engine").GlmcodeDecoder(llm, context, torch.Generator().manual_seed(1))
-    decoder.step()  # warm-up
-    times = []
-    for _ in range(steps):
+    def __init__(self, args, config: dict, directory: Path, n_ctx: int):
         started = time.perf_counter()
-        decoder.step()
-        times.append(time.perf_counter() - started)
-    decoder.close()
-    return 1.0 / statistics.median(times)
+        self.llm = build_llm(config, args.quantization, directory, n_ctx)
+        self.load_s = time.perf_counter() - started
+        self.vocab = config["vocab_size"]
+
+    @torch.inference_mode()
+    def prefill_at(self, depth: int, prompt: list[int]) -> float:
+        """Seconds to prefill `prompt` after `depth` cached (random) tokens, to its last logits."""
+        llm = self.llm
+        seq = Sequence(token_ids=prompt_ids(depth, self.vocab, 7) + prompt, num_prompt_tokens=depth + len(prompt))
+        assert llm.blocks.allocate(seq, use_prefix_cache=False), "the bench's KV cache is too small"
+        seq.num_computed = depth
+        try:
+            started = time.perf_counter()
+            chunk = llm.options.prefill_chunk_tokens
+            for start in range(depth, len(seq), chunk):
+                hidden = llm.runner.prefill(seq, start, min(len(seq), start + chunk))
+            llm.runner.logits(hidden[-1:])
+            return time.perf_counter() - started
+        finally:
+            llm.blocks.free_sequence(seq)
+
+    @torch.inference_mode()
+    def decode_steps(self, context: int, steps: int) -> list[float]:
+        llm = self.llm
+        seq = Sequence(token_ids=prompt_ids(context, self.vocab, 11), num_prompt_tokens=context)
+        assert llm.blocks.allocate(seq, use_prefix_cache=False), "the bench's KV cache is too small"
+        seq.num_computed = context  # its cache slots already hold random latents
+        times = []
+        try:
+            for step in range(steps + 1):  # the first one untimed
+                seq.token_ids.append(3 + step)
+                llm.blocks.grow(seq, len(seq))
+                started = time.perf_counter()
+                llm.runner.decode([seq])
+                times.append(time.perf_counter() - started)
+                seq.num_computed = len(seq)
+        finally:
+            llm.blocks.free_sequence(seq)
+        return times[1:]
+
+
+# ----- llama.cpp's side
+
+
+class LlamaCppSide:
+    def __init__(self, args, config: dict, n_ctx: int):
+        from llama_cpp_side import LlamaCppEngine
+
+        self.engine = LlamaCppEngine(args.gguf, threads=args.threads, n_ctx=n_ctx)
+        self.load_s = self.engine.load_s
+        self.rng = np.random.default_rng(5)
+
+    def prefill_at(self, depth: int, prompt: list[int]) -> float:
+        if depth:
+            self.engine.fill_context(depth, self.rng)
+        else:
+            self.engine.clear()
+        return self.engine.prefill(prompt)
+
+    def decode_steps(self, context: int, steps: int) -> list[float]:
+        self.engine.fill_context(context, self.rng)
+        times = [self.engine.decode_step(3 + step) for step in range(steps + 1)]
+        return times[1:]
+
+
+# ----- one round, in a process of its own
+
+
+def measure_round(args) -> dict:
+    """The measurements of one engine, in this process: {metric: [samples]}."""
+    torch.set_num_threads(args.threads)
+    config = FULL_CONFIG | {"num_hidden_layers": args.layers}
+    n_ctx = max([args.depth + args.prefill_tokens, args.prefill_tokens] + [c + args.decode_steps + 8 for c in args.contexts])
+    with tempfile.TemporaryDirectory(prefix="glmcode-bench-quant-") as tmp:
+        side = GlmcodeSide(args, config, Path(tmp), n_ctx) if args.round == "glmcode" else LlamaCppSide(args, config, n_ctx)
+        prompt = prompt_ids(args.prefill_tokens, config["vocab_size"], 0)
+        side.prefill_at(0, prompt[:16])  # warm-up
+        samples: dict[str, list[float]] = {"load_s": [side.load_s]}
+        for depth in [0] + ([args.depth] if args.depth else []):
+            key = f"prefill_{args.prefill_tokens}" + (f"_at_{depth}" if depth else "")
+            samples[key] = [args.prefill_tokens / side.prefill_at(depth, prompt) for _ in range(args.repeats)]
+        for context in args.contexts:
+            samples[f"decode_{context}"] = [1.0 / statistics.median(side.decode_steps(context, args.decode_steps))]
+    samples["peak_rss_gb"] = [peak_rss_gb()]
+    return samples
+
+
+def run_round(engine: str, argv: list[str]) -> dict:
+    command = [sys.executable, __file__, *argv, "--round", engine]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine} round failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
 def compare_kernels(repeats: int = 30) -> dict:
@@ -201,61 +318,97 @@ def compare_kernels(repeats: int = 30) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
     parser.add_argument("--quantization", default="int4", choices=["int4", "int4-all", "int8"])
     parser.add_argument("--layers", type=int, default=FULL_CONFIG["num_hidden_layers"], help="fewer layers for a quick run")
-    parser.add_argument("--contexts", default="512,4096,32768", help="decode context lengths")
+    parser.add_argument("--contexts", type=ints, default=[512, 4096, 32768], help="decode context lengths")
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=4096, help="also prefill after this many cached tokens (0: no)")
+    parser.add_argument("--repeats", type=int, default=2, help="prefills per round and depth")
+    parser.add_argument("--rounds", type=int, default=1, help="turns each engine takes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", choices=["llama.cpp"], default=None, help="time llama.cpp in the same run")
+    parser.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model: written here if missing (default: a temp file)")
+    parser.add_argument("--force", action="store_true", help="run even where free memory looks too small")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--compare-kernels", action="store_true", help="only time aten ops vs ours per call")
+    parser.add_argument("--round", choices=ENGINES, help=argparse.SUPPRESS)  # internal: one engine's round
     args = parser.parse_args(argv)
+    if args.round:
+        print(json.dumps(measure_round(args)))
+        return {}
     torch.set_num_threads(args.threads)
     if args.compare_kernels:
         result = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "median_us": compare_kernels()}
         print(json.dumps(result))
         return result
-    contexts = [int(c) for c in args.contexts.split(",") if c]
+    need = FULL_GB * args.layers / FULL_CONFIG["num_hidden_layers"] + 1
+    if available_gb() < need and not args.force:
+        raise SystemExit(f"{available_gb():.1f} GB available, an engine of {args.layers} layers needs ~{need:.0f} GB: "
+                         "wait for a quieter machine or pass --force")  # fmt: skip
+    engines = ENGINES if args.against else ENGINES[:1]
+    report: dict = {
+        "quantization": args.quantization, "layers": args.layers, "threads": args.threads, "rounds": args.rounds,
+        "load_average_start": os.getloadavg(), "available_gb_start": round(available_gb(), 1),
+        "engines_ran": "one process per engine and round, taking turns",
+        "cached_contexts": "random latents (glmcode) / random keys through the sequence-state API (llama.cpp)",
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="glmcode-bench-gguf-") as tmp:
+        forwarded = list(argv)
+        if args.against:
+            import llama_cpp_side
 
-    config = FULL_CONFIG | {"num_hidden_layers": args.layers}
-    with tempfile.TemporaryDirectory(prefix="glmcode-bench-quant-") as tmp:
-        started = time.perf_counter()
-        llm = build_llm(config, args.quantization, Path(tmp), max(contexts + [args.prefill_tokens]) + args.decode_steps + 4)
-        result: dict = {
-            "quantization": args.quantization,
-            "layers": args.layers,
-            "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg(),
-            "build_s": round(time.perf_counter() - started, 1),
-            "rss_after_build_gb": round(peak_rss_gb(), 2),
-        }
-        if args.prefill_tokens:
-            result[f"prefill_{args.prefill_tokens}"] = round(time_prefill(llm, args.prefill_tokens), 2)
-        for context in contexts:
-            result[f"decode_{context}"] = round(time_decode(llm, context, args.decode_steps), 2)
-    result["peak_rss_gb"] = round(peak_rss_gb(), 2)
-    _print_table(result, scale=args.layers / FULL_CONFIG["num_hidden_layers"])
-    print(json.dumps(result))
+            gguf = args.gguf or Path(tmp) / "glm47-flash-q4_0.gguf"
+            if not gguf.exists():
+                print(f"writing {gguf} ({args.layers} layers, Q4_0 + Q6_K output)...", file=sys.stderr, flush=True)
+                llama_cpp_side.write_gguf(FULL_CONFIG | {"num_hidden_layers": args.layers}, gguf,
+                                          progress=lambda line: print(line, file=sys.stderr, flush=True))  # fmt: skip
+            forwarded += ["--gguf", str(gguf)]
+            report["llama_cpp"] = llama_cpp_side.version()
+        samples = {engine: {} for engine in engines}
+        for number in range(args.rounds):
+            order = engines if number % 2 == 0 else engines[::-1]
+            for engine in order:
+                print(f"round {number + 1}/{args.rounds}: {engine}...", file=sys.stderr, flush=True)
+                for key, values in run_round(engine, forwarded).items():
+                    samples[engine].setdefault(key, []).extend(values)
+    report["load_average_end"] = os.getloadavg()
+    report["engines"] = {engine: {key: summarize(values) for key, values in metrics.items()} for engine, metrics in samples.items()}
+    if args.against:
+        ours, theirs = report["engines"]["glmcode"], report["engines"]["llama.cpp"]
+        report["ratios"] = {key: (theirs[key]["median"] / ours[key]["median"] if key in LOWER_IS_BETTER
+                                  else ours[key]["median"] / theirs[key]["median"]) for key in ours if key in theirs}  # fmt: skip
+    print_table(report)
+    print(json.dumps(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
-def _print_table(result: dict, scale: float) -> None:
-    print(f"{'metric':<16}{'ours':>10}{'llama.cpp':>12}{'ratio':>8}", file=sys.stderr)
-    for key, value in result.items():
-        if not key.startswith(("decode_", "prefill_")):
-            continue
-        base = LLAMA_CPP.get(key)
-        ratio = f"{value / base:.2f}" if base and scale == 1 else "-"
-        print(f"{key + ' tok/s':<16}{value:>10}{base or '-':>12}{ratio:>8}", file=sys.stderr)
-    # Ours builds random weights in quantized form; llama.cpp's figure is a load from page cache.
-    for key, base_key, label in (("peak_rss_gb", "rss_gb", "peak RSS GB"), ("build_s", "load_s", "build/load s")):
-        print(f"{label:<16}{result[key]:>10}{LLAMA_CPP[base_key]:>12}{'-':>8}", file=sys.stderr)
-    if scale != 1:
-        print(f"({scale:.0%} of the layers: not comparable to llama.cpp's full-model figures)", file=sys.stderr)
+def print_table(report: dict) -> None:
+    engines = list(report["engines"])
+    columns = "".join(f"{name + ' median':>18}{'range':>18}" for name in engines)
+    print(f"\n{'metric':<24}{columns}{'ratio':>9}", file=sys.stderr)
+    for key in report["engines"]["glmcode"]:
+        unit = "" if key in LOWER_IS_BETTER else " tok/s"
+        row = f"{key + unit:<24}"
+        for name in engines:
+            value = report["engines"][name].get(key)
+            if value is None:
+                row += f"{'-':>36}"
+                continue
+            spread = f"{value['min']:.2f}-{value['max']:.2f}"
+            row += f"{value['median']:>18.2f}{spread:>18}"
+        ratio = report.get("ratios", {}).get(key)
+        print(row + (f"{ratio:>8.2f}x" if ratio else ""), file=sys.stderr)
+    if "ratios" in report:
+        print("(ratio: how many times better glmcode is, from the medians)", file=sys.stderr)
+    print(f"load average {report['load_average_start']} -> {report['load_average_end']}, threads {report['threads']}",
+          file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

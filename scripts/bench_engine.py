@@ -603,6 +603,9 @@ def run_cpu_quant(args) -> None:
                  "--decode-steps", str(args.decode_steps), "--prefill-tokens", str(args.prefill_tokens[0])]  # fmt: skip
     forwarded += ["--threads", str(args.threads)] if args.threads else []
     forwarded += ["--json", str(args.json)] if args.json else []
+    if args.against:  # llama.cpp side by side, the engines taking turns round by round
+        forwarded += ["--against", args.against, "--rounds", str(args.rounds)]
+        forwarded += ["--gguf", str(args.gguf)] if args.gguf else []
     module.main(forwarded)
 
 
@@ -632,7 +635,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="default: bench-results/engine-CONFIG-DEVICE.json")
     parser.add_argument("--quantization", choices=["int4", "int4-all", "int8"], default=None,
                         help="CPU quantized weights, random in quantized form: runs scripts/bench_cpu_quant.py")
-    return parser.parse_args()
+    parser.add_argument("--against", choices=["llama.cpp"], default=None,
+                        help="with --quantization (default int4-all): llama.cpp on a GGUF of the same shapes, "
+                             "same prompts, taking turns (needs pip install -e '.[bench]')")
+    parser.add_argument("--gguf", type=Path, default=None, help="with --against: keep llama.cpp's GGUF here (reused)")
+    args = parser.parse_args()
+    if args.against and not args.quantization:
+        args.quantization = "int4-all"
+    return args
 
 
 def main() -> None:
