@@ -192,12 +192,6 @@ struct ThreadState {
 
 inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-template <typename T>
-inline __m512 load16(const T* p);
-template <>
-inline __m512 load16<at::BFloat16>(const at::BFloat16* p) { return load_bf16(p); }
-template <>
-inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
 
 void rms_norm(const float* x, const std::vector<float>& weight, double eps, float* out) {
   const int64_t n = static_cast<int64_t>(weight.size());
@@ -976,7 +970,7 @@ class DecodePlan : public torch::CustomClassHolder {
         acc[k][1] = _mm512_loadu_ps(out + k * L + i + 16);
       }
       for (int64_t t = 0; t < count; ++t) {
-        const __m512 v0 = load16(block + t * D + i), v1 = load16(block + t * D + i + 16);
+        const __m512 v0 = load16_as_float(block + t * D + i), v1 = load16_as_float(block + t * D + i + 16);
         for (int k = 0; k < M; ++k) {
           const __m512 w = _mm512_set1_ps(p[k * p_stride + t]);
           acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);

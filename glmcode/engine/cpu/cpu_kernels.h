@@ -120,20 +120,24 @@ int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, fl
   return quantize_group_scalar(src, group, biased, dst, scale_out);
 }
 
-// The same for float input, 16 values at a time (bit-identical: max is exact and the
-// conversion rounds to nearest even, as nearbyint does).
-template <>
-inline int32_t quantize_group<float>(const float* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+inline __m512 load_bf16(const at::BFloat16* p);
+inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_as_float(const at::BFloat16* p) { return load_bf16(p); }
+
+// The same 16 values at a time for float and bfloat16 input (bit-identical: max is exact, the
+// bf16 widening too, and the conversion rounds to nearest even, as nearbyint does).
+template <typename T>
+inline int32_t quantize_group_vector(const T* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
   if (group % 16) return quantize_group_scalar(src, group, biased, dst, scale_out);
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+  for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_as_float(src + i)));
   const float max_abs = _mm512_reduce_max_ps(amax);
   const float scale = max_abs > 0.f ? max_abs / 127.f : 1.f;
   const __m512 inv = _mm512_set1_ps(1.f / scale);
   __m512i sum = _mm512_setzero_si512();
   const __m128i bias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
   for (int64_t i = 0; i < group; i += 16) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_as_float(src + i), inv));
     sum = _mm512_add_epi32(sum, q);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
   }
@@ -141,28 +145,15 @@ inline int32_t quantize_group<float>(const float* src, int64_t group, bool biase
   return _mm512_reduce_add_epi32(sum);
 }
 
-inline __m512 load_bf16(const at::BFloat16* p);
+template <>
+inline int32_t quantize_group<float>(const float* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+  return quantize_group_vector(src, group, biased, dst, scale_out);
+}
 
-// The same for bfloat16 input (bit-identical to the scalar version: the bf16 -> float widening
-// is exact).
 template <>
 inline int32_t quantize_group<at::BFloat16>(const at::BFloat16* src, int64_t group, bool biased, int8_t* dst,
                                             float* scale_out) {
-  if (group % 16) return quantize_group_scalar(src, group, biased, dst, scale_out);
-  __m512 amax = _mm512_setzero_ps();
-  for (int64_t i = 0; i < group; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load_bf16(src + i)));
-  const float max_abs = _mm512_reduce_max_ps(amax);
-  const float scale = max_abs > 0.f ? max_abs / 127.f : 1.f;
-  const __m512 inv = _mm512_set1_ps(1.f / scale);
-  __m512i sum = _mm512_setzero_si512();
-  const __m128i bias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
-  for (int64_t i = 0; i < group; i += 16) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(src + i), inv));
-    sum = _mm512_add_epi32(sum, q);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_xor_si128(_mm512_cvtsepi32_epi8(q), bias));
-  }
-  *scale_out = scale;
-  return _mm512_reduce_add_epi32(sum);
+  return quantize_group_vector(src, group, biased, dst, scale_out);
 }
 
 // Rows of x [M, K] to int8, one scale and sum per group of `group` inputs, into values [M, K],
