@@ -6,6 +6,13 @@ step 2. With the prefix cache, step 2 should prefill only the new tokens. Run on
 prefix cache on and once off; prints JSON and a table.
 
     python scripts/bench_agent_steps.py [--config small|tiny] [--model-dir DIR] [--context 4096]
+    python scripts/bench_agent_steps.py --config full --quantization int4-all --tool-output 2048
+
+With --quantization the model has random weights made directly in quantized form (the real
+per-layer shapes; --config picks the layers: full 47, small 4, tiny 1) and runs on the CPU
+kernels, with the prefix cache only (each step with it off would prefill the whole context).
+Step 2 adds a tool result of about --tool-output tokens (the issue's agent step: 2K of tool
+output after a 4K conversation held in the prefix cache).
 
 TTFT here = from the step's start to the first event the backend yields: rendering the prompt to
 ids, the engine's prefill and first sample, and parsing. Random weights: speed does not depend on the values. The test
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -43,10 +51,27 @@ CORE_TOOLS = ("read_file", "edit_file", "run_tests")
 
 def write_checkpoint(config: str, out: Path) -> Path:
     """The engine benchmark's checkpoint for `config` (tiny or small), random float32 weights."""
-    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "scripts" / "bench_engine.py")
-    bench_engine = sys.modules["bench_engine"] = importlib.util.module_from_spec(spec)  # dataclasses need it
-    spec.loader.exec_module(bench_engine)
-    return bench_engine.write_checkpoint(config, out, "float32", with_weights=True)
+    return _script("bench_engine").write_checkpoint(config, out, "float32", with_weights=True)
+
+
+def make_llm(args, scratch: Path, prefix_cache: bool) -> LLM:
+    if args.quantization:
+        quant = _script("bench_cpu_quant")
+        layers = {"full": 47, "small": 4, "tiny": 1}[args.config]
+        directory = scratch / f"q{int(prefix_cache)}"
+        directory.mkdir()
+        max_context = 2 * (args.context + args.tool_output) + 1024  # two steps' sequences
+        return quant.build_llm(quant.FULL_CONFIG | {"num_hidden_layers": layers}, args.quantization, directory,
+                               max_context, enable_prefix_caching=prefix_cache, block_size=256)  # fmt: skip
+    model_dir = args.model_dir or write_checkpoint(args.config, scratch / args.config)
+    return LLM(model_dir, progress=False, enable_prefix_caching=prefix_cache, block_size=256)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
 
 def tool_call(call_id: str, name: str, arguments: dict) -> dict:
@@ -80,23 +105,31 @@ def timed_step(llm: LLM, backend: LocalBackend, messages: list[dict], specs: lis
     return {"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens, "ttft_s": round(ttft, 4)}, step
 
 
-def two_steps(llm: LLM, backend: LocalBackend, specs: list[dict], context: int, repo: str) -> tuple[dict, dict]:
+def tool_output(tokenizer, tokens: int) -> str:
+    """A test run's output of about `tokens` tokens (at least its two summary lines)."""
+    lines = ["1 failed, 41 passed", "FAILED tests/test_loop.py::test_cancel - AssertionError"]
+    number = 0
+    while len(tokenizer.encode("\n".join(lines))) < tokens:
+        lines.insert(-2, f"tests/test_loop.py::test_case_{number} PASSED [{number % 100:3d}%]")
+        number += 1
+    return "\n".join(lines)
+
+
+def two_steps(llm: LLM, backend: LocalBackend, specs: list[dict], context: int, repo: str, output_tokens: int) -> tuple[dict, dict]:
     messages = conversation(llm.tokenizer, specs, context, repo)
     first, step = timed_step(llm, backend, messages, specs)
     reply = {**step.to_message(), "tool_calls": [tool_call("call_next", "run_tests", {})]}
-    test_output = "1 failed, 41 passed\nFAILED tests/test_loop.py::test_cancel - AssertionError"
-    messages += [reply, tool_message("call_next", "run_tests", test_output)]
+    messages += [reply, tool_message("call_next", "run_tests", tool_output(llm.tokenizer, output_tokens))]
     second, _ = timed_step(llm, backend, messages, specs)
     return first, second
 
 
-def measure(model_dir: Path, prefix_cache: bool, context: int, every_tool: bool, repeats: int) -> dict:
+def measure(llm: LLM, prefix_cache: bool, context: int, every_tool: bool, repeats: int, output_tokens: int) -> dict:
     """Median over `repeats` conversations that share no prefix (each names another repo first)."""
-    llm = LLM(model_dir, progress=False, enable_prefix_caching=prefix_cache, block_size=256)
     llm.generate(llm.tokenizer.encode("warm up " * 8), SamplingParams(max_tokens=2))  # one-time costs
     backend = LocalBackend(llm)
     specs = [tool.spec() for tool in all_tools() if every_tool or tool.name in CORE_TOOLS]
-    pairs = [two_steps(llm, backend, specs, context, f"/repo{number}") for number in range(repeats)]
+    pairs = [two_steps(llm, backend, specs, context, f"/repo{number}", output_tokens) for number in range(repeats)]
     first, second = (sorted(steps, key=lambda s: s["ttft_s"])[len(steps) // 2] for steps in zip(*pairs))
     ratio = round(second["ttft_s"] / first["ttft_s"], 4)
     return {"prefix_cache": prefix_cache, "step1": first, "step2": second, "ratio": ratio}
@@ -104,7 +137,10 @@ def measure(model_dir: Path, prefix_cache: bool, context: int, every_tool: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["tiny", "small"], default="small", help="as in bench_engine.py")
+    parser.add_argument("--config", choices=["tiny", "small", "full"], default="small", help="as in bench_engine.py")
+    parser.add_argument("--quantization", choices=["int4", "int4-all", "int8"], default=None,
+                        help="random quantized weights of the real shapes on the CPU kernels (full needs it)")
+    parser.add_argument("--tool-output", type=int, default=32, help="tokens of the tool result step 2 adds")
     parser.add_argument("--model-dir", type=Path, help="an existing checkpoint instead of a generated one")
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -112,10 +148,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="conversations per setting (median reported)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.config == "full" and not (args.quantization or args.model_dir):
+        raise SystemExit("--config full needs --quantization (the float model does not fit a CPU machine)")
+    settings = (True,) if args.quantization else (True, False)
+    runs = []
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir or write_checkpoint(args.config, Path(scratch) / args.config)
-        runs = [measure(model_dir, cache, args.context, args.all_tools, args.repeats) for cache in (True, False)]
-    print(json.dumps({"config": args.model_dir and str(args.model_dir) or args.config, "runs": runs}, indent=2))
+        for cache in settings:
+            llm = make_llm(args, Path(scratch), cache)
+            runs.append(measure(llm, cache, args.context, args.all_tools, args.repeats, args.tool_output))
+            del llm
+    report = {"config": args.model_dir and str(args.model_dir) or args.config, "quantization": args.quantization,
+              "threads": args.threads, "load_average": os.getloadavg(), "runs": runs}  # fmt: skip
+    print(json.dumps(report, indent=2))
     columns = ("step1 tokens", "step1 TTFT s", "step2 tokens", "cached", "step2 TTFT s", "step2/step1")
     print("\n" + f"{'prefix cache':<13}" + "".join(f"{c:>13}" for c in columns))
     for run in runs:

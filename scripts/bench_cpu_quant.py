@@ -113,8 +113,9 @@ def prompt_ids(count: int, vocab: int, seed: int) -> list[int]:
 # ----- glmcode's side
 
 
-def build_llm(config: dict, quantization: str, directory: Path, max_context: int) -> LLM:
-    """An LLM over random quantized weights; the directory holds only config and tokenizer."""
+def build_llm(config: dict, quantization: str, directory: Path, max_context: int, **options) -> LLM:
+    """An LLM over random quantized weights; the directory holds only config and tokenizer.
+    options: LLM options (default: no prefix cache)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
@@ -125,7 +126,7 @@ def build_llm(config: dict, quantization: str, directory: Path, max_context: int
     (directory / "config.json").write_text(json.dumps(config))
     model = random_quantized_model(ModelConfig.from_dict(config), QuantScheme.named(quantization))
     kv_bytes = config["num_hidden_layers"] * (max_context + 512) * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 2
-    llm = LLM.from_model(model, Tokenizer(directory), kv_cache_memory=kv_bytes, enable_prefix_caching=False)
+    llm = LLM.from_model(model, Tokenizer(directory), kv_cache_memory=kv_bytes, **({"enable_prefix_caching": False} | options))
     llm.kv_cache.data.normal_()
     return llm
 
