@@ -171,19 +171,27 @@ class LlamaCppEngine:
         import llama_cpp
 
         header, k_type, row_bytes, n_layer = self._learn_state_layout()
-        parts = [header, struct.pack("<I", tokens)]
         meta = np.zeros((tokens, 3), dtype=np.int32)  # pos, n_seq_id = 1, seq id 0
         meta[:, 0] = np.arange(tokens)
         meta[:, 1] = 1
-        parts.append(meta.tobytes())
-        parts.append(struct.pack("<II", 0, n_layer))  # v_trans = 0
-        for _ in range(n_layer):
-            rows = rng.standard_normal((tokens, row_bytes // 2), dtype=np.float32).astype(np.float16)
-            parts += [struct.pack("<iQ", k_type, row_bytes), rows.tobytes()]
-        blob = b"".join(parts)
+        head = header + struct.pack("<I", tokens) + meta.tobytes() + struct.pack("<II", 0, n_layer)  # v_trans = 0
+        layer_head = struct.pack("<iQ", k_type, row_bytes)
+        # One layer's random keys serve every layer (the values do not matter), written straight
+        # into one buffer: a 32K context of the full model is ~1.8 GB of state.
+        keys = rng.standard_normal((tokens, row_bytes // 2), dtype=np.float32).astype(np.float16).view(np.uint8).ravel()
+        per_layer = len(layer_head) + keys.size
+        blob = bytearray(len(head) + n_layer * per_layer)
+        blob[: len(head)] = head
+        view = np.frombuffer(blob, dtype=np.uint8)
+        for layer in range(n_layer):
+            at = len(head) + layer * per_layer
+            blob[at : at + len(layer_head)] = layer_head
+            view[at + len(layer_head) : at + per_layer] = keys
+        del view, keys
         self.clear()
-        buffer = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        buffer = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
         read = llama_cpp.llama_state_seq_set_data(self.llm.ctx, buffer, len(blob), 0)
+        del buffer
         if read != len(blob):
             raise RuntimeError(f"llama.cpp took {read} of {len(blob)} state bytes")
         self.llm.n_tokens = tokens
