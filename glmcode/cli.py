@@ -88,6 +88,13 @@ RUN_OPTIONS: dict[str, Any] = {
     "dtype": Annotated[str | None, _model_option("--dtype", metavar="DTYPE", help=f"{choices(DTYPES)}.")],
     "quantization": Annotated[str | None, _model_option(
         "--quantization", "-q", metavar="SCHEME", help=f"Weight-only: {INT4} (int4 experts, int8 elsewhere), {INT4_ALL} or {INT8}.")],
+    "kv_cache_dir": Annotated[Path | None, _model_option(
+        "--kv-cache-dir", metavar="DIR", file_okay=False,
+        help="Where computed prompt prefixes are kept on disk (default: ~/.cache/glmcode/kv).")],
+    "no_disk_cache": Annotated[bool, _model_option(
+        "--no-disk-cache", help="Neither read nor write the KV disk cache.")],
+    "no_server": Annotated[bool, _model_option(
+        "--no-server", help="Load the model in this process even when `glmcode serve` runs it.")],
     "approval": Annotated[str | None, _agent_option("--approval", "-a", metavar="MODE", help=f"{choices(APPROVAL_MODES)}.")],
     "yes": Annotated[bool, _agent_option("--yes", "-y", help="Approve everything the approval mode would ask about.")],
     "sandbox": Annotated[str | None, _agent_option(
@@ -115,7 +122,8 @@ RUN_OPTIONS: dict[str, Any] = {
 _RUN_FLAG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(RunFlags)}
 assert set(RUN_OPTIONS) == set(_RUN_FLAG_DEFAULTS), "every RunFlags field needs its option"
 
-MODEL_FLAGS = ("model", "remote", "remote_model", "device", "dtype", "quantization")
+ENGINE_FLAGS = ("model", "device", "dtype", "quantization", "kv_cache_dir", "no_disk_cache")
+MODEL_FLAGS = (*ENGINE_FLAGS, "remote", "remote_model", "no_server")
 APPROVAL_FLAGS = ("approval", "yes")
 SANDBOX_FLAGS = ("sandbox", "sandbox_network")
 SESSION_FLAGS = ("no_think", "show_thinking", "max_turns", "resume", "continue_last", "repo")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from glmcode.agent.events import AnyEvent
     from glmcode.agent.loop import Agent
     from glmcode.agent.session import SessionLog
+    from glmcode.engine import LLM
     from glmcode.mcp.client import McpServers
     from glmcode.tools.base import Tool
     from glmcode.tools.workspace import Workspace
@@ -77,24 +78,31 @@ def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) 
 
 
 def _open_local(settings: Settings, show_progress: bool) -> Backend:
+    from glmcode.backends.local import LocalBackend
+
+    return LocalBackend(load_engine(settings, show_progress))
+
+
+def load_engine(settings: Settings, show_progress: bool) -> LLM:
+    """The local engine the settings describe (`chat`, `ask`, `fix` in-process, and `serve`)."""
     model_dir = require_checkpoint(settings)
     try:
-        from glmcode.backends.local import LocalBackend
         from glmcode.engine import LLM
     except ImportError as error:
         raise BackendUnavailable(f"the local engine cannot be imported ({error}); use --remote") from None
     try:
-        llm = LLM(
+        return LLM(
             str(model_dir),
             device=resolve_device(settings.device),
             dtype=settings.dtype,
             quantization=settings.quantization,
             kv_cache_memory=settings.kv_cache_memory,
+            disk_cache_dir=settings.kv_cache_path(),
+            disk_cache_budget=settings.kv_cache_disk_budget,
             progress=show_progress,
         )
     except KeyboardInterrupt:
         raise Interrupted("interrupted while loading the model") from None
-    return LocalBackend(llm)
 
 
 def backend_label(settings: Settings, replay: Path | None) -> str:

@@ -60,6 +60,9 @@ class RunFlags:
     device: str | None = None
     dtype: str | None = None
     quantization: str | None = None
+    kv_cache_dir: Path | None = None
+    no_disk_cache: bool = False
+    no_server: bool = False
     approval: str | None = None
     yes: bool = False
     sandbox: str | None = None
@@ -79,6 +82,8 @@ class RunFlags:
         return {
             "model": self.model, "remote": self.remote, "remote_model": self.remote_model,
             "device": self.device, "dtype": self.dtype, "quantization": self.quantization,
+            "kv_cache_dir": str(self.kv_cache_dir) if self.kv_cache_dir else None,
+            "disk_cache": False if self.no_disk_cache else None,
             "approval": self.approval, "max_turns": self.max_turns,
             "sandbox": self.sandbox, "sandbox_network": True if self.sandbox_network else None,
             "thinking": False if self.no_think else None,

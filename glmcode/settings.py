@@ -40,6 +40,16 @@ def config_home(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("XDG_CONFIG_HOME") or _home(env) / ".config") / "glmcode"
 
 
+def cache_home(env: Mapping[str, str] = os.environ) -> Path:
+    """Things glmcode can rebuild: the KV disk cache."""
+    return Path(env.get("XDG_CACHE_HOME") or _home(env) / ".cache") / "glmcode"
+
+
+def state_home(env: Mapping[str, str] = os.environ) -> Path:
+    """What running glmcode processes announce: the state files of `glmcode serve`."""
+    return Path(env.get("XDG_STATE_HOME") or _home(env) / ".local" / "state") / "glmcode"
+
+
 def data_home(env: Mapping[str, str] = os.environ) -> Path:
     """Sessions, REPL history and downloaded weights live here."""
     return Path(env.get("XDG_DATA_HOME") or _home(env) / ".local" / "share") / "glmcode"
@@ -60,6 +70,9 @@ class Settings:
     dtype: str | None = None
     quantization: str | None = None
     kv_cache_memory: int | None = None
+    disk_cache: bool = True
+    kv_cache_dir: str | None = None
+    kv_cache_disk_budget: int | None = None
     context_tokens: int | None = None
     approval: str = ApprovalMode.ASK.value
     allow_commands: list[str] = field(default_factory=list)
@@ -82,6 +95,12 @@ class Settings:
 
     def model_dir(self) -> Path:
         return Path(self.model).expanduser() if self.model else default_model_dir()
+
+    def kv_cache_path(self) -> Path | None:
+        """The KV disk cache's directory, or None when it is off."""
+        if not self.disk_cache:
+            return None
+        return Path(self.kv_cache_dir).expanduser() if self.kv_cache_dir else cache_home() / "kv"
 
     def sessions_path(self) -> Path:
         return Path(self.sessions_dir).expanduser() if self.sessions_dir else data_home() / "sessions"
@@ -235,6 +254,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "dtype": _choice(DTYPES, optional=True),
     "quantization": _choice(QUANTIZATIONS, optional=True),
     "kv_cache_memory": _memory_size,
+    "disk_cache": _bool,
+    "kv_cache_dir": _path,
+    "kv_cache_disk_budget": _memory_size,
     "context_tokens": _optional_positive_int,
     "approval": _choice(APPROVAL_MODES),
     "allow_commands": _string_list,
@@ -265,6 +287,9 @@ DESCRIPTIONS = {
     "quantization": "weight-only quantization on load: int4 (experts int4, the rest int8), int4-all or int8 "
                     "(unset = none, or what a quantized checkpoint holds)",
     "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
+    "disk_cache": "keep computed prompt prefixes on disk and reuse them in later runs (--no-disk-cache)",
+    "kv_cache_dir": "where the KV disk cache lives (default: ~/.cache/glmcode/kv; --kv-cache-dir)",
+    "kv_cache_disk_budget": 'most disk the KV cache may use, e.g. "20GiB" (unset = 10 GiB or half the free space)',
     "context_tokens": "cap on the context the agent uses, in tokens (unset = the model's window)",
     "approval": "plan (read-only), ask, auto-edit (edits without asking) or yolo (nothing asked)",
     "allow_commands": 'commands run without asking, as word prefixes, e.g. ["pytest", "git status"]',

@@ -87,4 +87,4 @@ class LocalBackend:
         )
 
     def close(self) -> None:
-        pass
+        self.llm.close()  # the disk tier writes what it still holds

@@ -5,14 +5,41 @@ latents are written gets a hash chained over all tokens before it, so a later pr
 same prefix reuses it instead of recomputing it. Blocks are reference counted; a block nobody
 uses goes back to the free list but keeps its contents and hash until it is handed out again,
 least recently freed first (LRU).
+
+The hash is stable across processes (BLAKE2b over the previous block's hash and the tokens), so
+it also names a block in the disk tier (`disk_cache.py`): an optional lower tier that is asked
+for the blocks after the in-memory hits, and is handed every block this pool registers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from glmcode.engine.sequence import Sequence
+
+
+def chain_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
+    """The prefix hash of a block: its tokens, chained over the hash of the block before it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"\x00" * 17 if previous is None else b"\x01" + previous.to_bytes(16, "little"))
+    digest.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    return int.from_bytes(digest.digest(), "little")
+
+
+class LowerTier(Protocol):
+    """Where full blocks live beyond the pool (the disk tier)."""
+
+    def contains(self, block_hash: int) -> bool: ...
+
+    def load(self, block_hash: int, tokens: tuple[int, ...], block_id: int) -> bool:
+        """Fill pool block `block_id` with the stored block; False if it cannot be had."""
+        ...
+
+    def store(self, block_hash: int, tokens: tuple[int, ...], block_id: int) -> None: ...
 
 
 @dataclass
@@ -24,9 +51,11 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 lower_tier: LowerTier | None = None):  # fmt: skip
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.lower_tier = lower_tier if enable_prefix_caching else None
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks, next to hand out first. Fresh pools hand out ascending ids, so a
         # sequence's blocks tend to be consecutive in memory.
@@ -54,9 +83,12 @@ class BlockManager:
             if self.blocks[block_id].ref_count == 0:
                 del self.free[block_id]
             self.blocks[block_id].ref_count += 1
-        seq.block_table = hits + [self._take_fresh() for _ in range(fresh_needed)]
-        seq.num_computed = len(hits) * self.block_size
-        seq.num_hashed_blocks = len(hits)
+        fresh = [self._take_fresh() for _ in range(fresh_needed)]
+        loaded, last_hash = self._load_from_lower_tier(seq.token_ids, len(hits), last_hash, fresh) \
+            if use_prefix_cache else (0, last_hash)  # fmt: skip
+        seq.block_table = hits + fresh
+        seq.num_computed = (len(hits) + loaded) * self.block_size
+        seq.num_hashed_blocks = len(hits) + loaded
         seq.last_hash = last_hash
         return True
 
@@ -75,10 +107,10 @@ class BlockManager:
         size = self.block_size
         for index in range(seq.num_hashed_blocks, seq.num_computed // size):
             tokens = tuple(seq.token_ids[index * size : (index + 1) * size])
-            block_hash = hash((seq.last_hash, tokens))
-            block = self.blocks[seq.block_table[index]]
-            block.hash, block.token_ids = block_hash, tokens
-            self.hash_to_block[block_hash] = block.block_id
+            block_hash = chain_hash(seq.last_hash, tokens)
+            self._register(seq.block_table[index], block_hash, tokens)
+            if self.lower_tier is not None:
+                self.lower_tier.store(block_hash, tokens, seq.block_table[index])
             seq.last_hash = block_hash
             seq.num_hashed_blocks = index + 1
 
@@ -108,13 +140,36 @@ class BlockManager:
         size = self.block_size
         for index in range((len(token_ids) - 1) // size):
             tokens = tuple(token_ids[index * size : (index + 1) * size])
-            block_hash = hash((last_hash, tokens))
+            block_hash = chain_hash(last_hash, tokens)
             block_id = self.hash_to_block.get(block_hash)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
             last_hash = block_hash
         return hits, last_hash
+
+    def _load_from_lower_tier(self, token_ids: list[int], first: int, last_hash: int | None,
+                              fresh: list[int]) -> tuple[int, int | None]:  # fmt: skip
+        """Fill the fresh blocks that follow `first` in-memory hits from the lower tier, while it
+        has them in prefix order; returns how many it filled and the hash of the last one."""
+        if self.lower_tier is None:
+            return 0, last_hash
+        size, loaded = self.block_size, 0
+        for index in range(first, (len(token_ids) - 1) // size):
+            tokens = tuple(token_ids[index * size : (index + 1) * size])
+            block_hash = chain_hash(last_hash, tokens)
+            block_id = fresh[loaded]
+            if not self.lower_tier.contains(block_hash) or not self.lower_tier.load(block_hash, tokens, block_id):
+                break
+            self._register(block_id, block_hash, tokens)
+            loaded += 1
+            last_hash = block_hash
+        return loaded, last_hash
+
+    def _register(self, block_id: int, block_hash: int, tokens: tuple[int, ...]) -> None:
+        block = self.blocks[block_id]
+        block.hash, block.token_ids = block_hash, tokens
+        self.hash_to_block[block_hash] = block_id
 
     def _take_fresh(self) -> int:
         block_id, _ = self.free.popitem(last=False)

@@ -7,7 +7,12 @@ scheduled piece of work: a prefill chunk or a batched decode step.
 
 Any thread may submit requests and read their outputs. A consumer that needs tokens takes the
 engine lock and runs steps (for every request) until its own tokens arrive; a consumer that
-stops early frees its sequence at once (its full blocks stay in the prefix cache).
+stops early frees its sequence at once (its full blocks stay in the prefix cache), and so does
+one that cancels its stream from another thread (`RequestStream.cancel`).
+
+With `disk_cache_dir` the prefix cache gets a disk tier (disk_cache.py): full blocks are saved
+under a fingerprint of the model and its settings and read back by later engines, in this
+process or another one. `close()` waits until they are written.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from glmcode.engine.block_manager import BlockManager
 from glmcode.engine.config import ModelConfig, resolve_dtype
+from glmcode.engine.disk_cache import DiskCache, checkpoint_identity, fingerprint
 from glmcode.engine.kv_cache import KVCache, blocks_for_budget, default_budget
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.options import EngineOptions
@@ -63,7 +69,8 @@ class LLM:
     ):
         """Options (see EngineOptions): kv_cache_memory, kv_cache_dtype ("int8" on CPU, "fp8" on
         the kernel path), block_size, max_num_seqs, enable_prefix_caching, prefill_chunk_tokens,
-        kernel_path (the GPU kernels; None means on CUDA devices)."""
+        kernel_path (the GPU kernels; None means on CUDA devices), disk_cache_dir (the prefix
+        cache's disk tier; None: none) and disk_cache_budget (its size in bytes)."""
         engine_options = EngineOptions.resolve(device=device, progress=progress, **options)
         if quantization is not None and engine_options.kernel_path:
             raise UsageError(f"quantization {quantization!r} runs on the CPU path only; leave it unset on CUDA")
@@ -71,16 +78,24 @@ class LLM:
         tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, config, dtype=resolve_dtype(dtype, config), device=engine_options.device,
                            quantization=quantization, progress=progress)  # fmt: skip
-        self._start(model, tokenizer, engine_options)
+        identity = {**checkpoint_identity(model_dir), "quantization": quantization} if engine_options.disk_cache_dir else None
+        self._start(model, tokenizer, engine_options, identity)
 
     @classmethod
-    def from_model(cls, model: GlmMoeLite, tokenizer: Tokenizer, **options) -> LLM:
-        """An engine over a model built elsewhere (random weights for a benchmark, a test's edits)."""
+    def from_model(cls, model: GlmMoeLite, tokenizer: Tokenizer, *, identity: str | None = None, **options) -> LLM:
+        """An engine over a model built elsewhere (random weights for a benchmark, a test's edits).
+
+        identity: what names these weights for the disk tier (e.g. "random int4, seed 0");
+        a disk_cache_dir needs one, since nothing else tells these weights from others.
+        """
+        engine_options = EngineOptions.resolve(device=_device_of(model), **options)
+        if engine_options.disk_cache_dir is not None and identity is None:
+            raise UsageError("a disk cache for a model built in memory needs its identity (LLM.from_model(identity=...))")
         llm = cls.__new__(cls)
-        llm._start(model, tokenizer, EngineOptions.resolve(device=_device_of(model), **options))
+        llm._start(model, tokenizer, engine_options, {"model": identity})
         return llm
 
-    def _start(self, model: GlmMoeLite, tokenizer: Tokenizer, options: EngineOptions) -> None:
+    def _start(self, model: GlmMoeLite, tokenizer: Tokenizer, options: EngineOptions, identity: dict | None) -> None:
         self.model, self.config, self.tokenizer, self.options = model, model.config, tokenizer, options
         self.device, self.kernel_path, self.block_size = options.device, options.kernel_path, options.block_size
         self.dtype = model.model.embed_tokens.weight.dtype
@@ -91,7 +106,14 @@ class LLM:
         # the padded rows of a CUDA-graph batch write to.
         cache_blocks = num_blocks + 1 if self.kernel_path else num_blocks
         self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, storage, self.device, compute_dtype=self.dtype)
-        self.blocks = BlockManager(num_blocks, self.block_size, options.enable_prefix_caching)
+        self.disk_cache = None
+        if options.disk_cache_dir is not None and options.enable_prefix_caching:
+            self.fingerprint = fingerprint({**identity, "dtype": str(self.dtype), "kv_dtype": str(storage),
+                                            "block_size": self.block_size, "device": self.device.type,
+                                            "kernel_path": self.kernel_path})  # fmt: skip
+            self.disk_cache = DiskCache(options.disk_cache_dir, self.fingerprint, self.kv_cache,
+                                        budget=options.disk_cache_budget)  # fmt: skip
+        self.blocks = BlockManager(num_blocks, self.block_size, options.enable_prefix_caching, self.disk_cache)
         self.max_context = min(self.config.max_position_embeddings, num_blocks * self.block_size)
         model.rotary.reserve(self.max_context, self.device)
         self.runner = select_runner(model, self.kv_cache, kernel_path=self.kernel_path, max_num_seqs=options.max_num_seqs,
@@ -101,6 +123,7 @@ class LLM:
         self.num_real_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
         self.default_stop_ids = tokenizer.stop_token_ids() or list(self.config.eos_token_ids)
         self._lock = threading.RLock()  # one step at a time
+        self._cancelled: list[Sequence] = []  # cancelled while another thread ran a step
 
     # ----- public API -----
 
@@ -128,10 +151,15 @@ class LLM:
             self._abort_unfinished(seqs)
         return [Completion(s.completion_ids, self.tokenizer.decode(s.completion_ids), s.finish_reason, s.stats) for s in seqs]
 
-    def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> Iterator[StreamOutput]:
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None) -> RequestStream:
         """Yields outputs as tokens are produced. Stopping iteration early cancels the request."""
         seq = self._new_sequence(prompt_token_ids, params)  # errors surface here, not mid-stream
-        return self._stream(seq)
+        return RequestStream(self, seq)
+
+    def close(self) -> None:
+        """Write what the disk tier still has queued. The engine stays usable."""
+        if self.disk_cache is not None:
+            self.disk_cache.flush()
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab_size] computed by the prefill path, no cache reuse."""
@@ -178,9 +206,25 @@ class LLM:
             new_ids, seq.pending = seq.pending, []
             return new_ids
 
+    def _cancel(self, seq: Sequence) -> None:
+        """Retire a request from any thread: now if no step runs, else right after the one in flight."""
+        self._cancelled.append(seq)  # list.append is atomic; a stepping thread retires it
+        if self._lock.acquire(blocking=False):
+            try:
+                self._retire_cancelled()
+            finally:
+                self._lock.release()
+
+    def _retire_cancelled(self) -> None:
+        while self._cancelled:
+            seq = self._cancelled.pop()
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
     @torch.inference_mode()
     def _step(self) -> bool:
         """Runs the next scheduled piece of work; False when there is none."""
+        self._retire_cancelled()
         work = self.scheduler.schedule()
         if isinstance(work, PrefillChunk):
             self._prefill(work)
@@ -257,6 +301,32 @@ class LLM:
             f"{self.blocks.num_blocks * self.block_size}); shorten the conversation or give the "
             f"KV cache more memory"
         )
+
+
+class RequestStream:
+    """The outputs of one request, as an iterator. `close()` (or dropping it) cancels the request
+    from the consuming thread; `cancel()` does so from any other thread, and the stream then ends
+    without a further output."""
+
+    def __init__(self, llm: LLM, seq: Sequence):
+        self._llm, self._seq = llm, seq
+        self._outputs = llm._stream(seq)
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> StreamOutput:
+        return next(self._outputs)
+
+    def close(self) -> None:
+        self._outputs.close()
+
+    def cancel(self) -> None:
+        self._llm._cancel(self._seq)
+
+    @property
+    def stats(self) -> RequestStats:
+        return self._seq.stats
 
 
 def _device_of(model: GlmMoeLite) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,8 @@ class EngineOptions:
     enable_prefix_caching: bool
     prefill_chunk_tokens: int
     progress: bool
+    disk_cache_dir: Path | None  # the prefix cache's disk tier (disk_cache.py); None: none
+    disk_cache_budget: int | None  # bytes the disk tier may use; None: disk_cache.default_budget
 
     @classmethod
     def resolve(
@@ -36,6 +39,8 @@ class EngineOptions:
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
         progress: bool = True,
+        disk_cache_dir: str | Path | None = None,
+        disk_cache_budget: int | None = None,
     ) -> EngineOptions:
         """kernel_path None means: on CUDA devices. True on a CPU runs the CUDA path's code through
         the kernels' PyTorch implementations, which is how the tests check it."""
@@ -47,7 +52,8 @@ class EngineOptions:
             raise UsageError("kv_cache_dtype='fp8' needs the CUDA kernel path (device='cuda')")
         if kv_cache_dtype == "int8" and kernel_path:
             raise UsageError("kv_cache_dtype='int8' is for the CPU path; on CUDA use fp8")
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs), ("prefill_chunk_tokens", prefill_chunk_tokens)):
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("prefill_chunk_tokens", prefill_chunk_tokens), ("disk_cache_budget", disk_cache_budget)):
             if value is not None and value < 1:
                 raise UsageError(f"{name} must be at least 1, got {value}")
         on_cpu = device.type == "cpu"
@@ -61,6 +67,8 @@ class EngineOptions:
             enable_prefix_caching=enable_prefix_caching,
             prefill_chunk_tokens=prefill_chunk_tokens or (512 if on_cpu else 4096),
             progress=progress,
+            disk_cache_dir=Path(disk_cache_dir).expanduser() if disk_cache_dir is not None else None,
+            disk_cache_budget=disk_cache_budget,
         )
 
     def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

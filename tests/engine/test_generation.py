@@ -245,3 +245,15 @@ def test_bad_arguments_are_usage_errors(tiny_checkpoint, llm):
         llm.generate([], GREEDY)
     with pytest.raises(UsageError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_cancel_from_another_thread_frees_the_sequence(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint, dtype="float32", block_size=16, kv_cache_memory=4 << 20, progress=False)
+    free_before = len(llm.blocks.free)
+    stream = llm.stream(list(range(40)), SamplingParams(max_tokens=1000, temperature=0, stop_token_ids=[]))
+    first = next(stream)
+    assert first.token_ids and len(llm.blocks.free) < free_before
+    stream.cancel()  # no step is in flight: retired at once
+    assert len(llm.blocks.free) == free_before
+    with pytest.raises(StopIteration):  # the stream simply ends
+        next(stream)
