@@ -199,7 +199,7 @@ class LLM:
         """Runs steps until `seq` has new tokens (or is finished); returns them."""
         with self._lock:
             while not seq.finished and (until_finished or not seq.pending):
-                if not self._step():
+                if not self._step() and not seq.finished:  # (a step may retire it: cancelled)
                     raise RuntimeError("the engine has no work, yet a request is unfinished")
             if seq.error is not None:
                 raise seq.error
