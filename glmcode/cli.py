@@ -313,6 +313,39 @@ def doctor(
 
 @app.command(cls=Command)
 @interruptible
+@with_run_flags(*ENGINE_FLAGS)
+def serve(
+    flags: RunFlags,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="N", min=0, max=65535,
+                                      help="Port to listen on (0: any free one).")] = 8321,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", metavar="KEY", envvar="GLMCODE_SERVE_API_KEY", show_envvar=False,
+        help="Require this key from clients (env GLMCODE_SERVE_API_KEY); needed to bind beyond 127.0.0.1.")] = None,
+    served_model_name: Annotated[str, typer.Option(
+        "--served-model-name", metavar="NAME", help="The model name clients ask for.")] = "glm-4.7-flash",
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", metavar="N", min=1,
+                                              help="Requests decoded together.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", metavar="N", min=0,
+                                           help="Requests waiting beyond those; more get HTTP 429.")] = 64,
+    status: Annotated[bool, typer.Option("--status", help="List the running servers and exit.")] = False,
+) -> None:
+    """Keep the model loaded and serve the OpenAI chat API: chat, ask and fix use it (Ctrl-C stops)."""
+    if status:
+        from glmcode.server.status import print_status
+
+        raise typer.Exit(print_status())
+    from glmcode.server.main import ServeOptions
+    from glmcode.server.main import serve as run_server
+
+    settings = load_settings(find_repo(None), flags.overrides())
+    options = ServeOptions(host=host, port=port, api_key=api_key or None, served_model_name=served_model_name,
+                           max_num_seqs=max_num_seqs, max_queue=max_queue)  # fmt: skip
+    raise typer.Exit(run_server(settings, options, show_progress=sys.stderr.isatty()))
+
+
+@app.command(cls=Command)
+@interruptible
 def sessions(
     repo: RepoOpt = None,
     all_repos: Annotated[bool, typer.Option("--all", help="Sessions of every repo.")] = False,

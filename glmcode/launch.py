@@ -83,7 +83,7 @@ def _open_local(settings: Settings, show_progress: bool) -> Backend:
     return LocalBackend(load_engine(settings, show_progress))
 
 
-def load_engine(settings: Settings, show_progress: bool) -> LLM:
+def load_engine(settings: Settings, show_progress: bool, **engine_options: Any) -> LLM:
     """The local engine the settings describe (`chat`, `ask`, `fix` in-process, and `serve`)."""
     model_dir = require_checkpoint(settings)
     try:
@@ -100,6 +100,7 @@ def load_engine(settings: Settings, show_progress: bool) -> LLM:
             disk_cache_dir=settings.kv_cache_path(),
             disk_cache_budget=settings.kv_cache_disk_budget,
             progress=show_progress,
+            **engine_options,
         )
     except KeyboardInterrupt:
         raise Interrupted("interrupted while loading the model") from None

@@ -10,8 +10,7 @@ from glmcode.engine.quant.experts import QuantizedExperts, StackedInt4Experts
 from glmcode.engine.quant.linear import Int4Linear, Int8Linear
 from glmcode.errors import CheckpointError, UsageError
 from tests.conftest import load_tiny_checkpoint_writer
-
-from .conftest import train_tiny_checkpoint
+from tests.training import train_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=256, temperature=0, stop_token_ids=[])
 
