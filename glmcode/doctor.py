@@ -233,11 +233,40 @@ def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
     progress("looking for the weights")
     yield check_model(settings)
     yield check_remote_key(settings, env)
+    progress("looking for running servers")
+    yield from check_servers(settings)
+    yield check_disk_cache(settings)
     yield check_sandbox()
     yield from check_optional_tools()
     if repo is not None and any(config.enabled for config in settings.mcp_servers.values()):
         progress("starting the MCP servers")
         yield from check_mcp_servers(settings, repo)
+
+
+def check_servers(settings: Settings) -> list[Check]:
+    """The running `glmcode serve` processes, and whether ask/chat/fix would use one."""
+    from glmcode.server.state import READY, running_servers
+    from glmcode.server.status import probe
+
+    checks = []
+    for record in running_servers():
+        record.status = probe(record)
+        used = record.status == READY and record.serves(settings)
+        note = "; chat, ask and fix use it" if used else ""
+        verdict = "ok" if record.status in (READY, "loading") else "warn"
+        checks.append(Check(verdict, f"glmcode serve: {record.describe()}{note}", provides_model=used))
+    if not checks:
+        checks.append(Check("ok", "no glmcode serve running (`glmcode serve` keeps the model loaded between commands)"))
+    return checks
+
+
+def check_disk_cache(settings: Settings) -> Check:
+    directory = settings.kv_cache_path()
+    if directory is None:
+        return Check("ok", "KV disk cache off (disk_cache = false)")
+    files = list(directory.rglob("*.kv")) if directory.is_dir() else []
+    size = sum(path.stat().st_size for path in files if path.exists())
+    return Check("ok", f"KV disk cache at {directory}: {len(files)} blocks, {_gb(size)}")
 
 
 def can_run_something(checks: list[Check]) -> bool:

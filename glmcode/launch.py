@@ -74,6 +74,12 @@ def _open_backend(settings: Settings, replay: Path | None, show_progress: bool) 
 
         endpoint = resolve_endpoint(settings.remote, api_key=settings.api_key)
         return RemoteBackend(endpoint, model=settings.remote_model)
+    if settings.attach_server:
+        from glmcode.server.attach import attach
+
+        served = attach(settings)
+        if served is not None:
+            return served
     return _open_local(settings, show_progress)
 
 
@@ -106,9 +112,12 @@ def load_engine(settings: Settings, show_progress: bool, **engine_options: Any) 
         raise Interrupted("interrupted while loading the model") from None
 
 
-def backend_label(settings: Settings, replay: Path | None) -> str:
+def backend_label(settings: Settings, replay: Path | None, backend: Backend | None = None) -> str:
+    """"replay", "local", "remote:SPEC", or "server:URL" for a running `glmcode serve` in use."""
     if replay is not None:
         return "replay"
+    if getattr(backend, "label", None):
+        return backend.label
     return f"remote:{settings.remote}" if settings.remote is not None else "local"
 
 

@@ -351,14 +351,14 @@ def run_repl(settings: Settings, repo: Path, *, replay: Path | None, resume: str
             multiline=True,
             bottom_toolbar=lambda: f" {stats.status_line()} · mode {parts.approver.mode.value} · /help",
         )
-        console.print(Text(f"glmcode · {stats.model} via {backend_label(settings, replay)} · {repo}", style="bold"))
+        console.print(Text(f"glmcode · {stats.model} via {backend_label(settings, replay, backend)} · {repo}", style="bold"))
         console.print(Text(sandbox_line(sandbox), style="yellow" if sandbox.unavailable else "dim"))
         if resume is not None:
             console.print(Text(f"resumed session {session.id} ({len(parts.agent.messages)} messages)", style="dim"))
         for warning in [*servers.warnings(), *load_commands(repo, builtins=BUILTIN_NAMES).problems]:
             console.print(Text(warning, style="yellow"), soft_wrap=True)
         console.print(Text("Type a request, /help for commands, Ctrl-D to leave.", style="dim"))
-        repl = Repl(settings, repo, parts, backend_label(settings, replay), stats, renderer, console,
+        repl = Repl(settings, repo, parts, backend_label(settings, replay, backend), stats, renderer, console,
                     read_input=lambda: prompt_session.prompt(HTML("<b>› </b>"), prompt_continuation="  "),
                     unattended=yes, servers=servers)
         approval_prompt.on_interrupt = repl.stop_current

@@ -84,6 +84,7 @@ class RunFlags:
             "device": self.device, "dtype": self.dtype, "quantization": self.quantization,
             "kv_cache_dir": str(self.kv_cache_dir) if self.kv_cache_dir else None,
             "disk_cache": False if self.no_disk_cache else None,
+            "attach_server": False if self.no_server else None,
             "approval": self.approval, "max_turns": self.max_turns,
             "sandbox": self.sandbox, "sandbox_network": True if self.sandbox_network else None,
             "thinking": False if self.no_think else None,
@@ -166,7 +167,7 @@ def _run_agent(flags: RunFlags, settings: Settings, repo: Path, backend: Backend
                             session=session, sandbox=sandbox, mcp=servers)
         approval = ApprovalMode.PLAN.value if read_only else settings.approval
         renderer.start({"session_id": session.id, "model": stats.model,
-                        "backend": backend_label(settings, flags.replay), "repo": str(repo), "approval": approval,
+                        "backend": backend_label(settings, flags.replay, backend), "repo": str(repo), "approval": approval,
                         "sandbox": sandbox.name, "tools": [tool.name for tool in parts.tools],
                         "version": __version__})
         if sandbox.unavailable is not None and not read_only:

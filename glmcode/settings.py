@@ -71,6 +71,7 @@ class Settings:
     quantization: str | None = None
     kv_cache_memory: int | None = None
     disk_cache: bool = True
+    attach_server: bool = True
     kv_cache_dir: str | None = None
     kv_cache_disk_budget: int | None = None
     context_tokens: int | None = None
@@ -255,6 +256,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "quantization": _choice(QUANTIZATIONS, optional=True),
     "kv_cache_memory": _memory_size,
     "disk_cache": _bool,
+    "attach_server": _bool,
     "kv_cache_dir": _path,
     "kv_cache_disk_budget": _memory_size,
     "context_tokens": _optional_positive_int,
@@ -288,6 +290,7 @@ DESCRIPTIONS = {
                     "(unset = none, or what a quantized checkpoint holds)",
     "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
     "disk_cache": "keep computed prompt prefixes on disk and reuse them in later runs (--no-disk-cache)",
+    "attach_server": "use a running `glmcode serve` of the same model instead of loading it (--no-server)",
     "kv_cache_dir": "where the KV disk cache lives (default: ~/.cache/glmcode/kv; --kv-cache-dir)",
     "kv_cache_disk_budget": 'most disk the KV cache may use, e.g. "20GiB" (unset = 10 GiB or half the free space)',
     "context_tokens": "cap on the context the agent uses, in tokens (unset = the model's window)",
