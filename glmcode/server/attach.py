@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 from glmcode.backends.remote import RemoteBackend, resolve_endpoint
 from glmcode.errors import AuthError
-from glmcode.server.main import API_KEY_VARIABLE
-from glmcode.server.state import READY, ServerRecord, find_server
+from glmcode.server.state import API_KEY_VARIABLE, READY, ServerRecord, find_server
 from glmcode.server.status import probe
 from glmcode.settings import Settings
 

@@ -27,12 +27,11 @@ from glmcode import __version__
 from glmcode.errors import GlmcodeError, UsageError
 from glmcode.server.app import create_app
 from glmcode.server.service import FAILED, Service
-from glmcode.server.state import READY, ServerRecord, remove_record, write_record
+from glmcode.server.state import API_KEY_VARIABLE, READY, ServerRecord, remove_record, write_record
 from glmcode.settings import Settings
 
 DEFAULT_PORT = 8321
 DEFAULT_MODEL_NAME = "glm-4.7-flash"  # what glmcode's own --remote asks for by default
-API_KEY_VARIABLE = "GLMCODE_SERVE_API_KEY"
 GRACEFUL_SECONDS = 10  # after the streams were ended, the longest wait for connections to close
 
 

@@ -4,6 +4,8 @@ A server writes `<state home>/servers/<pid>.json` (mode 0600, atomically) when i
 listening, rewrites it when the model is ready, and removes it when it stops. A file whose
 process is gone (a killed server) is stale: readers ignore and delete it. No file ever holds
 the API key, only whether one is required.
+
+A leaf module (no torch, no web stack): every command that looks for a server imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from glmcode.settings import Settings, state_home
 
 LOADING, READY = "loading", "ready"
+API_KEY_VARIABLE = "GLMCODE_SERVE_API_KEY"  # the key a server requires and its local clients send
 
 
 @dataclass

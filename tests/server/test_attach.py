@@ -101,3 +101,10 @@ def test_a_server_still_loading_is_waited_for(tmp_path, start_server):
     result, records = ask(home, slow, "--quantization", "int4")
     assert "waiting for `glmcode serve`" in result.stderr and USING in result.stderr
     assert records[0]["backend"] == f"server:{server.base_url}"
+
+
+def test_finding_and_using_a_server_imports_neither_torch_nor_the_web_stack():
+    """An attached `ask` starts in a fraction of a second: it must not pay for the engine's imports."""
+    check = "import sys, glmcode.server.attach, glmcode.doctor; print(sorted({'torch', 'fastapi', 'uvicorn'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
