@@ -255,10 +255,13 @@ def measure_round(args) -> dict:
 
 
 def run_round(engine: str, argv: list[str]) -> dict:
+    """One round of `engine` in a fresh process: its samples, or {"error": ...} (a round killed
+    for memory, say, is reported, and the other rounds still count)."""
     command = [sys.executable, __file__, *argv, "--round", engine]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{engine} round failed:\n{done.stderr[-3000:]}")
+        reason = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode} (killed: out of memory?)"]
+        return {"error": reason[0]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -374,10 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
             order = engines if number % 2 == 0 else engines[::-1]
             for engine in order:
                 print(f"round {number + 1}/{args.rounds}: {engine}...", file=sys.stderr, flush=True)
-                for key, values in run_round(engine, forwarded).items():
+                measured = run_round(engine, forwarded)
+                if "error" in measured:
+                    print(f"  {engine} round failed: {measured['error']}", file=sys.stderr, flush=True)
+                    report.setdefault("failed_rounds", []).append({"round": number + 1, "engine": engine, **measured})
+                    continue
+                for key, values in measured.items():
                     samples[engine].setdefault(key, []).extend(values)
+                print(f"  {json.dumps(measured)}", file=sys.stderr, flush=True)  # kept even if a later round fails
     report["load_average_end"] = os.getloadavg()
     report["engines"] = {engine: {key: summarize(values) for key, values in metrics.items()} for engine, metrics in samples.items()}
+    if not all(report["engines"].values()):
+        raise SystemExit(f"an engine has no complete round: {report.get('failed_rounds')}")
     if args.against:
         ours, theirs = report["engines"]["glmcode"], report["engines"]["llama.cpp"]
         report["ratios"] = {key: (theirs[key]["median"] / ours[key]["median"] if key in LOWER_IS_BETTER
