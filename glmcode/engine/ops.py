@@ -1,9 +1,10 @@
 """The model's compute operations, each written once here in PyTorch.
 
 The model (engine/model) calls these functions. Those with a GPU kernel run it on CUDA tensors
-when triton is installed (the Triton code is in engine/cuda); everywhere else they run the
-PyTorch body below, which is also the oracle the kernel tests compare against (`op.reference`).
-Importing this module never imports triton.
+when triton is installed (the Triton code is in engine/cuda), those with a CPU kernel run it on
+float32 / bfloat16 CPU tensors where glmcode's C++ extension builds (engine/cpu); everywhere else
+they run the PyTorch body below, which is also the oracle the kernel tests compare against
+(`op.reference`). Importing this module never imports triton.
 
 Contracts (T tokens, N heads, L = 512 latent, R = 64 rope, E experts, k slots):
 
@@ -14,6 +15,8 @@ Contracts (T tokens, N heads, L = 512 latent, R = 64 rope, E experts, k slots):
 - route_topk(logits [T, E] float32, correction_bias [E], top_k, scaling, normalize,
   shared_expert_id=None) -> (ids [T, k(+1)] int32, weights [T, k(+1)] float32).
 - fused_moe(x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_ids [T, k], topk_weights [T, k]) -> [T, H].
+- causal_softmax_(scores [N, t, S], first_query, first_key) -> log_mass [N, t, 1] float32; scores
+  become probabilities in place.
 - mla_decode(q_latent [B, N, L], q_pe [B, N, R], kv_cache [blocks, block_size, L + R],
   block_tables [B, max_blocks] int32, seq_lens [B] int32, scale, kv_scale=None) -> [B, N, L].
 """
@@ -55,6 +58,29 @@ def kernel(target: str):
         return dispatch
 
     return wrap
+
+
+def cpu_kernel(name: str):
+    """Decorator: the op runs ``torch.ops.glmcode_cpu.<name>`` for float32 / bfloat16 CPU tensors
+    where the C++ extension is available."""
+
+    def wrap(reference: Callable) -> Callable:
+        @functools.wraps(reference)
+        def dispatch(first: torch.Tensor, *args, **kwargs):
+            if first.is_cpu and first.dtype in (torch.float32, torch.bfloat16) and _cpu_kernels_available():
+                return getattr(torch.ops.glmcode_cpu, name)(first, *args, **kwargs)
+            return reference(first, *args, **kwargs)
+
+        dispatch.reference = reference
+        return dispatch
+
+    return wrap
+
+
+def _cpu_kernels_available() -> bool:
+    from glmcode.engine.cpu import kernels
+
+    return kernels.available()
 
 
 # ----- projections, norms and activations -----
@@ -195,6 +221,22 @@ def moe_by_expert(
 
 
 # ----- attention -----
+
+
+@cpu_kernel("causal_softmax_")
+def causal_softmax_(scores: torch.Tensor, first_query: int, first_key: int) -> torch.Tensor:
+    """Scaled scores [N, t, S] of the queries at positions first_query.. over the keys at
+    first_key.., in place: each row becomes its softmax (float32 math) over the keys at or before
+    its query, 0 over the rest. Returns each row's log total mass, logsumexp over those keys
+    [N, t, 1] float32 (-inf for a row with none), to merge pieces of a context softmaxed apart.
+    """
+    queries, keys = scores.shape[1], scores.shape[2]
+    key_pos = torch.arange(first_key, first_key + keys, device=scores.device)
+    query_pos = torch.arange(first_query, first_query + queries, device=scores.device)[:, None]
+    masked = scores.float().masked_fill(key_pos > query_pos, float("-inf"))
+    log_mass = torch.logsumexp(masked, -1, keepdim=True)
+    scores.copy_(torch.softmax(masked, -1).nan_to_num_(0.0))  # a row with no keys: 0/0
+    return log_mass
 
 
 @kernel("triton_mla.mla_decode")

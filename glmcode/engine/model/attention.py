@@ -146,9 +146,10 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
 
-def expand_context(kv_b: nn.Module, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached latents [S, L] -> per-head keys (their nope part) [N, S, P] and values [N, S, V]."""
-    w_uk_t, w_uv = kv_b.halves()
+def expand_context(halves: tuple[torch.Tensor, torch.Tensor], latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latents [S, L] -> per-head keys (their nope part) [N, S, P] and values [N, S, V],
+    with kv_b_proj's halves() (W_UK transposed [N, L, P], W_UV [N, V, L])."""
+    w_uk_t, w_uv = halves
     heads, value_dim = w_uv.shape[0], w_uv.shape[1]
     keys = torch.matmul(latent, w_uk_t)
     values = F.linear(latent, w_uv.flatten(0, 1)).view(-1, heads, value_dim).transpose(0, 1)
@@ -178,10 +179,11 @@ class SpanBatch:
         """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
         (seq,) = self.sequences
         queries = torch.cat([q_nope, q_pe], -1) * attn.scale  # [N, T, P + R]
+        halves = attn.kv_b_proj.halves()  # once per chunk: a quantized kv_b_proj dequantizes them
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent, k_pe = piece.split([attn.latent_dim, attn.rope_dim], -1)
-            k_nope, v = expand_context(attn.kv_b_proj, latent)  # [N, S, P], [N, S, V]
+            k_nope, v = expand_context(halves, latent)  # [N, S, P], [N, S, V]
             k_pe = k_pe.expand(attn.num_heads, -1, -1)  # one rope key shared by all heads
             scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
             return scores, v
@@ -216,26 +218,18 @@ class SpanBatch:
         """Causal softmax attention of a sequence's new tokens over its context, piece by piece.
 
         scores_and_values(piece of cache) gives scaled scores [N, t, S] and values [.., S, D].
-        Each piece gets its own softmax (in float32); the pieces' outputs are then weighted by
-        their share of the total softmax mass, which is exact. Returns [N, t, D].
+        Each piece gets its own softmax (ops.causal_softmax_, in float32, probabilities in the
+        scores' dtype); the pieces' outputs are then weighted by their share of the total softmax
+        mass, which is exact. Returns [N, t, D].
         """
         num_queries = seq.rows.stop - seq.rows.start
-        first = seq.first_position
-        query_pos = torch.arange(first, first + num_queries, device=cache.device)[:, None]
         piece_tokens = max(1, self.max_score_elements // (num_heads * num_queries))
         pieces = list(_pieces(cache, seq.spans, piece_tokens))
         outputs, log_masses = [], []
         for start, piece in pieces:
             scores, values = scores_and_values(piece)
-            if start + piece.shape[0] - 1 > first:  # some keys come after some queries
-                key_pos = torch.arange(start, start + piece.shape[0], device=scores.device)
-                scores.masked_fill_(key_pos > query_pos, float("-inf"))
-            probs = torch.softmax(scores, -1, dtype=torch.float32)
-            if start > first:  # rows of queries before this piece are fully masked: 0/0
-                probs.nan_to_num_(0.0)
-            outputs.append(torch.matmul(probs.to(values.dtype), values))
-            if len(pieces) > 1:
-                log_masses.append(torch.logsumexp(scores.float(), -1, keepdim=True))
+            log_masses.append(ops.causal_softmax_(scores, seq.first_position, start))
+            outputs.append(torch.matmul(scores.to(values.dtype), values))
         if len(pieces) == 1:
             return outputs[0]
         shares = torch.softmax(torch.stack(log_masses), dim=0)  # [pieces, N, t, 1]
