@@ -22,7 +22,7 @@ from typing import Any
 from glmcode.errors import UsageError
 from glmcode.mcp.config import McpServerConfig, merge_server_tables, parse_servers
 from glmcode.options import (
-    APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode, choices,
+    APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode,
 )
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
@@ -278,39 +278,6 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
 # Flat keys; `mcp_servers` is a table of tables, read from the config files only (load_settings).
 KEYS = tuple(f.name for f in fields(Settings) if f.name not in ("sources", "mcp_servers"))
 assert set(KEYS) == set(PARSERS), "every setting needs a parser"
-
-DESCRIPTIONS = {
-    "model": "GLM-4.7-Flash checkpoint directory (default: the one `glmcode model pull` writes)",
-    "remote": f"use a hosted model: {', '.join(REMOTE_PRESETS)}, or an OpenAI-compatible base URL; unset = local engine",
-    "remote_model": "model name sent to the remote API",
-    "api_key": "API key for --remote (prefer the environment variable; never printed)",
-    "device": "auto, cpu, cuda, cuda:N or mps",
-    "dtype": f"{choices(DTYPES)} (unset = the checkpoint's)",
-    "quantization": "weight-only quantization on load: int4 (experts int4, the rest int8), int4-all or int8 "
-                    "(unset = none, or what a quantized checkpoint holds)",
-    "kv_cache_memory": 'memory for the KV cache, e.g. "8GiB" (unset = the engine decides)',
-    "disk_cache": "keep computed prompt prefixes on disk and reuse them in later runs (--no-disk-cache)",
-    "attach_server": "use a running `glmcode serve` of the same model instead of loading it (--no-server)",
-    "kv_cache_dir": "where the KV disk cache lives (default: ~/.cache/glmcode/kv; --kv-cache-dir)",
-    "kv_cache_disk_budget": 'most disk the KV cache may use, e.g. "20GiB" (unset = 10 GiB or half the free space)',
-    "context_tokens": "cap on the context the agent uses, in tokens (unset = the model's window)",
-    "approval": "plan (read-only), ask, auto-edit (edits without asking) or yolo (nothing asked)",
-    "allow_commands": 'commands run without asking, as word prefixes, e.g. ["pytest", "git status"]',
-    "deny_commands": 'commands always refused (even in yolo), as word prefixes, e.g. ["git push", "rm -rf"]',
-    "test_command": "how `glmcode fix` verifies, e.g. \"pytest -q\" (unset = detected)",
-    "sandbox": f"OS sandbox for the commands the agent runs: {choices(SANDBOX_MODES)} (unset = workspace-write "
-               "for fix, --yes and yolo, where commands run without asking; off otherwise)",
-    "sandbox_network": "let sandboxed commands use the network",
-    "sandbox_hidden": 'more paths sandboxed commands cannot read, e.g. ["~/.config/my-tool"] (~/.ssh, ~/.aws, '
-                      "~/.gnupg, ~/.netrc, glmcode's own config and data and other credential stores always are)",
-    "max_turns": "most agent steps per request",
-    "thinking": "let the model think before answering",
-    "show_thinking": "show the thinking in full instead of a one-line summary",
-    "temperature": "sampling temperature",
-    "top_p": "nucleus sampling",
-    "max_output_tokens": "most tokens per model response",
-    "sessions_dir": "where sessions are saved (default: the data dir's sessions/)",
-}
 
 
 def env_var(key: str) -> str:

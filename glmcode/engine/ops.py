@@ -42,16 +42,20 @@ def uses_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and triton_available()
 
 
-def kernel(target: str):
-    """Decorator: the op runs `glmcode.engine.cuda.<target>` for tensors `uses_triton` accepts."""
-    module_name, name = target.split(".")
+def kernel(cuda: str | None = None, cpu: str | None = None):
+    """Decorator: the op runs `glmcode.engine.cuda.<cuda>` for tensors `uses_triton` accepts, and
+    ``torch.ops.glmcode_cpu.<cpu>`` for float32 / bfloat16 CPU tensors where glmcode's C++
+    extension is available; its own body everywhere else."""
 
     def wrap(reference: Callable) -> Callable:
         @functools.wraps(reference)
         def dispatch(first: torch.Tensor, *args, **kwargs):
-            if uses_triton(first):
+            if cuda is not None and uses_triton(first):
+                module_name, name = cuda.split(".")
                 module = importlib.import_module(f"glmcode.engine.cuda.{module_name}")
                 return getattr(module, name)(first, *args, **kwargs)
+            if cpu is not None and first.is_cpu and first.dtype in (torch.float32, torch.bfloat16) and _cpu_kernels():
+                return getattr(torch.ops.glmcode_cpu, cpu)(first, *args, **kwargs)
             return reference(first, *args, **kwargs)
 
         dispatch.reference = reference
@@ -60,24 +64,7 @@ def kernel(target: str):
     return wrap
 
 
-def cpu_kernel(name: str):
-    """Decorator: the op runs ``torch.ops.glmcode_cpu.<name>`` for float32 / bfloat16 CPU tensors
-    where the C++ extension is available."""
-
-    def wrap(reference: Callable) -> Callable:
-        @functools.wraps(reference)
-        def dispatch(first: torch.Tensor, *args, **kwargs):
-            if first.is_cpu and first.dtype in (torch.float32, torch.bfloat16) and _cpu_kernels_available():
-                return getattr(torch.ops.glmcode_cpu, name)(first, *args, **kwargs)
-            return reference(first, *args, **kwargs)
-
-        dispatch.reference = reference
-        return dispatch
-
-    return wrap
-
-
-def _cpu_kernels_available() -> bool:
+def _cpu_kernels() -> bool:
     from glmcode.engine.cpu import kernels
 
     return kernels.available()
@@ -101,7 +88,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 
-@kernel("triton_fused.rms_norm")
+@kernel(cuda="triton_fused.rms_norm", cpu="rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dim, in the reference implementation's
     order: normalise in float32, cast to x's dtype, then multiply by the weight."""
@@ -110,14 +97,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight * normed).to(x.dtype)
 
 
-@kernel("triton_fused.add_rms_norm")
+@kernel(cuda="triton_fused.add_rms_norm", cpu="add_rms_norm")
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual): the pre-norm block boundary in one step."""
     summed = (x.float() + residual.float()).to(x.dtype)
     return rms_norm.reference(summed, weight, eps), summed
 
 
-@kernel("triton_fused.silu_mul")
+@kernel(cuda="triton_fused.silu_mul", cpu="silu_mul")
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2I] -> silu(gate) * up, [..., I]; computed in float32, returned in the input dtype."""
     gate, up = gate_up.float().chunk(2, dim=-1)
@@ -127,7 +114,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # ----- rotary embedding -----
 
 
-@kernel("triton_fused.rope_")
+@kernel(cuda="triton_fused.rope_", cpu="rope_")
 def rope_(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> None:
     """Rotate the pairs (x[2i], x[2i+1]) of q_pe [T, N, R] and k_pe [T, R] by position * inv_freq[i],
     in place, computing in float32.
@@ -148,7 +135,7 @@ def rope_(q_pe: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, cos_s
 # ----- mixture of experts -----
 
 
-@kernel("triton_fused.route_topk")
+@kernel(cuda="triton_fused.route_topk")
 def route_topk(
     logits: torch.Tensor,
     correction_bias: torch.Tensor,
@@ -183,7 +170,7 @@ def with_shared_expert(topk_ids: torch.Tensor, topk_weights: torch.Tensor, share
     return torch.cat([topk_ids, shared_ids], dim=1), torch.cat([topk_weights, shared_weights], dim=1)
 
 
-@kernel("moe.fused_moe")
+@kernel(cuda="moe.fused_moe")
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """Sum over slots of weight * down(silu(gate(x)) * up(x)); w13 holds gate rows then up rows."""
 
@@ -223,7 +210,7 @@ def moe_by_expert(
 # ----- attention -----
 
 
-@cpu_kernel("causal_softmax_")
+@kernel(cpu="causal_softmax_")
 def causal_softmax_(scores: torch.Tensor, first_query: int, first_key: int) -> torch.Tensor:
     """Scaled scores [N, t, S] of the queries at positions first_query.. over the keys at
     first_key.., in place: each row becomes its softmax (float32 math) over the keys at or before
@@ -239,7 +226,7 @@ def causal_softmax_(scores: torch.Tensor, first_query: int, first_key: int) -> t
     return log_mass
 
 
-@kernel("triton_mla.mla_decode")
+@kernel(cuda="triton_mla.mla_decode")
 def mla_decode(
     q_latent: torch.Tensor,
     q_pe: torch.Tensor,

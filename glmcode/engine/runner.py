@@ -21,8 +21,10 @@ from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.model.attention import SequenceSlice, SpanBatch, expanded_is_cheaper
 from glmcode.engine.sequence import Sequence
 
-# Attention scores of one context piece are kept under this many elements.
-MAX_SCORE_ELEMENTS = 1 << 24
+# Attention scores of one context piece are kept under this many elements: 128 MB in bfloat16,
+# which holds a 512-token chunk's scores over 6K keys at 20 heads. Each extra piece costs a merge
+# of the chunk's outputs, about a fifth of the piece's own work.
+MAX_SCORE_ELEMENTS = 1 << 26
 
 
 class Runner(Protocol):
@@ -54,7 +56,7 @@ class ModuleRunner:
             positions=torch.arange(start, end, device=self.device),
             write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
             sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
-            expanded=expanded_is_cheaper(self.model.config, end - start),
+            expanded=expanded_is_cheaper(self.model.config, end - start, end),
             max_score_elements=self.max_score_elements,
         )
         return self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache)

@@ -184,27 +184,3 @@ def test_grouped_experts_reject_bad_ids():
     with pytest.raises(RuntimeError, match="expert id out of range"):
         experts(torch.randn(3, 256), torch.tensor([[0, 4], [1, 2], [3, 0]]), torch.rand(3, 2))
 
-
-# ----- the softmax of a chunk's attention scores
-
-# (heads, queries, keys, first query, first key): a piece wholly before the queries, one holding
-# the diagonal, one starting inside the chunk (its first rows see no key), one wholly after them
-# (every row empty), and odd key counts that leave a vector tail
-SOFTMAX_CASES = [(2, 5, 48, 100, 0), (3, 7, 37, 10, 8), (2, 9, 33, 20, 24), (1, 4, 20, 5, 40), (20, 16, 1638, 3000, 1638)]
-
-
-@pytest.mark.parametrize("heads, queries, keys, first_query, first_key", SOFTMAX_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_softmax_matches_its_reference(heads, queries, keys, first_query, first_key, dtype):
-    from glmcode.engine import ops
-
-    scores = (torch.randn(heads, queries, keys) * 4).to(dtype)
-    expected = scores.clone()
-    expected_mass = ops.causal_softmax_.reference(expected, first_query, first_key)
-    mass = cpu_kernels.ops().causal_softmax_(scores, first_query, first_key)
-    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(scores.float(), expected.float(), rtol=tolerance, atol=tolerance)
-    torch.testing.assert_close(mass, expected_mass, rtol=1e-5, atol=1e-5)  # -inf where expected has it
-    empty_rows = (first_query + torch.arange(queries)) < first_key
-    assert torch.isinf(mass[:, empty_rows]).all() and (scores[:, empty_rows] == 0).all()
-    assert torch.allclose(scores[:, ~empty_rows].float().sum(-1), torch.ones(()), atol=2e-2)

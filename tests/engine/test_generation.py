@@ -10,6 +10,7 @@ import torch
 from glmcode.engine import LLM, SamplingParams
 from glmcode.engine.config import ModelConfig
 from glmcode.engine.kv_cache import KVCache
+from glmcode.engine.model import attention
 from glmcode.engine.model.attention import expanded_is_cheaper
 from glmcode.errors import ContextOverflow, UsageError
 from tests.engine.stepping import new_sequence, teacher_forced_logits
@@ -56,12 +57,15 @@ def test_absorbed_paged_decode_equals_prefill_logits(tiny_checkpoint, block_size
     torch.testing.assert_close(decoded, expected[6:], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("chunk", [7, 100])
-def test_chunked_prefill_in_small_pieces_equals_one_pass(tiny_checkpoint, llm, chunk):
+@pytest.mark.parametrize("chunk, long_context", [(7, False), (100, False), (100, True)])
+def test_chunked_prefill_in_small_pieces_equals_one_pass(tiny_checkpoint, llm, chunk, long_context, monkeypatch):
     tokens = prompt(llm, 3)
     assert len(tokens) > chunk
-    # 7-token chunks attend in the absorbed form, 100-token chunks expand the context.
-    assert expanded_is_cheaper(llm.config, chunk) == (chunk == 100)
+    # 7-token chunks attend in the absorbed form, 100-token chunks expand the context, unless it
+    # counts as long: then they take the absorbed form's many-query products.
+    if long_context:
+        monkeypatch.setattr(attention, "EXPANDED_MAX_CONTEXT", 0)
+    assert expanded_is_cheaper(llm.config, chunk, len(tokens)) == (chunk == 100 and not long_context)
     chunked = make_llm(tiny_checkpoint, prefill_chunk_tokens=chunk, block_size=4)
     chunked.runner.max_score_elements = 4 * chunk * 5  # 4 heads: the context goes 5 keys at a time
     fragment_free_list(chunked)

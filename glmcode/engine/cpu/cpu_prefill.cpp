@@ -1,6 +1,5 @@
 // Products of many activation rows with int4 / int8 weights on AMX-INT8 tiles: the projections
-// of a prefill chunk, and a chunk's routed experts grouped by expert. Also the softmax of a
-// chunk's attention scores (causal_softmax_, at the end).
+// of a prefill chunk, and a chunk's routed experts grouped by expert.
 //
 // The weights stay in the tile layout the matrix-vector kernels read (cpu_quant.cpp), because
 // AMX's B operand is that layout: a tile of 16 lines of 64 bytes holds 4 consecutive inputs of
@@ -554,69 +553,6 @@ at::Tensor int4_moe_grouped(const at::Tensor& x_in, const at::Tensor& expert_ids
   return y;
 }
 
-// ---- The softmax of a prefill chunk's attention scores
-
-// scores [rows, S] (queries at first_query + row % queries, keys at first_key + j), in place:
-// each row's softmax over the keys at or before its query, 0 over the rest; log_mass[row] gets
-// the log of that row's total mass, sum_j exp(score_j) over those keys (-inf where there are
-// none), which the caller needs to merge pieces of a context softmaxed apart. Computed in
-// float32; one pass over memory, the row's three passes staying in the L1 cache.
-template <typename T>
-void causal_softmax_rows(T* scores, float* log_mass, int64_t rows, int64_t queries, int64_t keys, int64_t first_query,
-                         int64_t first_key) {
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(keys + 16);
-    for (int64_t r = begin; r < end; ++r) {
-      T* row = scores + r * keys;
-      const int64_t valid = std::clamp<int64_t>(first_query + r % queries - first_key + 1, 0, keys);
-      int64_t j = 0;
-      __m512 peak = _mm512_set1_ps(-INFINITY);
-      for (; j + 16 <= valid; j += 16) {
-        const __m512 v = load16_as_float(row + j);
-        _mm512_storeu_ps(e.data() + j, v);
-        peak = _mm512_max_ps(peak, v);
-      }
-      float top = _mm512_reduce_max_ps(peak);
-      for (; j < valid; ++j) top = std::max(top, e[j] = to_float(row[j]));
-      if (valid == 0 || top == -INFINITY) {
-        std::fill(row, row + keys, T(0.f));
-        log_mass[r] = -INFINITY;
-        continue;
-      }
-      __m512 total = _mm512_setzero_ps();
-      const __m512 shift = _mm512_set1_ps(top);
-      for (j = 0; j + 16 <= valid; j += 16) {
-        const __m512 v = exp16(_mm512_sub_ps(_mm512_loadu_ps(e.data() + j), shift));
-        _mm512_storeu_ps(e.data() + j, v);
-        total = _mm512_add_ps(total, v);
-      }
-      float sum = _mm512_reduce_add_ps(total);
-      for (; j < valid; ++j) sum += e[j] = std::exp(e[j] - top);
-      const float inv = 1.f / sum;
-      const __m512 scale = _mm512_set1_ps(inv);
-      for (j = 0; j + 16 <= valid; j += 16) store_row(row + j, _mm512_mul_ps(_mm512_loadu_ps(e.data() + j), scale));
-      for (; j < valid; ++j) row[j] = T(e[j] * inv);
-      std::fill(row + valid, row + keys, T(0.f));
-      log_mass[r] = top + std::log(sum);
-    }
-  });
-}
-
-at::Tensor causal_softmax_(at::Tensor scores, int64_t first_query, int64_t first_key) {
-  TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), "causal_softmax_: scores must be contiguous [N, t, S]");
-  const int64_t heads = scores.size(0), queries = scores.size(1), keys = scores.size(2);
-  at::Tensor log_mass = at::empty({heads, queries, 1}, scores.options().dtype(at::kFloat));
-  if (scores.scalar_type() == at::kBFloat16) {
-    causal_softmax_rows(scores.data_ptr<at::BFloat16>(), log_mass.data_ptr<float>(), heads * queries, queries, keys,
-                        first_query, first_key);
-  } else {
-    TORCH_CHECK(scores.scalar_type() == at::kFloat, "causal_softmax_: scores must be float32 or bfloat16");
-    causal_softmax_rows(scores.data_ptr<float>(), log_mass.data_ptr<float>(), heads * queries, queries, keys, first_query,
-                        first_key);
-  }
-  return log_mass;
-}
-
 // Turns the AMX products on or off (to compare them with the VNNI ones); returns the old setting.
 bool set_amx_products(bool enabled) { return amx_turned_on.exchange(enabled); }
 
@@ -629,7 +565,6 @@ TORCH_LIBRARY_FRAGMENT(glmcode_cpu, m) {
   m.def("int4_moe_grouped(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor up_packed, Tensor up_scales, "
         "Tensor up_zeros, int up_group, Tensor down_packed, Tensor down_scales, Tensor down_zeros, int down_group) "
         "-> Tensor", &glmcode_cpu::int4_moe_grouped);
-  m.def("causal_softmax_(Tensor(a!) scores, int first_query, int first_key) -> Tensor", &glmcode_cpu::causal_softmax_);
   m.def("set_amx_products(bool enabled) -> bool", &glmcode_cpu::set_amx_products);
   m.def("amx_products_available() -> bool", &glmcode_cpu::amx_products_available);
 }

@@ -2,8 +2,9 @@
 
 Products of many rows (a prefill chunk, a chunk's routed experts grouped by expert) run on AMX-INT8
 tiles where the CPU has them (cpu_prefill.cpp), over the same packed weights. The same extension
-holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py); all build on the tile
-kernels of cpu_kernels.h.
+holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py) and the kernels of the
+model's elementwise ops (cpu_ops.cpp: norms, rope, silu, the prefill softmax; see engine/ops.py);
+all build on the kernels of cpu_kernels.h.
 
 The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
 cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from glmcode.engine.cpu.features import has_vnni
 
 TILE = 16
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp", "cpu_ops.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.

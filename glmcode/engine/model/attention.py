@@ -56,17 +56,26 @@ class AttentionBatch(Protocol):
         ...
 
 
-def expanded_is_cheaper(config: ModelConfig, num_queries: int) -> bool:
-    """Whether expanding the context beats absorbed attention for a chunk of num_queries tokens.
+# Beyond this many context tokens the absorbed form wins on CPU whatever the chunk (see below).
+EXPANDED_MAX_CONTEXT = 2048
 
-    Expanding costs 2*N*(P+V)*L FLOPs per context token once; then each (query, key) pair costs
-    2*N*(P+R) + 2*N*V. Absorbed attention costs 2*N*(L+R) + 2*N*L per pair and no expansion.
+
+def expanded_is_cheaper(config: ModelConfig, num_queries: int, context: int) -> bool:
+    """Whether expanding the context beats absorbed attention for a chunk of num_queries tokens
+    whose context (the chunk included) is `context` tokens.
+
+    By FLOPs: expanding the keys costs 2*N*P*L per context token once; then each (query, key)
+    pair costs 2*N*(P+R) for the score and 2*N*L for the latent value. Absorbed attention costs
+    2*N*(L+R) + 2*N*L per pair and no expansion. But the absorbed scores are one large product
+    for all heads, the expanded ones a small product per head, which runs ~3x slower per FLOP on
+    CPU (bf16, torch 2.13): at 20 heads and 512 queries, measured, absorbed is ahead from about
+    EXPANDED_MAX_CONTEXT tokens of context.
     """
     heads, latent = config.num_attention_heads, config.kv_lora_rank
-    expansion = 2 * heads * (config.qk_nope_head_dim + config.v_head_dim) * latent
-    expanded_pair = 2 * heads * (config.qk_head_dim + config.v_head_dim)
+    expansion = 2 * heads * config.qk_nope_head_dim * latent
+    expanded_pair = 2 * heads * (config.qk_head_dim + latent)
     absorbed_pair = 2 * heads * (latent + config.qk_rope_head_dim + latent)
-    return num_queries * (absorbed_pair - expanded_pair) > expansion
+    return context <= EXPANDED_MAX_CONTEXT and num_queries * (absorbed_pair - expanded_pair) > expansion
 
 
 class KVBProjection(nn.Module):
@@ -169,44 +178,60 @@ class SpanBatch:
     write_slots: torch.Tensor
     sequences: list[SequenceSlice]
     expanded: bool = False
-    max_score_elements: int = 1 << 24
+    max_score_elements: int = 1 << 26
 
     def attend(self, attn: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         form = self._expanded if self.expanded else self._absorbed
         return form(attn, q_nope.transpose(0, 1), q_pe.transpose(0, 1), cache)
 
     def _expanded(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
-        """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V]."""
+        """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V].
+
+        Keys are expanded per piece; values stay latent (the probabilities times the cached
+        latents, one product for all heads), and W_UV is applied once to the chunk's output.
+        """
         (seq,) = self.sequences
         queries = torch.cat([q_nope, q_pe], -1) * attn.scale  # [N, T, P + R]
-        halves = attn.kv_b_proj.halves()  # once per chunk: a quantized kv_b_proj dequantizes them
+        w_uk_t, w_uv = attn.kv_b_proj.halves()  # once per chunk: a quantized kv_b_proj dequantizes them
+        heads, nope = attn.num_heads, attn.nope_dim
+        w_uk_all = w_uk_t.transpose(0, 1).reshape(attn.latent_dim, heads * nope)  # every head in one product
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            latent, k_pe = piece.split([attn.latent_dim, attn.rope_dim], -1)
-            k_nope, v = expand_context(halves, latent)  # [N, S, P], [N, S, V]
-            k_pe = k_pe.expand(attn.num_heads, -1, -1)  # one rope key shared by all heads
-            scores = torch.matmul(queries, torch.cat([k_nope, k_pe], -1).transpose(1, 2))  # [N, T, S]
-            return scores, v
+            latent = piece[:, : attn.latent_dim]
+            keys = torch.empty(heads, piece.shape[0], queries.shape[-1], dtype=piece.dtype, device=piece.device)
+            keys[..., :nope] = torch.mm(latent, w_uk_all).view(-1, heads, nope).transpose(0, 1)  # [N, S, P]
+            keys[..., nope:] = piece[:, attn.latent_dim :]  # one rope key shared by all heads
+            scores = torch.matmul(queries, keys.transpose(1, 2))  # [N, T, S]
+            return scores, latent
 
-        out = self._attend(attn.num_heads, scores_and_values, seq, cache)
-        return out.transpose(0, 1).to(queries.dtype)
+        out_latent = self._attend(heads, scores_and_values, seq, cache).to(queries.dtype)  # [N, T, L]
+        return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, V]
 
     def _absorbed(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
-        q_latent = attn.kv_b_proj.absorb_query(q_nope)  # [N, T, L]
+        # Many rows multiply faster by the dense halves than by kv_b_proj's own (decode) products.
+        many = q_nope.shape[1] > 32
+        if many:
+            w_uk_t, w_uv = attn.kv_b_proj.halves()
+            q_latent = torch.matmul(q_nope, w_uk_t.transpose(1, 2))  # [N, T, L]
+        else:
+            q_latent = attn.kv_b_proj.absorb_query(q_nope)
         queries = torch.cat([q_latent, q_pe], -1) * attn.scale  # [N, T, L + R]
         out_latent = torch.empty_like(queries[..., : attn.latent_dim])
         for seq in self.sequences:
             seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
 
             def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                # piece @ q.T, not q @ piece.T: the long dimension as rows is ~6x faster on CPU.
-                scores = torch.mm(piece, seq_queries.t()).t().contiguous()
+                if many:
+                    scores = torch.mm(seq_queries, piece.t())
+                else:  # piece @ q.T: for a few queries, the long dimension as rows is ~6x faster on CPU
+                    scores = torch.mm(piece, seq_queries.t()).t().contiguous()
                 return scores.view(attn.num_heads, -1, piece.shape[0]), piece[:, : attn.latent_dim]
 
             out = self._attend(attn.num_heads, scores_and_values, seq, cache)
             out_latent[:, seq.rows] = out.to(out_latent.dtype)
-        return attn.kv_b_proj.values(out_latent).transpose(0, 1)  # [T, N, V]
+        values = torch.matmul(out_latent, w_uv.transpose(1, 2)) if many else attn.kv_b_proj.values(out_latent)
+        return values.transpose(0, 1)  # [T, N, V]
 
     def _attend(
         self,
