@@ -17,6 +17,11 @@ def pytest_configure(config):
     from tests.cuda.conftest import import_triton_kernels
 
     import_triton_kernels()
+    # The C++ CPU kernels build on first use (about a minute on two cores, then cached): once
+    # here, not inside whichever test, or CLI subprocess under a timeout, first runs the model.
+    from glmcode.engine.cpu import kernels
+
+    kernels.available()
 
 
 # Ctrl-C. A test run started as a background job (`bash .ci/run &`), under nohup or by a runner
