@@ -57,7 +57,7 @@ class AttentionBatch(Protocol):
 
 
 # Beyond this many context tokens the absorbed form wins on CPU whatever the chunk (see below).
-EXPANDED_MAX_CONTEXT = 8192
+EXPANDED_MAX_CONTEXT = 2048
 
 
 def expanded_is_cheaper(config: ModelConfig, num_queries: int, context: int) -> bool:
@@ -66,11 +66,10 @@ def expanded_is_cheaper(config: ModelConfig, num_queries: int, context: int) -> 
 
     By FLOPs: expanding the keys costs 2*N*P*L per context token once; then each (query, key)
     pair costs 2*N*(P+R) for the score and 2*N*L for the latent value. Absorbed attention costs
-    2*N*(L+R) + 2*N*L per pair and no expansion. Measured on CPU (bf16, 20 heads, 512-token
-    chunks, int4-all layers) the expanded form is ahead at short and middling contexts (69 against
-    84 ms per layer with no context before the chunk, 126 against 134 at 4.6K) and behind at 12K
-    (325 against 310: the absorbed form's products are larger, so faster per FLOP): hence
-    EXPANDED_MAX_CONTEXT.
+    2*N*(L+R) + 2*N*L per pair and no expansion. But the absorbed scores are one large product
+    for all heads, the expanded ones a small product per head, which runs ~3x slower per FLOP on
+    CPU (bf16, torch 2.13): at 20 heads and 512 queries, measured, absorbed is ahead from about
+    EXPANDED_MAX_CONTEXT tokens of context.
     """
     heads, latent = config.num_attention_heads, config.kv_lora_rank
     expansion = 2 * heads * config.qk_nope_head_dim * latent
@@ -188,29 +187,24 @@ class SpanBatch:
     def _expanded(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
         """q_nope [N, T, P], q_pe [N, T, R] of one sequence -> [T, N, V].
 
-        The keys are expanded per piece, transposed: one product for all heads gives each head's
-        [P, S] block contiguous, and each head's scores are then one plain matrix product (a
-        batched product of these shapes runs ~2.5x slower on CPU). The shared rope key's scores
-        are one product for all heads. Values stay latent (the probabilities times the cached
-        latents, one product for all heads); W_UV is applied once to the chunk's output.
+        Keys are expanded per piece; values stay latent (the probabilities times the cached
+        latents, one product for all heads), and W_UV is applied once to the chunk's output.
         """
         (seq,) = self.sequences
-        heads, nope, latent_dim = attn.num_heads, attn.nope_dim, attn.latent_dim
-        num_queries = q_nope.shape[1]
+        queries = torch.cat([q_nope, q_pe], -1) * attn.scale  # [N, T, P + R]
         w_uk_t, w_uv = attn.kv_b_proj.halves()  # once per chunk: a quantized kv_b_proj dequantizes them
-        w_uk = w_uk_t.transpose(1, 2).reshape(heads * nope, latent_dim)  # each head's key rows
-        q_nope = (q_nope * attn.scale).contiguous()
-        q_pe = (q_pe * attn.scale).reshape(heads * num_queries, -1)
+        heads, nope = attn.num_heads, attn.nope_dim
+        w_uk_all = w_uk_t.transpose(0, 1).reshape(attn.latent_dim, heads * nope)  # every head in one product
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            latent = piece[:, :latent_dim]
-            keys_t = torch.mm(w_uk, latent.t())  # [N * P, S]
-            scores = torch.mm(q_pe, piece[:, latent_dim:].t()).view(heads, num_queries, -1)  # [N, T, S]
-            for h in range(heads):
-                scores[h].addmm_(q_nope[h], keys_t[h * nope : (h + 1) * nope])
+            latent = piece[:, : attn.latent_dim]
+            keys = torch.empty(heads, piece.shape[0], queries.shape[-1], dtype=piece.dtype, device=piece.device)
+            keys[..., :nope] = torch.mm(latent, w_uk_all).view(-1, heads, nope).transpose(0, 1)  # [N, S, P]
+            keys[..., nope:] = piece[:, attn.latent_dim :]  # one rope key shared by all heads
+            scores = torch.matmul(queries, keys.transpose(1, 2))  # [N, T, S]
             return scores, latent
 
-        out_latent = self._attend(heads, scores_and_values, seq, cache).to(q_nope.dtype)  # [N, T, L]
+        out_latent = self._attend(heads, scores_and_values, seq, cache).to(queries.dtype)  # [N, T, L]
         return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, V]
 
     def _absorbed(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
