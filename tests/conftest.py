@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 from pathlib import Path
 
@@ -19,8 +20,12 @@ def pytest_configure(config):
     import_triton_kernels()
     # The C++ CPU kernels build on first use (about a minute on two cores, then cached): once
     # here, not inside whichever test, or CLI subprocess under a timeout, first runs the model.
+    # The subprocesses get a HOME of their own, so they are told where the build lies.
+    from torch.utils.cpp_extension import get_default_build_root
+
     from glmcode.engine.cpu import kernels
 
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     kernels.available()
 
 

@@ -18,6 +18,8 @@ import functools
 import logging
 import mmap
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,12 @@ def available() -> bool:
     """True once the extension is built and loaded (first call compiles, ~20 s, then cached)."""
     if os.environ.get("GLMCODE_CPU_KERNELS", "1") == "0" or not has_vnni():
         return False
+    # Loading a cached build takes about a second; one still loading after a few is compiling.
+    notice = threading.Timer(5.0, lambda: print("glmcode: compiling the CPU kernels (once; about a minute)...",
+                                                file=sys.stderr, flush=True))
+    notice.daemon = True
+    if sys.stderr.isatty():
+        notice.start()
     try:
         from torch.utils.cpp_extension import load
 
@@ -53,6 +61,8 @@ def available() -> bool:
     except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
         log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
         return False
+    finally:
+        notice.cancel()
     if os.environ.get("GLMCODE_AMX", "1") == "0":
         torch.ops.glmcode_cpu.set_amx_products(False)
     return True
