@@ -203,13 +203,18 @@ inline void store_row(Out* dst, __m512 v) {
 template <>
 inline void store_row<float>(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 
-// Rounded to nearest even, as c10's float -> bfloat16 conversion does (NaNs aside).
-template <>
-inline void store_row<at::BFloat16>(at::BFloat16* dst, __m512 v) {
+// v's bits rounded to bfloat16 in their high half (nearest even, as c10's float -> bfloat16
+// conversion does, NaNs aside); the low half is left to the caller to drop.
+inline __m512i bf16_rounded_bits(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(rounded));
+  return _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+}
+
+template <>
+inline void store_row<at::BFloat16>(at::BFloat16* dst, __m512 v) {
+  const __m512i high = _mm512_srli_epi32(bf16_rounded_bits(v), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(high));
 }
 
 // One tile of 16 output rows for MB activation rows starting at m0: output row m0 + r goes to

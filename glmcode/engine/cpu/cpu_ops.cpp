@@ -11,10 +11,7 @@ namespace {
 
 // v rounded to bfloat16 (nearest even) and back: the value a bf16 temporary would hold.
 inline __m512 through_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  return _mm512_castsi512_ps(_mm512_and_si512(bf16_rounded_bits(v), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 inline __m512 through(const float*, __m512 v) { return v; }
 inline __m512 through(const at::BFloat16*, __m512 v) { return through_bf16(v); }

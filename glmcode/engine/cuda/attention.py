@@ -56,7 +56,7 @@ class PagedBatch:
         context = self.context
         rows = cache.gather(context.block_table, context.length).to(q_nope.dtype)  # [S, L + R]
         latent, k_pe = rows.split([attn.latent_dim, attn.rope_dim], -1)
-        k_nope, values = expand_context(attn.kv_b_proj.halves(), latent)  # [N, S, P], [N, S, V]
+        k_nope, values = expand_context(attn.kv_b_proj, latent)  # [N, S, P], [N, S, V]
         keys = torch.cat([k_nope, k_pe.expand(attn.num_heads, -1, -1)], -1)  # [N, S, P + R]
         del k_nope
         queries = torch.cat([q_nope, q_pe], -1).transpose(0, 1)  # [N, T, P + R]

@@ -155,10 +155,9 @@ class MLAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.v_dim))
 
 
-def expand_context(halves: tuple[torch.Tensor, torch.Tensor], latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached latents [S, L] -> per-head keys (their nope part) [N, S, P] and values [N, S, V],
-    with kv_b_proj's halves() (W_UK transposed [N, L, P], W_UV [N, V, L])."""
-    w_uk_t, w_uv = halves
+def expand_context(kv_b: nn.Module, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached latents [S, L] -> per-head keys (their nope part) [N, S, P] and values [N, S, V]."""
+    w_uk_t, w_uv = kv_b.halves()
     heads, value_dim = w_uv.shape[0], w_uv.shape[1]
     keys = torch.matmul(latent, w_uk_t)
     values = F.linear(latent, w_uv.flatten(0, 1)).view(-1, heads, value_dim).transpose(0, 1)
