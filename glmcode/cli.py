@@ -92,7 +92,7 @@ RUN_OPTIONS: dict[str, Any] = {
         "--kv-cache-dir", metavar="DIR", file_okay=False,
         help="Where computed prompt prefixes are kept on disk (default: ~/.cache/glmcode/kv).")],
     "no_disk_cache": Annotated[bool, _model_option(
-        "--no-disk-cache", help="Neither read nor write the KV disk cache.")],
+        "--no-disk-cache", help="Neither read nor write the disk caches (prompt prefixes, packed weights).")],
     "no_server": Annotated[bool, _model_option(
         "--no-server", help="Load the model in this process even when `glmcode serve` runs it.")],
     "approval": Annotated[str | None, _agent_option("--approval", "-a", metavar="MODE", help=f"{choices(APPROVAL_MODES)}.")],

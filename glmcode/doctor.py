@@ -236,6 +236,7 @@ def run_checks(settings: Settings, env: Mapping[str, str] = os.environ,
     progress("looking for running servers")
     yield from check_servers(settings)
     yield check_disk_cache(settings)
+    yield check_weights_cache(settings)
     yield check_sandbox()
     yield from check_optional_tools()
     if repo is not None and any(config.enabled for config in settings.mcp_servers.values()):
@@ -267,6 +268,15 @@ def check_disk_cache(settings: Settings) -> Check:
     files = list(directory.rglob("*.kv")) if directory.is_dir() else []
     size = sum(path.stat().st_size for path in files if path.exists())
     return Check("ok", f"KV disk cache at {directory}: {len(files)} blocks, {_gb(size)}")
+
+
+def check_weights_cache(settings: Settings) -> Check:
+    directory = settings.weights_cache_path()
+    if directory is None:
+        return Check("ok", "weights cache off (weights_cache = false or disk_cache = false)")
+    files = list(directory.glob("*.model")) if directory.is_dir() else []  # weights/snapshot.py SUFFIX (no torch here)
+    size = sum(path.stat().st_size for path in files if path.exists())
+    return Check("ok", f"weights cache at {directory}: {len(files)} packed models, {_gb(size)} (quantized loads map them)")
 
 
 def can_run_something(checks: list[Check]) -> bool:

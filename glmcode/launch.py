@@ -105,6 +105,7 @@ def load_engine(settings: Settings, show_progress: bool, **engine_options: Any) 
             kv_cache_memory=settings.kv_cache_memory,
             disk_cache_dir=settings.kv_cache_path(),
             disk_cache_budget=settings.kv_cache_disk_budget,
+            weights_cache_dir=settings.weights_cache_path(),
             progress=show_progress,
             **engine_options,
         )

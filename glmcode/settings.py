@@ -74,6 +74,7 @@ class Settings:
     attach_server: bool = True
     kv_cache_dir: str | None = None
     kv_cache_disk_budget: int | None = None
+    weights_cache: bool = True
     context_tokens: int | None = None
     approval: str = ApprovalMode.ASK.value
     allow_commands: list[str] = field(default_factory=list)
@@ -102,6 +103,10 @@ class Settings:
         if not self.disk_cache:
             return None
         return Path(self.kv_cache_dir).expanduser() if self.kv_cache_dir else cache_home() / "kv"
+
+    def weights_cache_path(self) -> Path | None:
+        """Where quantized models are kept as built for fast loads (engine/weights/snapshot.py), or None."""
+        return cache_home() / "weights" if self.disk_cache and self.weights_cache else None
 
     def sessions_path(self) -> Path:
         return Path(self.sessions_dir).expanduser() if self.sessions_dir else data_home() / "sessions"
@@ -259,6 +264,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "attach_server": _bool,
     "kv_cache_dir": _path,
     "kv_cache_disk_budget": _memory_size,
+    "weights_cache": _bool,
     "context_tokens": _optional_positive_int,
     "approval": _choice(APPROVAL_MODES),
     "allow_commands": _string_list,

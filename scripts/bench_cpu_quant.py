@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from glmcode.engine import LLM  # noqa: E402
 from glmcode.engine.config import ModelConfig  # noqa: E402
 from glmcode.engine.model import GlmMoeLite  # noqa: E402
 from glmcode.engine.quant.formats import Int4Weight, Int8Weight, QuantizedWeight, QuantScheme, int4_group_size  # noqa: E402
+from glmcode.engine.quant.checkpoint import quantized_tensors, write_quantized_checkpoint  # noqa: E402
 from glmcode.engine.quant.loader import QuantizedModelBuilder  # noqa: E402
 from glmcode.engine.sequence import Sequence  # noqa: E402
 from glmcode.engine.tokenizer import Tokenizer  # noqa: E402
@@ -116,13 +118,7 @@ def prompt_ids(count: int, vocab: int, seed: int) -> list[int]:
 def build_llm(config: dict, quantization: str, directory: Path, max_context: int, **options) -> LLM:
     """An LLM over random quantized weights; the directory holds only config and tokenizer.
     options: LLM options (default: no prefix cache)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    writer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(writer)
-    writer.make_tokenizer().save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    write_tokenizer(directory)
     (directory / "config.json").write_text(json.dumps(config))
     model = random_quantized_model(ModelConfig.from_dict(config), QuantScheme.named(quantization))
     kv_bytes = config["num_hidden_layers"] * (max_context + 512) * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 2
@@ -131,17 +127,49 @@ def build_llm(config: dict, quantization: str, directory: Path, max_context: int
     return llm
 
 
+def write_tokenizer(directory: Path) -> None:
+    """The test checkpoints' GLM tokenizer (scripts/make_tiny_checkpoint.py) into ``directory``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    writer.make_tokenizer().save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
 def random_quantized_model(config: ModelConfig, scheme: QuantScheme, *, seed: int = 0) -> GlmMoeLite:
     """A model of `config`'s shapes with random weights made directly in quantized form: no
     float weights and no checkpoint on disk are ever needed."""
-    generator = torch.Generator().manual_seed(seed)
     builder = QuantizedModelBuilder(config, torch.bfloat16, torch.device("cpu"))
+    for name, value in random_weights(builder, scheme, seed):
+        builder.place(name, value)
+    return builder.finish()
+
+
+def write_random_quantized_checkpoint(config: dict, quantization: str, directory: Path, *, seed: int = 0) -> Path:
+    """The same random weights as a quantized checkpoint on disk (the real download's stand-in),
+    with the test tokenizer; written tensor by tensor, so memory stays bounded."""
+    scheme = QuantScheme.named(quantization)
+    builder = QuantizedModelBuilder(ModelConfig.from_dict(config), torch.bfloat16, torch.device("meta"))
+    side = directory.with_name(directory.name + ".side")
+    side.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(side)
+    groups = (
+        {name: value.to(torch.bfloat16)} if isinstance(value, torch.Tensor) else quantized_tensors(name, [value])
+        for name, value in random_weights(builder, scheme, seed)
+    )
+    return write_quantized_checkpoint(directory, config, scheme, groups, side_files=side)
+
+
+def random_weights(builder: QuantizedModelBuilder, scheme: QuantScheme, seed: int) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """(checkpoint name, tensor or quantized weight) for every weight of the builder's model."""
+    generator = torch.Generator().manual_seed(seed)
     for name, slot in builder.slots.items():
         if slot.covers:  # the fused form of experts that come one by one
             continue
         bits = scheme.bits_for(name, slot.shape)
-        builder.place(name, random_tensor(slot.shape, generator) if bits is None else random_quantized(slot.shape, bits, scheme, generator))
-    return builder.finish()
+        yield name, random_tensor(slot.shape, generator) if bits is None else random_quantized(slot.shape, bits, scheme, generator)
 
 
 def random_tensor(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

@@ -71,13 +71,13 @@ def checkpoint_identity(model_dir: str | Path) -> dict[str, Any]:
 def default_budget(directory: Path) -> int:
     """DEFAULT_BUDGET, or half the free space where that is less."""
     try:
-        free = _free_bytes(directory)
+        free = free_bytes(directory)
     except OSError:
         return DEFAULT_BUDGET
     return min(DEFAULT_BUDGET, int(free * MAX_BUDGET_SHARE_OF_FREE))
 
 
-def _free_bytes(directory: Path) -> int:
+def free_bytes(directory: Path) -> int:
     existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
     stats = os.statvfs(existing)
     return stats.f_bavail * stats.f_frsize

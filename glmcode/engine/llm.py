@@ -70,14 +70,15 @@ class LLM:
         """Options (see EngineOptions): kv_cache_memory, kv_cache_dtype ("int8" on CPU, "fp8" on
         the kernel path), block_size, max_num_seqs, enable_prefix_caching, prefill_chunk_tokens,
         kernel_path (the GPU kernels; None means on CUDA devices), disk_cache_dir (the prefix
-        cache's disk tier; None: none) and disk_cache_budget (its size in bytes)."""
+        cache's disk tier; None: none), disk_cache_budget (its size in bytes) and weights_cache_dir
+        (where a quantized CPU model is saved as built and mapped back by later loads; None: none)."""
         engine_options = EngineOptions.resolve(device=device, progress=progress, **options)
         if quantization is not None and engine_options.kernel_path:
             raise UsageError(f"quantization {quantization!r} runs on the CPU path only; leave it unset on CUDA")
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer(model_dir)
         model = load_model(model_dir, config, dtype=resolve_dtype(dtype, config), device=engine_options.device,
-                           quantization=quantization, progress=progress)  # fmt: skip
+                           quantization=quantization, progress=progress, snapshot_dir=engine_options.weights_cache_dir)  # fmt: skip
         identity = {**checkpoint_identity(model_dir), "quantization": quantization} if engine_options.disk_cache_dir else None
         self._start(model, tokenizer, engine_options, identity)
 

@@ -25,6 +25,7 @@ class EngineOptions:
     progress: bool
     disk_cache_dir: Path | None  # the prefix cache's disk tier (disk_cache.py); None: none
     disk_cache_budget: int | None  # bytes the disk tier may use; None: disk_cache.default_budget
+    weights_cache_dir: Path | None  # where quantized CPU models are kept as built (weights/snapshot.py)
 
     @classmethod
     def resolve(
@@ -41,6 +42,7 @@ class EngineOptions:
         progress: bool = True,
         disk_cache_dir: str | Path | None = None,
         disk_cache_budget: int | None = None,
+        weights_cache_dir: str | Path | None = None,
     ) -> EngineOptions:
         """kernel_path None means: on CUDA devices. True on a CPU runs the CUDA path's code through
         the kernels' PyTorch implementations, which is how the tests check it."""
@@ -69,6 +71,7 @@ class EngineOptions:
             progress=progress,
             disk_cache_dir=Path(disk_cache_dir).expanduser() if disk_cache_dir is not None else None,
             disk_cache_budget=disk_cache_budget,
+            weights_cache_dir=Path(weights_cache_dir).expanduser() if weights_cache_dir is not None else None,
         )
 
     def storage_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -165,7 +165,8 @@ def test_requests_from_several_threads_decode_together_and_match_one_at_a_time(t
     for thread in threads:
         thread.join(timeout=120)
     assert [results[i] for i in range(len(prompts))] == expected
-    assert abandoned_after == expected[0][:1]
+    # its first output holds whatever tokens other threads' steps made for it before it looked
+    assert abandoned_after and abandoned_after == expected[0][: len(abandoned_after)]
     assert len(shared.blocks.free) == shared.blocks.num_blocks and not shared.scheduler.has_work()
 
 

@@ -75,11 +75,11 @@ def test_interrupted_conversion_leaves_nothing_that_looks_complete(float_checkpo
     src, _ = float_checkpoint
     calls = []
 
-    def failing_convert(name, source, scheme, writer):
+    def failing_convert(name, source, scheme):
         calls.append(name)
         if len(calls) == 10:
             raise KeyboardInterrupt
-        return original(name, source, scheme, writer)
+        return original(name, source, scheme)
 
     original = quant_checkpoint._convert_tensor
     monkeypatch.setattr(quant_checkpoint, "_convert_tensor", failing_convert)

@@ -146,11 +146,13 @@ def in_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return tensor
     region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # the tensor keeps the mapping alive
-    start = -raw.data_ptr() % _HUGE_PAGE
+    start = -torch.frombuffer(region, dtype=torch.uint8).data_ptr() % _HUGE_PAGE
     # Only whole 2 MB pages inside the tensor are advised: the tail stays in small pages, so no
     # memory past the tensor's end is ever faulted in.
     region.madvise(mmap.MADV_HUGEPAGE, start, nbytes - nbytes % _HUGE_PAGE)
-    copy = raw[start : start + nbytes].view(tensor.dtype).view(tensor.shape)
+    # A storage of exactly the tensor's bytes (it keeps the mapping alive), so that saving the
+    # model (weights/snapshot.py) writes no more than the tensor.
+    raw = torch.frombuffer(region, dtype=torch.uint8, offset=start, count=nbytes)
+    copy = raw.view(tensor.dtype).view(tensor.shape)
     copy.copy_(tensor)
     return copy

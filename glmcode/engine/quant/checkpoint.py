@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -101,37 +101,49 @@ def quantize_checkpoint(
     ``bits`` applies to routed and shared experts, ``linear_bits`` to the other projections.
     Memory stays bounded by ``shard_bytes`` plus one block of rows, whatever the model size.
     """
-    src, dst = Path(src_dir), Path(dst_dir)
+    src = Path(src_dir)
     if bits not in (4, 8) or linear_bits not in (4, 8):
         raise UsageError(f"--bits must be 4 or 8 (got experts {bits}, linear {linear_bits})")
     config = _read_config(src)
     if "quantization_config" in config:
         raise UsageError(f"{src} is already quantized; quantize the original float checkpoint")
-    if dst.exists() and any(dst.iterdir()):
-        raise UsageError(f"{dst} already exists and is not empty; remove it or pick another directory")
     scheme = QuantScheme(expert_bits=bits, linear_bits=linear_bits, group_size=group_size)
     files = checkpoint_files(src)
     shards = open_shards(files)
+    ordered = sorted(files, key=lambda n: (files[n], shards[files[n]].header[n]["data_offsets"][0]))
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        writer = _ShardWriter(work, shard_bytes)
-        ordered = sorted(files, key=lambda n: (files[n], shards[files[n]].header[n]["data_offsets"][0]))
+    def converted() -> Iterator[dict[str, torch.Tensor]]:
         total_bytes = sum(shards[files[n]].nbytes(n) for n in ordered)
         with byte_progress(f"quantizing to int{bits}", total_bytes, enabled=progress) as advance:
             for name in ordered:
                 source = shards[files[name]]
-                _convert_tensor(name, source, scheme, writer)
+                yield _convert_tensor(name, source, scheme)
                 advance(source.nbytes(name))
+
+    return write_quantized_checkpoint(dst_dir, config, scheme, converted(), side_files=src, shard_bytes=shard_bytes)
+
+
+def write_quantized_checkpoint(
+    dst_dir: str | os.PathLike, config: dict, scheme: QuantScheme, groups: Iterable[dict[str, torch.Tensor]], *,
+    side_files: Path | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:  # fmt: skip
+    """Write a quantized checkpoint: ``groups`` of on-disk tensors (a weight with its scales share a
+    shard), then the index, the tokenizer and other files of ``side_files``, then the config."""
+    dst = Path(dst_dir)
+    if dst.exists() and any(dst.iterdir()):
+        raise UsageError(f"{dst} already exists and is not empty; remove it or pick another directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        writer = _ShardWriter(work, shard_bytes)
+        for group in groups:
+            writer.add(group)
         index = writer.finish()
-        _copy_side_files(src, work)
+        if side_files is not None:
+            _copy_side_files(side_files, work)
         (work / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        config["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            **scheme.to_dict(),
-        }
+        config = {**config, "quantization_config": {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                                    **scheme.to_dict()}}  # fmt: skip
         (work / "config.json").write_text(json.dumps(config, indent=2))
         if dst.exists():
             dst.rmdir()
@@ -142,22 +154,25 @@ def quantize_checkpoint(
     return dst
 
 
-def _convert_tensor(name: str, source: SafetensorsFile, scheme: QuantScheme, writer: _ShardWriter) -> None:
+def _convert_tensor(name: str, source: SafetensorsFile, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     shape = source.shape(name)
     bits = scheme.bits_for(name, shape)
     if bits is None:
-        writer.add({name: source.read(name)})
-        return
+        return {name: source.read(name)}
     blocks = [
         quantize(source.read(name, rows=(start, min(start + _ROWS_PER_CHUNK, shape[0]))), bits, scheme.group_size)
         for start in range(0, shape[0], _ROWS_PER_CHUNK)
     ]
+    return quantized_tensors(name, blocks)
+
+
+def quantized_tensors(name: str, blocks: list[QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of the weight ``name``, quantized in row blocks."""
     base = name.removesuffix(".weight")
-    writer.add({f"{base}.{suffix}": tensor for suffix, tensor in quantized_tensors(blocks).items()})
+    return {f"{base}.{suffix}": tensor for suffix, tensor in _stored_parts(blocks).items()}
 
 
-def quantized_tensors(blocks: list[QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """The on-disk tensors of a weight quantized in row blocks."""
+def _stored_parts(blocks: list[QuantizedWeight]) -> dict[str, torch.Tensor]:
     if isinstance(blocks[0], Int8Weight):
         return {
             "qweight": torch.cat([b.values for b in blocks]),

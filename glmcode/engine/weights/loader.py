@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from glmcode.engine.config import ModelConfig
+from glmcode.engine.disk_cache import checkpoint_identity
 from glmcode.engine.model import GlmMoeLite, build_model
+from glmcode.engine.weights import snapshot
 from glmcode.engine.weights.names import Slot, checkpoint_slots, wanted
 from glmcode.engine.weights.progress import byte_progress
 from glmcode.engine.weights.safetensors import checkpoint_files, open_shards
@@ -21,13 +23,23 @@ from glmcode.errors import CheckpointError
 
 def load_model(
     model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype, device: torch.device,
-    quantization: str | None = None, progress: bool = True,
+    quantization: str | None = None, progress: bool = True, snapshot_dir: Path | None = None,
 ) -> GlmMoeLite:  # fmt: skip
-    """The model with the checkpoint's weights, quantized when the checkpoint is or `quantization` asks."""
+    """The model with the checkpoint's weights, quantized when the checkpoint is or `quantization` asks.
+
+    snapshot_dir: where a quantized CPU model is kept as built, so that later loads map it
+    (snapshot.py); None: build it every time.
+    """
     from glmcode.engine.quant.loader import is_quantized_checkpoint, load_quantized_model
 
     if quantization is not None or is_quantized_checkpoint(model_dir):
-        return load_quantized_model(config, model_dir, dtype=dtype, device=device, quantization=quantization, progress=progress)
+        def build() -> GlmMoeLite:
+            return load_quantized_model(config, model_dir, dtype=dtype, device=device, quantization=quantization, progress=progress)
+
+        if snapshot_dir is None or device.type != "cpu":
+            return build()
+        identity = {**checkpoint_identity(model_dir), "quantization": quantization, "dtype": str(dtype)}
+        return snapshot.load_or_build(snapshot_dir, identity, build, progress=progress)
     model = build_model(config, dtype, device)
     load_checkpoint(model, model_dir, progress=progress)
     return model
