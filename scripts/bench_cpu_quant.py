@@ -123,7 +123,11 @@ def build_llm(config: dict, quantization: str, directory: Path, max_context: int
     model = random_quantized_model(ModelConfig.from_dict(config), QuantScheme.named(quantization))
     kv_bytes = config["num_hidden_layers"] * (max_context + 512) * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * 2
     llm = LLM.from_model(model, Tokenizer(directory), kv_cache_memory=kv_bytes, **({"enable_prefix_caching": False} | options))
-    llm.kv_cache.data.normal_()
+    if llm.kv_cache.scales is None:
+        llm.kv_cache.data.normal_()
+    else:  # int8 latents of about unit size: values over the whole range, a scale of 1/40
+        llm.kv_cache.data.random_(-127, 128)
+        llm.kv_cache.scales.fill_(1 / 40)
     return llm
 
 
@@ -195,7 +199,7 @@ class GlmcodeSide:
 
     def __init__(self, args, config: dict, directory: Path, n_ctx: int):
         started = time.perf_counter()
-        self.llm = build_llm(config, args.quantization, directory, n_ctx)
+        self.llm = build_llm(config, args.quantization, directory, n_ctx, kv_cache_dtype=args.kv_cache_dtype)
         self.load_s = time.perf_counter() - started
         self.vocab = config["vocab_size"]
 
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="prefills per round and depth")
     parser.add_argument("--rounds", type=int, default=1, help="turns each engine takes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache-dtype", choices=["int8"], default=None, help="glmcode's latent cache (default: bf16)")
     parser.add_argument("--against", choices=["llama.cpp"], default=None, help="time llama.cpp in the same run")
     parser.add_argument("--gguf", type=Path, default=None, help="llama.cpp's model: written here if missing (default: a temp file)")
     parser.add_argument("--force", action="store_true", help="run even where free memory looks too small")
@@ -384,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     engines = ENGINES if args.against else ENGINES[:1]
     report: dict = {
         "quantization": args.quantization, "layers": args.layers, "threads": args.threads, "rounds": args.rounds,
+        "kv_cache_dtype": args.kv_cache_dtype or "bfloat16",
         "load_average_start": os.getloadavg(), "available_gb_start": round(available_gb(), 1),
         "engines_ran": "one process per engine and round, taking turns",
         "cached_contexts": "random latents (glmcode) / random keys through the sequence-state API (llama.cpp)",

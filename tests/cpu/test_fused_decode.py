@@ -59,19 +59,30 @@ def paired_decode_logits(llm: LLM) -> tuple[torch.Tensor, torch.Tensor]:
 
     The cache is filled by the module path; each step runs the fused path on a copy first.
     """
+    fused, modules, _ = paired_decode(llm)
+    return fused, modules
+
+
+def paired_decode(llm: LLM) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """paired_decode_logits, plus each step's cache tensors (data, and an int8 cache's scales)
+    as the fused step left them and as the module step did."""
     fused_runner, modules_runner = llm.runner, ModuleRunner(llm.model, llm.kv_cache)
     seq = new_sequence(TOKENS[:10])
     assert llm.blocks.allocate(seq, use_prefix_cache=False)
     prefill(llm, seq)
-    fused, modules = [], []
+    cache = [t for t in (llm.kv_cache.data, llm.kv_cache.scales) if t is not None]
+    fused, modules, written = [], [], []
     for token in TOKENS[10:]:
         seq.token_ids.append(token)
-        cache = llm.kv_cache.data.clone()
+        before = [t.clone() for t in cache]
         fused.append(decode(llm, [seq], fused_runner)[0].clone())
-        llm.kv_cache.data.copy_(cache)
+        after_fused = [t.clone() for t in cache]
+        for tensor, saved in zip(cache, before):
+            tensor.copy_(saved)
         modules.append(decode(llm, [seq], modules_runner)[0].clone())
+        written.append((after_fused, [t.clone() for t in cache]))
     llm.blocks.free_sequence(seq)
-    return torch.stack(fused), torch.stack(modules)
+    return torch.stack(fused), torch.stack(modules), written
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -138,6 +149,44 @@ def test_amx_attention_matches_the_avx512_attention(tmp_path, heads, threads):
     assert (amx.argmax(-1) == avx.argmax(-1)).float().mean() >= 0.95
 
 
+@pytest.fixture(scope="module")
+def tile_shaped(tmp_path_factory):
+    """An int4 checkpoint with 96 cached values per token (a multiple of 32, as AMX tiles need)."""
+    root = tmp_path_factory.mktemp("tile-shaped")
+    float_dir = load_tiny_checkpoint_writer().make_tiny_checkpoint(root / "float", kv_lora_rank=64, qk_rope_head_dim=32)
+    return quantize_checkpoint(float_dir, root / "q", bits=4, linear_bits=8, progress=False)
+
+
+@pytest.mark.skipif(not has_bf16_dot(), reason="an int8 cache runs fused only with AVX512_BF16")
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_an_int8_cache_runs_fused_as_close_to_float32_as_the_modules(tile_shaped, block_size):
+    """The int8 latent cache on the fused path: each block dequantized to bf16 for the attention
+    kernels (AMX tiles at 32-token blocks where the CPU has them, VDPBF16PS at 16)."""
+    reference = decode_logits(float32_llm(tile_shaped), False)
+    llm = LLM(tile_shaped, dtype="bfloat16", block_size=block_size, kv_cache_dtype="int8", enable_prefix_caching=False,
+              progress=False)  # fmt: skip
+    assert isinstance(llm.runner, FusedCpuRunner)
+    fused, modules = decode_logits(llm, True), decode_logits(llm, False)
+    assert similarity_to(reference, fused) > 0.99
+    assert similarity_to(reference, fused) >= similarity_to(reference, modules) - 2e-3
+
+
+@pytest.mark.skipif(not has_bf16_dot(), reason="an int8 cache runs fused only with AVX512_BF16")
+def test_the_fused_step_quantizes_new_latents_as_the_modules_do(tile_shaped):
+    """Layer 0 sees the same input on both paths, so its new latent must be quantized the same
+    (later layers see attention outputs that differ by bf16 rounding). The two codes compute the
+    float latent with their own roundings: a scale may differ in its last bits, and a value that
+    sits on a rounding boundary may land one step away."""
+    llm = LLM(tile_shaped, dtype="float32", block_size=16, kv_cache_dtype="int8", enable_prefix_caching=False, progress=False)
+    _, _, written = paired_decode(llm)
+    for (fused_values, fused_scales), (module_values, module_scales) in written:
+        assert (fused_values[0].int() - module_values[0].int()).abs().max() <= 1
+        assert (fused_values[0] != module_values[0]).sum() <= 2
+        torch.testing.assert_close(fused_scales[0], module_scales[0], rtol=1e-6, atol=0)
+    last_slot = len(TOKENS) - 1
+    assert written[-1][0][1][0, last_slot].min() > 0, "the fused step wrote the scales of its token"
+
+
 def test_the_thread_count_changes_only_rounding(quantized):
     """Products come out the same; long contexts merge per-thread attention parts."""
     llm = float32_llm(quantized("base", "int4"))
@@ -169,6 +218,6 @@ def test_used_only_where_it_applies(quantized, tiny_checkpoint, monkeypatch):
 
     assert fused(LLM(path, progress=False))
     assert not fused(LLM(tiny_checkpoint, dtype="float32", progress=False))  # float32 weights
-    assert not fused(LLM(path, kv_cache_dtype="int8", progress=False))
+    assert fused(LLM(path, kv_cache_dtype="int8", progress=False)) == has_bf16_dot()
     monkeypatch.setenv("GLMCODE_FUSED_DECODE", "0")
     assert not fused(LLM(path, progress=False))

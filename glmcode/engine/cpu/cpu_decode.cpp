@@ -377,6 +377,59 @@ struct LinePrefetch {
   }
 };
 
+// Attention reads cache blocks through one of these. Bf16Blocks: the bfloat16 cache as stored.
+// Int8Blocks: an int8 block (two scales per token, see quant/latent_cache.py) dequantized into a
+// bfloat16 scratch block that stays in L2, so the bf16 kernels run on it unchanged while memory
+// traffic halves. int8 values are exact in bf16; value times scale is rounded once, to bf16.
+struct Bf16Blocks {
+  const at::BFloat16* cache;
+  int64_t block_size, D;
+
+  const void* stored(int64_t id) const { return cache + id * block_size * D; }
+  int64_t stored_bytes(int64_t count) const { return count * D * 2; }
+  const at::BFloat16* rows(int64_t id, int64_t) { return cache + id * block_size * D; }
+};
+
+struct Int8Blocks {
+  const int8_t* cache;
+  const float* scales;  // [slots, 2]: latent part, rope part
+  int64_t block_size, D, L;
+  std::vector<at::BFloat16> scratch;
+
+  Int8Blocks(const int8_t* cache, const float* scales, int64_t block_size, int64_t D, int64_t L)
+      : cache(cache), scales(scales), block_size(block_size), D(D), L(L), scratch(block_size * D, at::BFloat16(0.f)) {}
+
+  const void* stored(int64_t id) const { return cache + id * block_size * D; }
+  int64_t stored_bytes(int64_t count) const { return count * D; }
+
+  GLMCODE_BF16 const at::BFloat16* rows(int64_t id, int64_t count) {
+    for (int64_t t = 0; t < count; ++t) {
+      const int64_t slot = id * block_size + t;
+      const int8_t* v = cache + slot * D;
+      at::BFloat16* out = scratch.data() + t * D;
+      const float latent_scale = scales[2 * slot], rope_scale = scales[2 * slot + 1];
+      int64_t i = 0;
+      for (; i + 16 <= D; i += 16) {
+        const float scale = i + 16 <= L ? latent_scale : rope_scale;  // L is a multiple of 32
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i))));
+        const __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps(f, _mm512_set1_ps(scale)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), reinterpret_cast<const __m256i&>(b));
+      }
+      for (; i < D; ++i) out[i] = at::BFloat16(static_cast<float>(v[i]) * (i < L ? latent_scale : rope_scale));
+    }
+    return scratch.data();
+  }
+};
+
+// Quantizes one part of a cache row as quant/latent_cache.quantize_latent does (the same float32
+// operations, so the same bits): a symmetric scale from the part's largest magnitude.
+inline void quantize_latent_part(const float* x, int64_t n, int8_t* out, float* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  *scale = std::max(amax, 1e-12f) / 127.0f;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / *scale), -127.f, 127.f));
+}
+
 // out[h][:L] += sum_t p[h][t] * latent[t] over the block's first `count` tokens; p is bf16
 // [n][p_stride], zero from count up to the next multiple of 32. Each 16 latent values of 32
 // tokens are interleaved into pairs once, for both head groups.
@@ -546,8 +599,9 @@ class DecodePlan : public torch::CustomClassHolder {
 
   // x: the token's embedding [hidden]; kv_cache: [layers, slots, latent + rope] (this token's
   // latent is written at its slot); block_table: the sequence's blocks. Returns float32 logits.
+  // kv_scales: an int8 cache's scales [layers, slots, 2]; empty for a bfloat16 / float32 cache.
   at::Tensor step(const at::Tensor& x_in, int64_t position, const at::Tensor& block_table_in, int64_t block_size,
-                  const at::Tensor& kv_cache) {
+                  const at::Tensor& kv_cache, const at::Tensor& kv_scales) {
     const at::Tensor x = x_in.to(at::kFloat).contiguous();
     const at::Tensor block_table = block_table_in.to(at::kLong).contiguous();
     TORCH_CHECK(x.numel() == cfg_.hidden, "step: x must have hidden_size values");
@@ -561,11 +615,18 @@ class DecodePlan : public torch::CustomClassHolder {
       TORCH_CHECK(table[b] >= 0 && (table[b] + 1) * block_size <= kv_cache.size(1), "step: block out of range");
     at::Tensor logits = at::empty({lm_head_.padded_rows()}, x.options());
     if (kv_cache.scalar_type() == at::kBFloat16) {
-      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<at::BFloat16>(), kv_cache.size(1),
+      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<at::BFloat16>(), nullptr, kv_cache.size(1),
           logits.data_ptr<float>());
+    } else if (kv_cache.scalar_type() == at::kChar) {
+      TORCH_CHECK(has_bf16_, "step: an int8 cache needs AVX512_BF16");
+      TORCH_CHECK(kv_scales.scalar_type() == at::kFloat && kv_scales.is_contiguous() && kv_scales.dim() == 3 &&
+                      kv_scales.size(0) == kv_cache.size(0) && kv_scales.size(1) == kv_cache.size(1) && kv_scales.size(2) == 2,
+                  "step: an int8 cache needs its float32 scales [layers, slots, 2]");
+      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<int8_t>(), kv_scales.data_ptr<float>(),
+          kv_cache.size(1), logits.data_ptr<float>());
     } else {
-      TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "step: kv_cache must be bfloat16 or float32");
-      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<float>(), kv_cache.size(1),
+      TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "step: kv_cache must be bfloat16, int8 or float32");
+      run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<float>(), nullptr, kv_cache.size(1),
           logits.data_ptr<float>());
     }
     return logits.narrow(0, 0, cfg_.vocab);
@@ -672,7 +733,7 @@ class DecodePlan : public torch::CustomClassHolder {
 
   template <typename C>
   void run(const float* embedding, int64_t position, const int64_t* table, int64_t block_size, C* cache,
-           int64_t slots, float* logits) {
+           float* scales, int64_t slots, float* logits) {
     const int nth = std::max(1, at::get_num_threads());
     parts_out_.resize(nth * cfg_.heads * cfg_.latent);
     parts_max_.resize(nth * cfg_.heads);
@@ -701,7 +762,8 @@ class DecodePlan : public torch::CustomClassHolder {
       const int64_t slot = table[position / block_size] * block_size + position % block_size;
       for (size_t i = 0; i < layers_.size(); ++i) {
         C* layer_cache = cache + i * slots * (cfg_.latent + cfg_.rope);
-        attention(layers_[i], s, tid, threads, position, table, block_size, layer_cache, slot);
+        float* layer_scales = scales == nullptr ? nullptr : scales + i * slots * 2;
+        attention(layers_[i], s, tid, threads, position, table, block_size, layer_cache, layer_scales, slot);
         mlp(layers_[i], s, tid, threads);
       }
       rms_norm(s.x.data(), final_norm_, cfg_.rms_eps, s.normed.data());
@@ -711,19 +773,19 @@ class DecodePlan : public torch::CustomClassHolder {
 
   template <typename C>
   void attention(const Layer& l, ThreadState& s, int tid, int nth, int64_t position, const int64_t* table,
-                 int64_t block_size, C* cache, int64_t slot) {
+                 int64_t block_size, C* cache, float* scales, int64_t slot) {
     const int64_t H = cfg_.heads, L = cfg_.latent, R = cfg_.rope;
     rms_norm(s.x.data(), l.input_norm, cfg_.rms_eps, s.normed.data());
     if (cfg_.q_lora) {
       products({{&l.q_a, s.normed.data(), q_a_out_.data()}, {&l.kv_a, s.normed.data(), kv_a_out_.data()}}, s);
 #pragma omp barrier
       rms_norm(q_a_out_.data(), l.q_a_norm, cfg_.latent_eps, s.q_a.data());
-      write_latent(l, cache, slot, tid, s);
+      write_latent(l, cache, scales, slot, tid, s);
       products({{&l.q_b, s.q_a.data(), q_out_.data()}}, s);
     } else {
       products({{&l.q_b, s.normed.data(), q_out_.data()}, {&l.kv_a, s.normed.data(), kv_a_out_.data()}}, s);
 #pragma omp barrier
-      write_latent(l, cache, slot, tid, s);
+      write_latent(l, cache, scales, slot, tid, s);
     }
 #pragma omp barrier
     for (int64_t h = 0; h < H; ++h) {
@@ -741,12 +803,12 @@ class DecodePlan : public torch::CustomClassHolder {
       // once; then each merges the parts of some heads.
       float* part = parts_out_.data() + tid * H * L;
       attend({0, H, blocks * tid / nth, blocks * (tid + 1) / nth, seq_len, block_size, table, part,
-              parts_max_.data() + tid * H, parts_mass_.data() + tid * H}, s, cache);
+              parts_max_.data() + tid * H, parts_mass_.data() + tid * H}, s, cache, scales);
 #pragma omp barrier
       merge_parts(H * tid / nth, H * (tid + 1) / nth, nth);
     } else {
       const int64_t h0 = H * tid / nth, h1 = H * (tid + 1) / nth;
-      attend({h0, h1, 0, blocks, seq_len, block_size, table, attn_latent_.data() + h0 * L}, s, cache);
+      attend({h0, h1, 0, blocks, seq_len, block_size, table, attn_latent_.data() + h0 * L}, s, cache, scales);
     }
 #pragma omp barrier
     std::vector<Product> values;
@@ -763,35 +825,48 @@ class DecodePlan : public torch::CustomClassHolder {
   // The new token's normed latent and roped key into its cache slot (thread 0; read only after
   // the barriers that follow).
   template <typename C>
-  void write_latent(const Layer& l, C* cache, int64_t slot, int tid, ThreadState& s) {
+  void write_latent(const Layer& l, C* cache, float* scales, int64_t slot, int tid, ThreadState& s) {
     if (tid != 0) return;
     const int64_t L = cfg_.latent, R = cfg_.rope;
     std::vector<float> entry(L + R);
     rms_norm(kv_a_out_.data(), l.kv_a_norm, cfg_.latent_eps, entry.data());
     rope(kv_a_out_.data() + L, s.cos, s.sin, entry.data() + L);
     C* dst = cache + slot * (L + R);
-    for (int64_t i = 0; i < L + R; ++i) dst[i] = static_cast<C>(entry[i]);
+    if constexpr (std::is_same_v<C, int8_t>) {
+      quantize_latent_part(entry.data(), L, dst, scales + 2 * slot);
+      quantize_latent_part(entry.data() + L, R, dst + L, scales + 2 * slot + 1);
+    } else {
+      for (int64_t i = 0; i < L + R; ++i) dst[i] = static_cast<C>(entry[i]);
+    }
   }
 
   // Heads attend over cached tokens (see AttendJob). q_latent_ holds each head's absorbed
   // query; the results are softmax-weighted latents.
   template <typename C>
-  void attend(const AttendJob& job, ThreadState& s, const C* cache) {
+  void attend(const AttendJob& job, ThreadState& s, const C* cache, const float* scales) {
     const int64_t L = cfg_.latent, D = L + cfg_.rope;
     if (job.h1 <= job.h0) return;
-    if constexpr (std::is_same_v<C, at::BFloat16>) {
-      if (use_amx_ && has_bf16_ && D % 32 == 0 && job.block_size % 32 == 0) {
-        for (int64_t h = job.h0; h < job.h1; h += 32) {  // the tiles hold two groups of 16 heads
-          AttendJob part = job;
-          part.h0 = h, part.h1 = std::min(job.h1, h + 32), part.out = job.out + (h - job.h0) * L;
-          if (job.max != nullptr) part.max = job.max + (h - job.h0), part.mass = job.mass + (h - job.h0);
-          attend_amx(part, s, cache);
-        }
-        return;
+    if constexpr (std::is_same_v<C, int8_t>) {
+      attend_blocks(job, s, Int8Blocks(cache, scales, job.block_size, D, L));  // step() checked has_bf16_
+    } else {
+      if constexpr (std::is_same_v<C, at::BFloat16>) {
+        if (has_bf16_) return attend_blocks(job, s, Bf16Blocks{cache, job.block_size, D});
       }
-      if (has_bf16_) return attend_bf16(job, s, cache);
+      attend_generic(job, s, cache);
     }
-    attend_generic(job, s, cache);
+  }
+
+  // Attention over bfloat16 rows: on AMX tiles where the CPU has them, else on VDPBF16PS.
+  template <typename Blocks>
+  void attend_blocks(const AttendJob& job, ThreadState& s, Blocks blocks) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope;
+    if (!(use_amx_ && D % 32 == 0 && job.block_size % 32 == 0)) return attend_bf16(job, s, blocks);
+    for (int64_t h = job.h0; h < job.h1; h += 32) {  // the tiles hold two groups of 16 heads
+      AttendJob part = job;
+      part.h0 = h, part.h1 = std::min(job.h1, h + 32), part.out = job.out + (h - job.h0) * L;
+      if (job.max != nullptr) part.max = job.max + (h - job.h0), part.mass = job.mass + (h - job.h0);
+      attend_amx(part, s, blocks);
+    }
   }
 
   // out[h] = softmax-weighted latents of head h over the whole context, from the threads' parts
@@ -873,7 +948,8 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   // attend on AMX tiles (bfloat16 cache), at most 32 heads (see amx_scores / amx_values)
-  GLMCODE_AMX void attend_amx(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
+  template <typename Blocks>
+  GLMCODE_AMX void attend_amx(const AttendJob& job, ThreadState& s, Blocks& blocks) {
     const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
     const HeadGroups groups(n);
     const std::vector<float> queries = scaled_queries(job.h0, n, s);
@@ -888,7 +964,7 @@ class DecodePlan : public torch::CustomClassHolder {
     const TileConfig scoring = score_tiles(groups), weighing = value_tiles(groups);
     for (int64_t b = job.first_block; b < job.last_block; ++b) {
       const int64_t count = job.count(b), padded = (count + 31) / 32 * 32;
-      const at::BFloat16* block = cache + job.table[b] * block_size * D;
+      const at::BFloat16* block = blocks.rows(job.table[b], count);
       float* scores = s.attn_scores.data();
       _tile_loadconfig(&scoring);
       amx_scores(block, count, D, groups, pairs.data(), pairs1, scores, block_size);
@@ -899,7 +975,7 @@ class DecodePlan : public torch::CustomClassHolder {
         std::fill(row + count, row + padded, at::BFloat16(0.f));
       }
       const bool last = b + 1 == job.last_block;
-      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D * 2,
+      LinePrefetch ahead(last ? nullptr : blocks.stored(job.table[b + 1]), last ? 0 : blocks.stored_bytes(job.count(b + 1)),
                          L / 16 * (padded / 32));
       _tile_loadconfig(&weighing);
       amx_values(block, count, D, L, weights.data(), p_stride, groups, job.out, ahead);
@@ -909,7 +985,8 @@ class DecodePlan : public torch::CustomClassHolder {
   }
 
   // attend on VDPBF16PS (bfloat16 cache; see bf16_scores / bf16_values)
-  GLMCODE_BF16 void attend_bf16(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
+  template <typename Blocks>
+  GLMCODE_BF16 void attend_bf16(const AttendJob& job, ThreadState& s, Blocks& blocks) {
     const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, padded = (D + 31) / 32 * 32;
     const int64_t block_size = job.block_size;
     const std::vector<float> scaled = scaled_queries(job.h0, n, s);
@@ -922,7 +999,7 @@ class DecodePlan : public torch::CustomClassHolder {
     std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
     for (int64_t b = job.first_block; b < job.last_block; ++b) {
       const int64_t count = job.count(b);
-      const at::BFloat16* block = cache + job.table[b] * block_size * D;
+      const at::BFloat16* block = blocks.rows(job.table[b], count);
       float* scores = s.attn_scores.data();
       for_head_groups(n, [&](auto heads, int64_t h) {
         bf16_scores<decltype(heads)::value>(queries.data() + h * padded, padded, block, count, D, scores + h * block_size, block_size);

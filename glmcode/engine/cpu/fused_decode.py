@@ -7,10 +7,10 @@ the whole step (all layers, the final norm and lm_head) inside one parallel regi
 
 ``FusedDecoder.for_model`` flattens the model into the plan the C++ side reads: the very
 buffers the modules hold (views, nothing copied but the small norm weights), for int4 / int8
-weights on our VNNI kernels and for bfloat16 weights on a CPU with AVX512_BF16. It returns None
-when the model is not one the plan runs (float32 weights, the aten fallback kernels, an int8
-latent cache...): the LLM then decodes on its modules as before. Prefill always runs on the
-modules, which batch a chunk's tokens through each weight.
+weights on our VNNI kernels and for bfloat16 weights on a CPU with AVX512_BF16, over a bfloat16, float32 or (with AVX512_BF16) int8 latent
+cache. It returns None when the model is not one the plan runs (float32 weights, the aten
+fallback kernels, an fp8 cache...): the LLM then decodes on its modules as before. Prefill
+always runs on the modules, which batch a chunk's tokens through each weight.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from glmcode.engine.config import LATENT_NORM_EPS
 from glmcode.engine.cpu import kernels as cpu_kernels
 from glmcode.engine.cpu.features import has_bf16_dot
+from glmcode.engine.kv_cache import KVCache
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.model.attention import KVBProjection
 from glmcode.engine.model.layers import GatedMLP, Linear
@@ -50,16 +51,16 @@ class FusedDecoder:
         self.plan = torch.classes.glmcode_cpu.DecodePlan(plan.tensors, plan.ints, plan.floats)
 
     @classmethod
-    def for_model(cls, model: GlmMoeLite, kv_data) -> FusedDecoder | None:
-        """The fused decoder for ``model`` over the cache tensor ``kv_data``, or None.
+    def for_model(cls, model: GlmMoeLite, kv_cache: KVCache) -> FusedDecoder | None:
+        """The fused decoder for ``model`` over ``kv_cache``, or None.
 
         ``GLMCODE_FUSED_DECODE=0`` turns it off (to compare against the module path).
         """
         if os.environ.get("GLMCODE_FUSED_DECODE", "1") == "0":
             return None
-        if not isinstance(kv_data, torch.Tensor) or kv_data.device.type != "cpu":
+        if kv_cache.data.device.type != "cpu" or _bits(model.lm_head) is None:
             return None
-        if kv_data.dtype not in (torch.bfloat16, torch.float32) or _bits(model.lm_head) is None:
+        if kv_cache.dtype not in (torch.bfloat16, torch.float32) and not (kv_cache.dtype == torch.int8 and has_bf16_dot()):
             return None
         try:
             return cls(model)
@@ -69,11 +70,15 @@ class FusedDecoder:
             log.warning("fused CPU decode unavailable, decoding op by op: %s", str(exc).splitlines()[0])
             return None
 
-    def logits(self, token_id: int, position: int, block_table: list[int], block_size: int, kv_data: torch.Tensor) -> torch.Tensor:
+    def logits(self, token_id: int, position: int, block_table: list[int], kv_cache: KVCache) -> torch.Tensor:
         """float32 logits [1, vocab] for ``token_id`` at ``position``; writes its latent into
         the cache slot that ``block_table`` gives that position."""
-        table = torch.tensor(block_table[: position // block_size + 1], dtype=torch.long)
-        return self.plan.step(self.embedding[token_id], position, table, block_size, kv_data)[None]
+        table = torch.tensor(block_table[: position // kv_cache.block_size + 1], dtype=torch.long)
+        scales = kv_cache.scales if kv_cache.scales is not None else _NO_SCALES
+        return self.plan.step(self.embedding[token_id], position, table, kv_cache.block_size, kv_cache.data, scales)[None]
+
+
+_NO_SCALES = torch.empty(0)
 
 
 def _bits(module: nn.Module) -> int | None:

@@ -19,11 +19,11 @@ class FusedCpuRunner(ModuleRunner):
     @classmethod
     def for_model(cls, model: GlmMoeLite, kv_cache: KVCache) -> FusedCpuRunner | None:
         """None when the fused plan does not run this model or cache (see FusedDecoder.for_model)."""
-        decoder = FusedDecoder.for_model(model, kv_cache.data)
+        decoder = FusedDecoder.for_model(model, kv_cache)
         return None if decoder is None else cls(model, kv_cache, decoder)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if len(seqs) != 1:  # the plan decodes one sequence; batches share each weight read on the modules
             return super().decode(seqs)
         (seq,) = seqs
-        return self.decoder.logits(seq.token_ids[-1], len(seq) - 1, seq.block_table, self.kv_cache.block_size, self.kv_cache.data)
+        return self.decoder.logits(seq.token_ids[-1], len(seq) - 1, seq.block_table, self.kv_cache)
