@@ -214,27 +214,64 @@ void rope(const float* in, const std::vector<float>& cos, const std::vector<floa
   }
 }
 
+// The next cache block into L2, a few lines per step of this block's work: its reads overlap
+// the work instead of stalling the next block's first tile loads (blocks are pages scattered
+// in memory, which the hardware prefetcher cannot follow).
+struct LinePrefetch {
+  const char* next;
+  int64_t bytes, per_step, done = 0;
+
+  LinePrefetch(const void* block, int64_t block_bytes, int64_t steps)
+      : next(static_cast<const char*>(block)), bytes(block_bytes), per_step((block_bytes / 64 + steps - 1) / steps * 64) {}
+
+  void step() {
+    for (const int64_t end = std::min(bytes, done + per_step); done < end; done += 64) _mm_prefetch(next + done, _MM_HINT_T1);
+  }
+};
+
 // Attention over a bfloat16 cache with VDPBF16PS, which multiplies and sums pairs of bf16: the
 // cache is read as stored, and one instruction does the work of two float FMAs and their
 // conversions. Queries and softmax weights are rounded to bf16 first, as the module path does.
-// Scores: dots[h][t] = q[h] . row[t] over D values (q zero-padded to a multiple of 32).
+// Scores: dots[h][t] = q[h] . row[t] over D values (q zero-padded to a multiple of 32), for T
+// rows at once. KD is D known at compile time (GLM-4.7-Flash's 576), or 0. With KD the chunk
+// loop has a fixed trip count and the compiler keeps all H * T accumulators in registers; two
+// rows then share each query load and twice the dot-product chains are in flight, which measured
+// 1.7x faster on AVX-512 (the instruction's latency bounds one chain per head). With D known
+// only at run time the compiler spills an accumulator array on every chunk, so T stays 1.
+template <int H, int T, int KD>
+GLMCODE_BF16 void bf16_score_rows(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* rows, int64_t runtime_D,
+                                  float* scores, int64_t s_stride) {
+  const int64_t D = KD ? KD : runtime_D, chunks = (D + 31) / 32;
+  const __mmask32 tail = D % 32 ? (1u << (D % 32)) - 1 : 0xFFFFFFFFu;
+  __m512 acc[T][H];
+  for (int k = 0; k < T; ++k)
+    for (int h = 0; h < H; ++h) acc[k][h] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __mmask32 mask = c + 1 == chunks ? tail : 0xFFFFFFFFu;
+    __m512i r[T];
+    for (int k = 0; k < T; ++k) r[k] = _mm512_maskz_loadu_epi16(mask, rows + k * D + c * 32);
+    for (int h = 0; h < H; ++h) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + h * q_stride + c * 32);
+      for (int k = 0; k < T; ++k) acc[k][h] = _mm512_dpbf16_ps(acc[k][h], qv, (__m512bh)r[k]);
+    }
+  }
+  for (int k = 0; k < T; ++k)
+    for (int h = 0; h < H; ++h) scores[h * s_stride + k] = _mm512_reduce_add_ps(acc[k][h]);
+}
+
+constexpr int64_t kModelCacheWidth = 576;  // GLM-4.7-Flash's cached values per token: 512 latent + 64 rope
+
 template <int H>
 GLMCODE_BF16 void bf16_scores(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* block, int64_t count,
                               int64_t D, float* scores, int64_t s_stride) {
-  const int64_t chunks = (D + 31) / 32;
-  const __mmask32 tail = D % 32 ? (1u << (D % 32)) - 1 : 0xFFFFFFFFu;
-  for (int64_t t = 0; t < count; ++t) {
-    const at::BFloat16* row = block + t * D;
-    __m512 acc[H];
-    for (int h = 0; h < H; ++h) acc[h] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __mmask32 mask = c + 1 == chunks ? tail : 0xFFFFFFFFu;
-      const __m512i r = _mm512_maskz_loadu_epi16(mask, row + c * 32);
-      for (int h = 0; h < H; ++h)
-        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_loadu_si512(q + h * q_stride + c * 32), (__m512bh)r);
-    }
-    for (int h = 0; h < H; ++h) scores[h * s_stride + t] = _mm512_reduce_add_ps(acc[h]);
+  int64_t t = 0;
+  if (D == kModelCacheWidth) {
+    constexpr int kRows = H <= 4 ? 4 : 2;  // up to 16 accumulators
+    for (; t + kRows <= count; t += kRows)
+      bf16_score_rows<H, kRows, kModelCacheWidth>(q, q_stride, block + t * D, D, scores + t, s_stride);
+    for (; t < count; ++t) bf16_score_rows<H, 1, kModelCacheWidth>(q, q_stride, block + t * D, D, scores + t, s_stride);
   }
+  for (; t < count; ++t) bf16_score_rows<H, 1, 0>(q, q_stride, block + t * D, D, scores + t, s_stride);
 }
 
 // out[h] += sum_t p[h][t] * latent[t][:L] for H heads, tokens in pairs: two cache rows
@@ -242,8 +279,9 @@ GLMCODE_BF16 void bf16_scores(const at::BFloat16* q, int64_t q_stride, const at:
 // the output dims within each 128-bit lane; `out` keeps that order (see unpermute).
 template <int H>
 GLMCODE_BF16 void bf16_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, const at::BFloat16* p,
-                              int64_t p_stride, float* out) {
+                              int64_t p_stride, float* out, LinePrefetch& ahead) {
   for (int64_t i = 0; i < L; i += 32) {
+    ahead.step();
     __m512 lo_acc[H], hi_acc[H];
     for (int h = 0; h < H; ++h) {
       lo_acc[h] = _mm512_loadu_ps(out + h * L + i);
@@ -361,21 +399,6 @@ GLMCODE_AMX void amx_scores(const at::BFloat16* block, int64_t count, int64_t D,
     }
   }
 }
-
-// The next cache block into L2, a few lines per step of this block's work: its reads overlap
-// the work instead of stalling the next block's first tile loads (blocks are pages scattered
-// in memory, which the hardware prefetcher cannot follow).
-struct LinePrefetch {
-  const char* next;
-  int64_t bytes, per_step, done = 0;
-
-  LinePrefetch(const void* block, int64_t block_bytes, int64_t steps)
-      : next(static_cast<const char*>(block)), bytes(block_bytes), per_step((block_bytes / 64 + steps - 1) / steps * 64) {}
-
-  void step() {
-    for (const int64_t end = std::min(bytes, done + per_step); done < end; done += 64) _mm_prefetch(next + done, _MM_HINT_T1);
-  }
-};
 
 // Attention reads cache blocks through one of these. Bf16Blocks: the bfloat16 cache as stored.
 // Int8Blocks: an int8 block (two scales per token, see quant/latent_cache.py) dequantized into a
@@ -1009,8 +1032,11 @@ class DecodePlan : public torch::CustomClassHolder {
         to_bf16(scores + h * block_size, count, weights.data() + h * p_stride);
         weights[h * p_stride + count] = at::BFloat16(0.f);
       }
+      const bool last = b + 1 == job.last_block;
+      LinePrefetch ahead(last ? nullptr : blocks.stored(job.table[b + 1]), last ? 0 : blocks.stored_bytes(job.count(b + 1)),
+                         L / 32 * ((n + kHeads - 1) / kHeads));
       for_head_groups(n, [&](auto heads, int64_t h) {
-        bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L);
+        bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L, ahead);
       });
     }
     for (int64_t h = 0; h < n; ++h) unpermute(out + h * L, L);  // linear: fine before normalizing
