@@ -103,6 +103,7 @@ def load_engine(settings: Settings, show_progress: bool, **engine_options: Any) 
             dtype=settings.dtype,
             quantization=settings.quantization,
             kv_cache_memory=settings.kv_cache_memory,
+            kv_cache_dtype=settings.kv_cache_dtype,
             disk_cache_dir=settings.kv_cache_path(),
             disk_cache_budget=settings.kv_cache_disk_budget,
             weights_cache_dir=settings.weights_cache_path(),

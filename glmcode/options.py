@@ -14,6 +14,9 @@ INT4_ALL = "int4-all"  # int4 everywhere: fewer bytes per token, the fastest dec
 INT8 = "int8"  # int8 everywhere
 QUANTIZATIONS = (INT4, INT4_ALL, INT8)
 
+# Latent KV cache storage other than the model dtype (setting `kv_cache_dtype`): int8 (CPU), fp8 (CUDA).
+KV_CACHE_DTYPES = ("int8", "fp8")
+
 # Floating-point weight types (`--dtype`).
 DTYPES = ("float32", "bfloat16", "float16")
 

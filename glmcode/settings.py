@@ -22,7 +22,7 @@ from typing import Any
 from glmcode.errors import UsageError
 from glmcode.mcp.config import McpServerConfig, merge_server_tables, parse_servers
 from glmcode.options import (
-    APPROVAL_MODES, DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode,
+    APPROVAL_MODES, DTYPES, KV_CACHE_DTYPES, QUANTIZATIONS, REMOTE_PRESETS, SANDBOX_MODES, SANDBOX_OFF, ApprovalMode,
 )
 
 # The environment variables that hold glmcode's API keys (read by the remote backend).
@@ -70,6 +70,7 @@ class Settings:
     dtype: str | None = None
     quantization: str | None = None
     kv_cache_memory: int | None = None
+    kv_cache_dtype: str | None = None
     disk_cache: bool = True
     attach_server: bool = True
     kv_cache_dir: str | None = None
@@ -260,6 +261,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "dtype": _choice(DTYPES, optional=True),
     "quantization": _choice(QUANTIZATIONS, optional=True),
     "kv_cache_memory": _memory_size,
+    "kv_cache_dtype": _choice(KV_CACHE_DTYPES, optional=True),
     "disk_cache": _bool,
     "attach_server": _bool,
     "kv_cache_dir": _path,

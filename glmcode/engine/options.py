@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from glmcode.errors import UsageError
-
-KV_CACHE_DTYPES = ("int8", "fp8")
+from glmcode.options import KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)

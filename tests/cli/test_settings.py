@@ -61,6 +61,7 @@ def test_xdg_config_home_is_respected_and_home_config_is_the_fallback(tmp_path: 
         ("max_turns = 0", "'max_turns'"),
         ("temperature = 3.5", "'temperature'"),
         ('kv_cache_memory = "lots"', "'kv_cache_memory'"),
+        ('kv_cache_dtype = "int4"', "'kv_cache_dtype'"),
         ('remote = "ftp://x"', "'remote'"),
         ("allow_commands = 5", "'allow_commands'"),
         ("colour = true", "unknown setting 'colour'"),
@@ -84,8 +85,8 @@ def test_invalid_environment_and_flag_values_name_their_source(tmp_path: Path) -
 def test_values_are_parsed_into_their_types(tmp_path: Path) -> None:
     _user_config(tmp_path, 'kv_cache_memory = "8GiB"\ncontext_tokens = 65536\nquantization = "none"\n'
                            'model = "~/models/glm"\nremote = "http://127.0.0.1:8000/v1"\n')
-    settings = load_settings(tmp_path, {}, env=_env(tmp_path, GLMCODE_THINKING="off"))
-    assert settings.kv_cache_memory == 8 * 2**30
+    settings = load_settings(tmp_path, {}, env=_env(tmp_path, GLMCODE_THINKING="off", GLMCODE_KV_CACHE_DTYPE="int8"))
+    assert settings.kv_cache_memory == 8 * 2**30 and settings.kv_cache_dtype == "int8"
     assert settings.context_tokens == 65536 and settings.quantization is None
     assert settings.model == str(Path("~/models/glm").expanduser())
     assert settings.remote == "http://127.0.0.1:8000/v1" and settings.thinking is False
