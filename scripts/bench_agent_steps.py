@@ -55,6 +55,7 @@ def write_checkpoint(config: str, out: Path) -> Path:
 
 
 def make_llm(args, scratch: Path, prefix_cache: bool) -> LLM:
+    print(f"loading the {args.config} model (prefix cache {'on' if prefix_cache else 'off'})…", file=sys.stderr, flush=True)
     if args.quantization:
         quant = _script("bench_cpu_quant")
         layers = {"full": 47, "small": 4, "tiny": 1}[args.config]
@@ -129,8 +130,13 @@ def measure(llm: LLM, prefix_cache: bool, context: int, every_tool: bool, repeat
     llm.generate(llm.tokenizer.encode("warm up " * 8), SamplingParams(max_tokens=2))  # one-time costs
     backend = LocalBackend(llm)
     specs = [tool.spec() for tool in all_tools() if every_tool or tool.name in CORE_TOOLS]
-    pairs = [two_steps(llm, backend, specs, context, f"/repo{number}", output_tokens) for number in range(repeats)]
+    pairs = []
+    for number in range(repeats):
+        print(f"conversation {number + 1}/{repeats}: two steps…", file=sys.stderr, flush=True)
+        pairs.append(two_steps(llm, backend, specs, context, f"/repo{number}", output_tokens))
     first, second = (sorted(steps, key=lambda s: s["ttft_s"])[len(steps) // 2] for steps in zip(*pairs))
+    for median, steps in zip((first, second), zip(*pairs)):
+        median["ttft_range_s"] = [min(s["ttft_s"] for s in steps), max(s["ttft_s"] for s in steps)]
     ratio = round(second["ttft_s"] / first["ttft_s"], 4)
     return {"prefix_cache": prefix_cache, "step1": first, "step2": second, "ratio": ratio}
 
@@ -160,13 +166,14 @@ def main() -> None:
     report = {"config": args.model_dir and str(args.model_dir) or args.config, "quantization": args.quantization,
               "threads": args.threads, "load_average": os.getloadavg(), "runs": runs}  # fmt: skip
     print(json.dumps(report, indent=2))
-    columns = ("step1 tokens", "step1 TTFT s", "step2 tokens", "cached", "step2 TTFT s", "step2/step1")
-    print("\n" + f"{'prefix cache':<13}" + "".join(f"{c:>13}" for c in columns))
+    columns = ("step1 tokens", "step1 TTFT s", "step2 tokens", "cached", "step2 TTFT s", "step2 range s", "step2/step1")
+    print("\n" + f"{'prefix cache':<13}" + "".join(f"{c:>{14 if 'range' in c else 13}}" for c in columns))
     for run in runs:
         one, two = run["step1"], run["step2"]
         print(
             f"{'on' if run['prefix_cache'] else 'off':<13}{one['prompt_tokens']:>13}{one['ttft_s']:>13.3f}"
-            f"{two['prompt_tokens']:>13}{two['cached_tokens']:>13}{two['ttft_s']:>13.3f}{run['ratio']:>13.1%}"
+            f"{two['prompt_tokens']:>13}{two['cached_tokens']:>13}{two['ttft_s']:>13.3f}"
+            f"{'{:.2f}-{:.2f}'.format(*two['ttft_range_s']):>14}{run['ratio']:>13.1%}"
         )
 
 
