@@ -167,13 +167,13 @@ def main() -> None:
               "threads": args.threads, "load_average": os.getloadavg(), "runs": runs}  # fmt: skip
     print(json.dumps(report, indent=2))
     columns = ("step1 tokens", "step1 TTFT s", "step2 tokens", "cached", "step2 TTFT s", "step2 range s", "step2/step1")
-    print("\n" + f"{'prefix cache':<13}" + "".join(f"{c:>{14 if 'range' in c else 13}}" for c in columns))
+    print("\n" + f"{'prefix cache':<13}" + "".join(f"{c:>14}" for c in columns))
     for run in runs:
         one, two = run["step1"], run["step2"]
         print(
-            f"{'on' if run['prefix_cache'] else 'off':<13}{one['prompt_tokens']:>13}{one['ttft_s']:>13.3f}"
-            f"{two['prompt_tokens']:>13}{two['cached_tokens']:>13}{two['ttft_s']:>13.3f}"
-            f"{'{:.2f}-{:.2f}'.format(*two['ttft_range_s']):>14}{run['ratio']:>13.1%}"
+            f"{'on' if run['prefix_cache'] else 'off':<13}{one['prompt_tokens']:>14}{one['ttft_s']:>14.3f}"
+            f"{two['prompt_tokens']:>14}{two['cached_tokens']:>14}{two['ttft_s']:>14.3f}"
+            f"{'%.2f-%.2f' % tuple(two['ttft_range_s']):>14}{run['ratio']:>14.1%}"
         )
 
 
