@@ -52,14 +52,16 @@ class ModuleRunner:
         self.max_score_elements = MAX_SCORE_ELEMENTS
 
     def prefill(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        batch = SpanBatch(
+        return self.model(self._tensor(seq.token_ids[start:end]), self.prefill_batch(seq, start, end), self.kv_cache)
+
+    def prefill_batch(self, seq: Sequence, start: int, end: int) -> SpanBatch:
+        return SpanBatch(
             positions=torch.arange(start, end, device=self.device),
             write_slots=self._tensor(self.kv_cache.slots(seq, start, end)),
             sequences=[SequenceSlice(slice(0, end - start), start, self.kv_cache.spans(seq, end))],
             expanded=expanded_is_cheaper(self.model.config, end - start, end),
             max_score_elements=self.max_score_elements,
         )
-        return self.model(self._tensor(seq.token_ids[start:end]), batch, self.kv_cache)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         batch = SpanBatch(

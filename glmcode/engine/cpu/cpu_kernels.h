@@ -74,6 +74,19 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// All eight tile registers as 16 rows of 64 bytes (the shape of every tile product in the
+// many-row kernels), and their release.
+__attribute__((target("amx-tile"))) inline void configure_square_tiles() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.bytes_per_row[i] = 64;
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes: without this barrier the stores
+  // above are dropped as dead.
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+__attribute__((target("amx-tile"))) inline void release_tiles() { _tile_release(); }
+
 // Which AMX units this CPU has that the kernel lets this process use (the tile registers must
 // be requested once per process).
 struct AmxSupport {

@@ -81,17 +81,6 @@ struct Scratch {
   alignas(64) float acc[4][kTile * kTile];
 };
 
-GLMCODE_AMX_INT8 void configure_tiles() {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.bytes_per_row[i] = 64;
-  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes: without this barrier the stores
-  // above are dropped as dead.
-  asm volatile("" : : "r"(&config) : "memory");
-  _tile_loadconfig(&config);
-}
-
-GLMCODE_AMX_INT8 void release_tiles() { _tile_release(); }
-
 // The per-group scales of the int4 panel of tiles [t, t + n) as floats: s and z - 8 s.
 GLMCODE_AMX_INT8 void panel_scales(const Weights& w, int64_t t, int n, Scratch& s) {
   const int64_t G = w.groups();
@@ -344,7 +333,7 @@ void run_jobs(const std::vector<Job>& jobs, bool amx, Fn fn) {
   for (int64_t s = 0; s < shares; ++s) next[s].store(bounds[s], std::memory_order_relaxed);
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch scratch;
-    if (amx) configure_tiles();
+    if (amx) configure_square_tiles();
     for (int64_t own = begin; own < end; ++own)
       for (int64_t k = 0; k < shares; ++k) {
         const int64_t owner = (own + k) % shares;

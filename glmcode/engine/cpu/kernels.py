@@ -3,7 +3,8 @@
 Products of many rows (a prefill chunk, a chunk's routed experts grouped by expert) run on AMX-INT8
 tiles where the CPU has them (cpu_prefill.cpp), over the same packed weights. The same extension
 holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py) and the kernels of the
-model's elementwise ops (cpu_ops.cpp: norms, rope, silu, the prefill softmax; see engine/ops.py);
+model's elementwise ops (cpu_ops.cpp: norms, rope, silu, the prefill softmax; see engine/ops.py)
+and a prefill chunk's attention on AMX-BF16 tiles (cpu_attention.cpp);
 all build on the kernels of cpu_kernels.h.
 
 The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
@@ -22,14 +23,18 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from glmcode.engine.cpu.features import has_vnni
 
+if TYPE_CHECKING:
+    from glmcode.engine.kv_cache import LayerCache
+
 TILE = 16
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp", "cpu_ops.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp")]
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
@@ -121,6 +126,23 @@ def int4_linear(x: torch.Tensor, packed, scales, zeros, group: int) -> torch.Ten
 
 def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tensor:
     return ops().int8_linear(x, packed, scales, sums, group)
+
+
+def latent_attention_available() -> bool:
+    """Whether a prefill chunk's absorbed attention can run on AMX-BF16 tiles here (cpu_attention.cpp)."""
+    return available() and ops().latent_attention_available()
+
+
+def latent_attention(queries: torch.Tensor, limits: torch.Tensor, cache: LayerCache, context_slots: torch.Tensor) -> torch.Tensor:
+    """Absorbed attention of query rows over cached latents, on AMX-BF16 tiles.
+
+    queries [R, L + R'] bf16, scaled (latent part already multiplied by W_UK, then the roped
+    part); limits [R] int64: row r attends the context positions 0..limits[r]; context_slots
+    [S] int64: the cache slot of each position. Returns [R, L] float32, the softmax-weighted
+    latents (the SpanBatch contract, computed in one pass without a score matrix).
+    """
+    queries = queries.to(torch.bfloat16).contiguous()
+    return ops().latent_attention(queries, limits, cache.flat, cache.scales, context_slots, cache.split)
 
 
 def activation_group(in_features: int) -> int:

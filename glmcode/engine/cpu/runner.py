@@ -1,12 +1,17 @@
-"""The CPU fast path as a runner: prefill on the modules, a batch-1 decode step as one C++ call."""
+"""The CPU fast path as a runner: prefill on the modules (its attention on AMX-BF16 tiles where the
+CPU has them), a batch-1 decode step as one C++ call."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from glmcode.engine.cpu import kernels
 from glmcode.engine.cpu.fused_decode import FusedDecoder
 from glmcode.engine.kv_cache import KVCache
 from glmcode.engine.model import GlmMoeLite
+from glmcode.engine.model.attention import SpanBatch
 from glmcode.engine.runner import ModuleRunner
 from glmcode.engine.sequence import Sequence
 
@@ -15,12 +20,25 @@ class FusedCpuRunner(ModuleRunner):
     def __init__(self, model: GlmMoeLite, kv_cache: KVCache, decoder: FusedDecoder):
         super().__init__(model, kv_cache)
         self.decoder = decoder
+        config = model.config
+        # the tiles take 32 values at a time, from a bf16 cache or an int8 one dequantized on the way
+        self.tile_shaped_cache = (
+            kv_cache.dtype in (torch.bfloat16, torch.int8) and config.kv_cache_dim % 32 == 0 and config.kv_lora_rank % 32 == 0
+        )
 
     @classmethod
     def for_model(cls, model: GlmMoeLite, kv_cache: KVCache) -> FusedCpuRunner | None:
         """None when the fused plan does not run this model or cache (see FusedDecoder.for_model)."""
         decoder = FusedDecoder.for_model(model, kv_cache)
         return None if decoder is None else cls(model, kv_cache, decoder)
+
+    def prefill_batch(self, seq: Sequence, start: int, end: int) -> SpanBatch:
+        """On AMX-BF16, the absorbed form in one kernel call at every depth: without a score
+        matrix it is faster than expanding the keys even for a chunk from an empty cache."""
+        batch = super().prefill_batch(seq, start, end)
+        if not self.tile_shaped_cache or not kernels.latent_attention_available():
+            return batch
+        return dataclasses.replace(batch, expanded=False, latent_attention=kernels.latent_attention)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if len(seqs) != 1:  # the plan decodes one sequence; batches share each weight read on the modules

@@ -178,6 +178,10 @@ class SpanBatch:
     sequences: list[SequenceSlice]
     expanded: bool = False
     max_score_elements: int = 1 << 26
+    # The absorbed form's softmax-weighted latents in one kernel call instead of piece by piece:
+    # (queries [R, L + R'] scaled, limits [R], cache, context slots [S]) -> [R, L] float32, where
+    # row r attends positions 0..limits[r] (cpu.kernels.latent_attention). Used for many rows.
+    latent_attention: Callable[[torch.Tensor, torch.Tensor, LayerCache, torch.Tensor], torch.Tensor] | None = None
 
     def attend(self, attn: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         form = self._expanded if self.expanded else self._absorbed
@@ -219,6 +223,11 @@ class SpanBatch:
         out_latent = torch.empty_like(queries[..., : attn.latent_dim])
         for seq in self.sequences:
             seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
+            if many and self.latent_attention is not None:
+                out = self.latent_attention(seq_queries.contiguous(), _causal_limits(seq, attn.num_heads), cache,
+                                            _context_slots(seq.spans))  # fmt: skip
+                out_latent[:, seq.rows] = out.view(attn.num_heads, -1, attn.latent_dim).to(out_latent.dtype)
+                continue
 
             def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 if many:
@@ -258,6 +267,17 @@ class SpanBatch:
             return outputs[0]
         shares = torch.softmax(torch.stack(log_masses), dim=0)  # [pieces, N, t, 1]
         return sum(share * out.float() for share, out in zip(shares, outputs))
+
+
+def _causal_limits(seq: SequenceSlice, num_heads: int) -> torch.Tensor:
+    """The last position each query row [N * t] (head-major) attends: its own."""
+    tokens = seq.rows.stop - seq.rows.start
+    return torch.arange(seq.first_position, seq.first_position + tokens).repeat(num_heads)
+
+
+def _context_slots(spans: list[KVSpan]) -> torch.Tensor:
+    """The cache slot of every context position, in order."""
+    return torch.cat([torch.arange(span.slot, span.slot + span.length) for span in spans])
 
 
 def _pieces(kv_cache: LayerCache, spans: list[KVSpan], max_tokens: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -1,0 +1,140 @@
+"""A prefill chunk's attention on AMX-BF16 tiles (cpu_attention.cpp): the kernel against a float32
+reference, and the fused runner's prefill that uses it against the module path.
+
+The kernel only runs where the CPU has AMX-BF16; elsewhere (and with the AMX products turned off,
+which these tests also do) the runner keeps the torch form, so both paths are checked here.
+"""
+
+import pytest
+import torch
+
+from glmcode.engine import LLM, SamplingParams
+from glmcode.engine.cpu import kernels as cpu_kernels
+from glmcode.engine.kv_cache import LayerCache
+from glmcode.engine.quant.latent_cache import dequantize_latent, quantize_latent
+from glmcode.engine.runner import ModuleRunner
+from tests.conftest import load_tiny_checkpoint_writer
+from tests.engine.stepping import new_sequence
+
+pytestmark = pytest.mark.skipif(
+    not cpu_kernels.available() or not cpu_kernels.latent_attention_available(),
+    reason="needs AMX-BF16 (and our CPU kernels)",
+)
+
+
+def reference(queries: torch.Tensor, limits: torch.Tensor, rows: torch.Tensor, latent: int) -> torch.Tensor:
+    scores = queries.float() @ rows.float().T
+    masked = scores.masked_fill(torch.arange(rows.shape[0])[None, :] > limits[:, None], float("-inf"))
+    return torch.softmax(masked, -1) @ rows[:, :latent].float()
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+# (query rows, context, cached values per token, latent part): rows and context not multiples of
+# the 32-row blocks, the 16-key tiles or the 256-key pieces; several pieces and row groups; the
+# real 576 / 512 and a small 96 / 64.
+SHAPES = [(40, 37, 576, 512), (700, 1000, 576, 512), (130, 300, 96, 64)]
+
+
+@pytest.mark.parametrize("rows, context, width, latent", SHAPES)
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mask", ["causal", "random"])
+def test_the_kernel_matches_a_float_reference(rows, context, width, latent, storage, mask):
+    torch.manual_seed(0)
+    slots = (context + 40) // 16 * 16 + 16
+    values = torch.randn(slots, width)
+    if storage == "int8":
+        flat, scales = quantize_latent(values, latent)
+        values = dequantize_latent(flat, scales, latent).bfloat16().float()  # rounded once, as the kernel reads it
+    else:
+        flat, scales = values.bfloat16(), None
+        values = flat.float()
+    cache = LayerCache(flat, scales, 16, torch.bfloat16, latent)
+    context_slots = torch.randperm(slots)[:context]  # scattered, in no order
+    queries = (torch.randn(rows, width) * 3 * width**-0.5).bfloat16()
+    if mask == "causal":  # a chunk's last tokens over the context, head-major rows of 4 heads
+        tokens = -(-rows // 4)
+        limits = (context - tokens + torch.arange(tokens)).repeat(4)[:rows]
+    else:
+        limits = torch.randint(0, context, (rows,))
+    got = cpu_kernels.latent_attention(queries, limits, cache, context_slots)
+    assert got.shape == (rows, latent) and got.dtype == torch.float32
+    # probabilities are rounded to bfloat16 before they weight the latents
+    assert relative_error(got, reference(queries, limits, values[context_slots], latent)) < 3e-3
+
+
+def test_a_limit_outside_the_context_is_refused():
+    cache = LayerCache(torch.zeros(32, 96, dtype=torch.bfloat16), None, 16, torch.bfloat16, 64)
+    queries = torch.zeros(4, 96, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside the context"):
+        cpu_kernels.latent_attention(queries, torch.tensor([0, 1, 2, 20]), cache, torch.arange(20))
+
+
+@pytest.fixture(scope="module")
+def tile_shaped(tmp_path_factory):
+    """A tiny checkpoint with 96 cached values per token (a multiple of 32, as the tiles need)."""
+    return load_tiny_checkpoint_writer().make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tile-shaped"), kv_lora_rank=64, qk_rope_head_dim=32
+    )
+
+
+PROMPT = [5 + (7 * i) % 150 for i in range(200)]
+CHUNK = 48  # 200 tokens in five chunks, the later ones at up to 192 tokens of depth
+
+
+@torch.inference_mode()
+def chunked_prefill_logits(llm: LLM, runner) -> torch.Tensor:
+    """Logits of every prompt position, prefilled CHUNK tokens at a time: [len(PROMPT), vocab]."""
+    seq = new_sequence(PROMPT)
+    assert llm.blocks.allocate(seq, use_prefix_cache=False)
+    rows = []
+    for start in range(0, len(PROMPT), CHUNK):
+        end = min(len(PROMPT), start + CHUNK)
+        rows.append(runner.logits(runner.prefill(seq, start, end)))
+    llm.blocks.free_sequence(seq)
+    return torch.cat(rows)
+
+
+def attends_on_amx(llm: LLM) -> bool:
+    """Whether the runner's prefill batches carry the AMX attention."""
+    seq = new_sequence(PROMPT)
+    assert llm.blocks.allocate(seq, use_prefix_cache=False)
+    try:
+        return llm.runner.prefill_batch(seq, 0, CHUNK).latent_attention is not None
+    finally:
+        llm.blocks.free_sequence(seq)
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.cosine_similarity(a, b, dim=-1).mean().item()
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
+def test_the_fused_prefill_is_as_close_to_float32_as_the_modules(tile_shaped, kv_cache_dtype):
+    options = {"block_size": 16, "prefill_chunk_tokens": CHUNK, "enable_prefix_caching": False, "progress": False}
+    expected = chunked_prefill_logits(fp32 := LLM(tile_shaped, dtype="float32", **options), fp32.runner)
+    llm = LLM(tile_shaped, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, **options)
+    assert attends_on_amx(llm)
+    amx = chunked_prefill_logits(llm, llm.runner)
+    with cpu_kernels.amx_products(False):  # the fallback: the modules' own attention
+        assert not attends_on_amx(llm)
+        fallback = chunked_prefill_logits(llm, llm.runner)
+    modules = chunked_prefill_logits(llm, ModuleRunner(llm.model, llm.kv_cache))
+    torch.testing.assert_close(fallback, modules, rtol=0, atol=0)
+    # a bf16 model of random weights is far from float32 at a few positions: compare on average
+    assert similarity(amx, expected) > 0.995
+    assert similarity(amx, expected) >= similarity(modules, expected) - 1e-3
+    assert (amx.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def test_greedy_generation_after_a_chunked_prefill_is_the_same_with_and_without_amx(tile_shaped):
+    llm = LLM(tile_shaped, dtype="bfloat16", block_size=16, prefill_chunk_tokens=CHUNK, enable_prefix_caching=False,
+              progress=False)  # fmt: skip
+    params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
+    amx = llm.generate(PROMPT, params).token_ids
+    with cpu_kernels.amx_products(False):
+        fallback = llm.generate(PROMPT, params).token_ids
+    assert len(amx) == 48
+    assert amx == fallback
