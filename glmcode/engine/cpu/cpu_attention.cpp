@@ -10,7 +10,7 @@
 //   transposed in 32-bit pairs (16 keys x 32 values per tile) and the latents as pairs of
 //   consecutive keys (32 keys x 16 values per tile). An int8 cache is dequantized on the way.
 // - Each thread takes groups of 4 blocks of 32 query rows. A group walks the keys in pieces of
-//   256 (packed, ~560 KB: they stay in L2 while the group's four blocks use them): scores of a
+//   512 (packed, ~1.1 MB: they stay in L2 while the group's four blocks use them): scores of a
 //   block (2 x 2 tiles at a time), an online softmax in float32 (running max and mass per row),
 //   then the block's output [32 x 512] float32 += probabilities (bf16) x latents.
 // - Row r attends the context positions 0..limits[r]: the causal mask of a chunk whose rows are
@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t kBlockRows = 32;   // query rows per block: two A tiles
 constexpr int64_t kGroupBlocks = 4;  // blocks that share each piece of keys while it is in L2
-constexpr int64_t kPiece = 256;      // keys per softmax step
+constexpr int64_t kPiece = 512;      // keys per softmax step
 constexpr int64_t kKeyTile = 16;     // keys per B tile of the scores
 constexpr int64_t kPairTile = 32;    // keys per B tile of the values
 
@@ -112,8 +112,8 @@ GLMCODE_AMX_BF16 void pack_context(const CacheRows& cache, const int64_t* slots,
 struct GroupState {
   std::vector<float> out;            // [group rows][L] float32, unnormalized
   std::vector<float> max, mass;      // running max score and softmax mass per row
-  alignas(64) float scores[kBlockRows * kPiece];
-  alignas(64) at::BFloat16 probs[kBlockRows * kPiece];
+  std::vector<float> scores = std::vector<float>(kBlockRows * kPiece);
+  std::vector<at::BFloat16> probs = std::vector<at::BFloat16>(kBlockRows * kPiece);
 };
 
 // scores[32][count] = q[32 rows] . keys[first, first + count) (count a multiple of 32).
@@ -212,13 +212,13 @@ GLMCODE_AMX_BF16 void attend_group(const at::BFloat16* q, const int64_t* limits,
     for (int64_t b = 0; b < blocks; ++b) {
       if (block_last[b] < first) continue;
       const int64_t count = round_up(std::min(kPiece, block_last[b] + 1 - first), kPairTile);
-      block_scores(q + b * kBlockRows * D, D, ctx, first, count, s.scores);
+      block_scores(q + b * kBlockRows * D, D, ctx, first, count, s.scores.data());
       for (int64_t i = 0; i < kBlockRows; ++i) {
         const int64_t r = b * kBlockRows + i;
-        softmax_step(s.scores + i * kPiece, std::min(count, limits[r] + 1 - first), count, s.max[r], s.mass[r],
-                     s.out.data() + r * L, L, s.probs + i * kPiece);
+        softmax_step(s.scores.data() + i * kPiece, std::min(count, limits[r] + 1 - first), count, s.max[r], s.mass[r],
+                     s.out.data() + r * L, L, s.probs.data() + i * kPiece);
       }
-      block_values(s.probs, ctx, first, count, s.out.data() + b * kBlockRows * L);
+      block_values(s.probs.data(), ctx, first, count, s.out.data() + b * kBlockRows * L);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
