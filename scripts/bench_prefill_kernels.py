@@ -1,10 +1,13 @@
-"""The prefill products at GLM-4.7-Flash's real shapes: AMX-INT8 against the paths it replaces.
+"""The prefill products at GLM-4.7-Flash's real shapes: AMX against the paths it replaces.
 
 Each product of a 512-token chunk runs on glmcode's AMX tiles, on its VNNI kernels (AMX turned
 off: what a CPU without AMX gets), on aten's int4 packed op (the fallback without our kernels),
 and as a bfloat16 F.linear of the dequantized weight (oneDNN, itself on AMX-BF16 here: the speed
 of a full bf16 copy of the weights, which the 24 GB machine cannot hold). The routed experts run
-as one grouped call (64 experts, 4 per token). Random weights; paths take turns, call by call.
+as one grouped call (64 experts, 4 per token). A chunk's attention (20 heads, absorbed, over 0 and
+4096 cached tokens) runs in one AMX-BF16 pass (cpu_attention.cpp) and as torch computes it piece
+by piece (bf16 matmuls around a score matrix: the path without AMX), each as a whole
+SpanBatch.attend. Random weights; paths take turns, call by call.
 Prints medians and ranges (ms) and the speedup of AMX over each other path, and JSON.
 
     python scripts/bench_prefill_kernels.py [--tokens 512] [--calls 7] [--threads 2]
@@ -24,8 +27,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cpu_quant import FULL_CONFIG  # noqa: E402
+
+from glmcode.engine.config import ModelConfig  # noqa: E402
 from glmcode.engine.cpu import kernels as cpu_kernels  # noqa: E402
+from glmcode.engine.kv_cache import KVSpan, LayerCache  # noqa: E402
+from glmcode.engine.model.attention import MLAttention, SequenceSlice, SpanBatch  # noqa: E402
 from glmcode.engine.quant import linear  # noqa: E402
 from glmcode.engine.quant.experts import StackedInt4Experts  # noqa: E402
 from glmcode.engine.quant.formats import Int4Weight, dequantize_int4  # noqa: E402
@@ -74,6 +83,33 @@ def paths_for(name: str, weight: Int4Weight, x: torch.Tensor) -> dict:
     return paths
 
 
+def attention_paths(tokens: int, depth: int, gen: torch.Generator) -> tuple[int, dict]:
+    """(multiply-adds x 2, paths) of a chunk's attention over `depth` cached tokens."""
+    config = ModelConfig.from_dict(FULL_CONFIG)
+    attn = MLAttention(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in attn.kv_b_proj.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * param.shape[-1] ** -0.5)
+    heads, context = config.num_attention_heads, depth + tokens
+    cache = LayerCache(torch.randn(context, config.kv_cache_dim, generator=gen).to(torch.bfloat16), None, 16, torch.bfloat16,
+                       config.kv_lora_rank)  # fmt: skip
+    q_nope = torch.randn(tokens, heads, config.qk_nope_head_dim, generator=gen).to(torch.bfloat16)
+    q_pe = torch.randn(tokens, heads, config.qk_rope_head_dim, generator=gen).to(torch.bfloat16)
+
+    def attend(latent_attention) -> torch.Tensor:
+        batch = SpanBatch(positions=torch.arange(depth, context), write_slots=torch.arange(depth, context),
+                          sequences=[SequenceSlice(slice(0, tokens), depth, [KVSpan(0, context)])],
+                          latent_attention=latent_attention)  # fmt: skip
+        return batch.attend(attn, q_nope, q_pe, cache)
+
+    paths = {}
+    if cpu_kernels.latent_attention_available():
+        paths["amx"] = lambda: attend(cpu_kernels.latent_attention)
+    paths["torch bf16"] = lambda: attend(None)
+    pairs = heads * tokens * (depth + (tokens + 1) / 2)  # causal
+    return int(2 * pairs * (config.kv_cache_dim + config.kv_lora_rank)), paths
+
+
 def _with_amx(enabled: bool, fn):
     with cpu_kernels.amx_products(enabled):
         return fn()
@@ -105,6 +141,8 @@ def main() -> None:
     if cpu_kernels.amx_available():
         expert_paths = {"amx": lambda: _with_amx(True, lambda: experts(xe, ids, route))} | expert_paths
     cases.append(("routed experts (grouped)", 2 * args.tokens * TOP_K * 3 * HIDDEN * INTER, expert_paths))
+    for depth in (0, 4096):
+        cases.append((f"attention @ {depth}", *attention_paths(args.tokens, depth, gen)))
 
     print(f"{'product':<26}{'path':<15}{'median ms':>11}{'range ms':>17}{'GOP/s':>8}{'amx speedup':>13}")
     for name, ops, paths in cases:

@@ -11,6 +11,7 @@ import torch
 from glmcode.engine import LLM, SamplingParams
 from glmcode.engine.cpu import kernels as cpu_kernels
 from glmcode.engine.kv_cache import LayerCache
+from glmcode.engine.model.attention import EXPANDED_MAX_CONTEXT
 from glmcode.engine.quant.latent_cache import dequantize_latent, quantize_latent
 from glmcode.engine.runner import ModuleRunner
 from tests.conftest import load_tiny_checkpoint_writer
@@ -80,8 +81,11 @@ def tile_shaped(tmp_path_factory):
     )
 
 
-PROMPT = [5 + (7 * i) % 150 for i in range(200)]
-CHUNK = 48  # 200 tokens in five chunks, the later ones at up to 192 tokens of depth
+# Chunks over contexts of up to EXPANDED_MAX_CONTEXT tokens take the expanded form (on torch);
+# the chunks after it the absorbed form, which the kernel computes: five of them, up to 2,240
+# tokens deep.
+CHUNK = 48
+PROMPT = [5 + (7 * i) % 150 for i in range(EXPANDED_MAX_CONTEXT + 5 * CHUNK)]
 
 
 @torch.inference_mode()
@@ -98,11 +102,13 @@ def chunked_prefill_logits(llm: LLM, runner) -> torch.Tensor:
 
 
 def attends_on_amx(llm: LLM) -> bool:
-    """Whether the runner's prefill batches carry the AMX attention."""
+    """Whether the runner's prefill batch of the last chunk carries the AMX attention (the
+    first, over a short context, never does)."""
     seq = new_sequence(PROMPT)
     assert llm.blocks.allocate(seq, use_prefix_cache=False)
     try:
-        return llm.runner.prefill_batch(seq, 0, CHUNK).latent_attention is not None
+        assert llm.runner.prefill_batch(seq, 0, CHUNK).latent_attention is None
+        return llm.runner.prefill_batch(seq, len(PROMPT) - CHUNK, len(PROMPT)).latent_attention is not None
     finally:
         llm.blocks.free_sequence(seq)
 
@@ -123,6 +129,7 @@ def test_the_fused_prefill_is_as_close_to_float32_as_the_modules(tile_shaped, kv
         fallback = chunked_prefill_logits(llm, llm.runner)
     modules = chunked_prefill_logits(llm, ModuleRunner(llm.model, llm.kv_cache))
     torch.testing.assert_close(fallback, modules, rtol=0, atol=0)
+    amx, modules, expected = (logits[EXPANDED_MAX_CONTEXT:] for logits in (amx, modules, expected))  # the kernel's chunks
     # a bf16 model of random weights is far from float32 at a few positions: compare on average
     assert similarity(amx, expected) > 0.995
     assert similarity(amx, expected) >= similarity(modules, expected) - 1e-3

@@ -33,12 +33,12 @@ class FusedCpuRunner(ModuleRunner):
         return None if decoder is None else cls(model, kv_cache, decoder)
 
     def prefill_batch(self, seq: Sequence, start: int, end: int) -> SpanBatch:
-        """On AMX-BF16, the absorbed form in one kernel call at every depth: without a score
-        matrix it is faster than expanding the keys even for a chunk from an empty cache."""
+        """On AMX-BF16, the absorbed form in one kernel call, without a score matrix. Short
+        contexts keep the expanded form, which measured as fast there."""
         batch = super().prefill_batch(seq, start, end)
-        if not self.tile_shaped_cache or not kernels.latent_attention_available():
+        if batch.expanded or not self.tile_shaped_cache or not kernels.latent_attention_available():
             return batch
-        return dataclasses.replace(batch, expanded=False, latent_attention=kernels.latent_attention)
+        return dataclasses.replace(batch, latent_attention=kernels.latent_attention)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if len(seqs) != 1:  # the plan decodes one sequence; batches share each weight read on the modules
