@@ -45,7 +45,7 @@ int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 // values: [S/32][L/16][16 key pairs][16 values][2]. Keys past S are zero.
 struct PackedContext {
   int64_t S = 0, D = 0, L = 0;
-  std::vector<at::BFloat16> keys, values;
+  AlignedVector<at::BFloat16> keys, values;
 
   int64_t key_tile(int64_t key, int64_t chunk) const { return ((key / kKeyTile) * (D / 32) + chunk) * 512; }
   int64_t value_tile(int64_t key, int64_t dtile) const { return ((key / kPairTile) * (L / 16) + dtile) * 512; }
@@ -110,10 +110,10 @@ GLMCODE_AMX_BF16 void pack_context(const CacheRows& cache, const int64_t* slots,
 
 // What one thread keeps for its group of row blocks.
 struct GroupState {
-  std::vector<float> out;            // [group rows][L] float32, unnormalized
-  std::vector<float> max, mass;      // running max score and softmax mass per row
-  std::vector<float> scores = std::vector<float>(kBlockRows * kPiece);
-  std::vector<at::BFloat16> probs = std::vector<at::BFloat16>(kBlockRows * kPiece);
+  AlignedVector<float> out;        // [group rows][L] float32, unnormalized
+  std::vector<float> max, mass;    // running max score and softmax mass per row
+  AlignedVector<float> scores = AlignedVector<float>(kBlockRows * kPiece);
+  AlignedVector<at::BFloat16> probs = AlignedVector<at::BFloat16>(kBlockRows * kPiece);
 };
 
 // scores[32][count] = q[32 rows] . keys[first, first + count) (count a multiple of 32).

@@ -359,14 +359,16 @@ GLMCODE_AMX TileConfig value_tiles(HeadGroups g) {
   return config;
 }
 
-// Queries [n][D] (float, scale applied) to the pair layout of tiles 2 and 4, one 16 x n block
-// per 32 values: pairs[c][k][h] = (q[h][32c + 2k], q[h][32c + 2k + 1]).
+// Queries [n][D] (float, scale applied, n <= 16) to the pair layout of tiles 2 and 4, one 16-line
+// block per 32 values, each line padded to 64 bytes so that it starts a cache line:
+// pairs[c][k][h] = (q[h][32c + 2k], q[h][32c + 2k + 1]).
+constexpr int64_t kPairLine = 32;  // bf16 per line of a query-pair tile
 GLMCODE_AMX void query_pairs(const float* q, int64_t n, int64_t D, at::BFloat16* pairs) {
   for (int64_t c = 0; c < D / 32; ++c)
     for (int64_t k = 0; k < 16; ++k)
       for (int64_t h = 0; h < n; ++h)
         for (int64_t e = 0; e < 2; ++e)
-          pairs[((c * 16 + k) * n + h) * 2 + e] = at::BFloat16(q[h * D + c * 32 + 2 * k + e]);
+          pairs[(c * 16 + k) * kPairLine + h * 2 + e] = at::BFloat16(q[h * D + c * 32 + 2 * k + e]);
 }
 
 // scores[h][t] = q[h] . row[t] for the block's first `count` tokens (count rounded up to 16
@@ -377,24 +379,24 @@ GLMCODE_AMX void amx_scores(const at::BFloat16* block, int64_t count, int64_t D,
   alignas(64) float tile[16 * 16];
   auto scatter = [&](int64_t t, int64_t n, float* dst) {
     for (int64_t r = 0; r < std::min<int64_t>(16, count - t); ++r)
-      for (int64_t h = 0; h < n; ++h) dst[h * s_stride + t + r] = tile[r * n + h];
+      for (int64_t h = 0; h < n; ++h) dst[h * s_stride + t + r] = tile[r * 16 + h];
   };
   for (int64_t t = 0; t < count; t += 16) {
     _tile_zero(0);
     if (g.n1) _tile_zero(3);
     for (int64_t c = 0; c < D / 32; ++c) {
       _tile_loadd(1, block + t * D + c * 32, D * 2);
-      _tile_loadd(2, pairs0 + c * 16 * g.n0 * 2, g.n0 * 4);
+      _tile_loadd(2, pairs0 + c * 16 * kPairLine, 64);
       _tile_dpbf16ps(0, 1, 2);
       if (g.n1) {
-        _tile_loadd(4, pairs1 + c * 16 * g.n1 * 2, g.n1 * 4);
+        _tile_loadd(4, pairs1 + c * 16 * kPairLine, 64);
         _tile_dpbf16ps(3, 1, 4);
       }
     }
-    _tile_stored(0, tile, g.n0 * 4);
+    _tile_stored(0, tile, 64);
     scatter(t, g.n0, scores);
     if (g.n1) {
-      _tile_stored(3, tile, g.n1 * 4);
+      _tile_stored(3, tile, 64);
       scatter(t, g.n1, scores + g.n0 * s_stride);
     }
   }
@@ -417,7 +419,7 @@ struct Int8Blocks {
   const int8_t* cache;
   const float* scales;  // [slots, 2]: latent part, rope part
   int64_t block_size, D, L;
-  std::vector<at::BFloat16> scratch;
+  AlignedVector<at::BFloat16> scratch;
 
   Int8Blocks(const int8_t* cache, const float* scales, int64_t block_size, int64_t D, int64_t L)
       : cache(cache), scales(scales), block_size(block_size), D(D), L(L), scratch(block_size * D, at::BFloat16(0.f)) {}
@@ -976,14 +978,14 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
     const HeadGroups groups(n);
     const std::vector<float> queries = scaled_queries(job.h0, n, s);
-    std::vector<at::BFloat16> pairs(D / 32 * 16 * n * 2);
-    at::BFloat16* pairs1 = pairs.data() + D / 32 * 16 * groups.n0 * 2;
+    AlignedVector<at::BFloat16> pairs(2 * D / 32 * 16 * kPairLine);
+    at::BFloat16* pairs1 = pairs.data() + D / 32 * 16 * kPairLine;
     query_pairs(queries.data(), groups.n0, D, pairs.data());
     query_pairs(queries.data() + groups.n0 * D, groups.n1, D, pairs1);
     OnlineSoftmax softmax(n, L, job.out);
     s.attn_scores.resize(n * block_size);
     const int64_t p_stride = block_size + 32;
-    std::vector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
+    AlignedVector<at::BFloat16> weights(n * p_stride, at::BFloat16(0.f));
     const TileConfig scoring = score_tiles(groups), weighing = value_tiles(groups);
     for (int64_t b = job.first_block; b < job.last_block; ++b) {
       const int64_t count = job.count(b), padded = (count + 31) / 32 * 32;

@@ -75,7 +75,7 @@ Weights stacked_weights(int bits, const at::Tensor& packed, const at::Tensor& sc
 
 // What one thread keeps between passes.
 struct Scratch {
-  std::vector<uint8_t> unpacked;   // int4: [2 tiles][K / 64][1 KB], the panel's B tiles
+  AlignedVector<uint8_t> unpacked;  // int4: [2 tiles][K / 64][1 KB], the panel's B tiles
   std::vector<float> scale, bias;  // int4: [2 tiles][groups][16]: s and z - 8 s
   alignas(64) int32_t dots[2][4][kTile * kTile];  // two groups' sums: one multiplied while one is scaled
   alignas(64) float acc[4][kTile * kTile];
@@ -118,7 +118,7 @@ GLMCODE_AMX_INT8 inline void store_out(at::BFloat16* dst, __m512 v) {
 // Rows of int8 activations [M, K] in whole blocks of 16 rows, rearranged for AMX: in each
 // block, the 16 x 64 values of each step are one contiguous kilobyte (an A operand). Left as
 // rows, a tile load reads 16 lines K bytes apart, which fall into the same few L1 sets.
-void to_tiles(std::vector<int8_t>& values, int64_t K) {
+void to_tiles(AlignedVector<int8_t>& values, int64_t K) {
   const int64_t blocks = static_cast<int64_t>(values.size()) / (kTile * K), steps = K / kStep;
   at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
     std::vector<int8_t> block(kTile * K);
@@ -225,6 +225,9 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
     const int8_t* a0 = x.q.values.data() + (x.first + m0) * K;
     const int8_t* a1 = a0 + kTile * K;
     const int64_t row0 = (x.first + m0) * G;
+    // locals, so that the stores into the accumulators do not make the compiler reload them
+    const float* __restrict row_scales = x.q.scales.data() + row0;
+    const float* __restrict row_offsets = Bits == 4 ? x.offsets + row0 : nullptr;
     if (first_pass) {
       unpack(0);
       unpack(1);
@@ -244,15 +247,15 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
           const __m512 sv = Bits == 4 ? _mm512_loadu_ps(s.scale.data() + (j * G + g) * kTile) : _mm512_setzero_ps();
           const __m512 bv = Bits == 4 ? _mm512_loadu_ps(s.bias.data() + (j * G + g) * kTile) : _mm512_setzero_ps();
           for (int64_t r = 0; r < rows; ++r) {
-            const int64_t mg = row0 + (i * kTile + r) * G + g;
+            const int64_t mg = (i * kTile + r) * G + g;
             const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dot_rows + r * kTile));
             const __m512 before = g == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + r * kTile);
             __m512 a;
             if constexpr (Bits == 4) {
-              a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(x.q.scales[mg])), before);
-              a = _mm512_fmadd_ps(bv, _mm512_set1_ps(x.offsets[mg]), a);
+              a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scales[mg])), before);
+              a = _mm512_fmadd_ps(bv, _mm512_set1_ps(row_offsets[mg]), a);
             } else {
-              a = _mm512_fmadd_ps(dot, _mm512_set1_ps(x.q.scales[mg]), before);
+              a = _mm512_fmadd_ps(dot, _mm512_set1_ps(row_scales[mg]), before);
             }
             _mm512_store_ps(acc + r * kTile, a);
           }
