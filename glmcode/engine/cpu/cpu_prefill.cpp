@@ -155,7 +155,9 @@ GLMCODE_AMX_INT8 inline void multiply_group(const int8_t* a0, const int8_t* a1, 
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t step = g * per_group; step < (g + 1) * per_group; ++step) {
-    // the next step's activations (from L2) and int8 weights (read where they lie, from memory)
+    // the next step's activations (from L2) and int8 weights (read where they lie, from memory);
+    // the weight tiles are loaded with the streaming hint, which keeps them from evicting the
+    // activations from L1 (measured 3-4% faster on the dense products, the same on the experts)
     for (int64_t line = 0; line < kTileBytes; line += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(a0 + (step + 1) * kTileBytes + line), _MM_HINT_T0);
       if (two_m) _mm_prefetch(reinterpret_cast<const char*>(a1 + (step + 1) * kTileBytes + line), _MM_HINT_T0);
@@ -165,10 +167,10 @@ GLMCODE_AMX_INT8 inline void multiply_group(const int8_t* a0, const int8_t* a1, 
       }
     }
     _tile_loadd(4, a0 + step * kTileBytes, 64);
-    _tile_loadd(6, b0 + step * kTileBytes, 64);
+    _tile_stream_loadd(6, b0 + step * kTileBytes, 64);
     if constexpr (Bits == 4) _tile_dpbsud(0, 4, 6); else _tile_dpbssd(0, 4, 6);
     if (two_n) {
-      _tile_loadd(7, b1 + step * kTileBytes, 64);
+      _tile_stream_loadd(7, b1 + step * kTileBytes, 64);
       if constexpr (Bits == 4) _tile_dpbsud(1, 4, 7); else _tile_dpbssd(1, 4, 7);
     }
     if (two_m) {
