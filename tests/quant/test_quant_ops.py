@@ -196,6 +196,21 @@ def test_latent_quantization_keeps_each_part_on_its_own_scale():
     assert ((back - latent).abs()[:, 512:] <= scales[:, 1:] / 2 + 1e-6).all()
 
 
+@pytest.mark.skipif(not cpu_kernels.available(), reason="glmcode's CPU kernels are not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dequantize_gives_back_each_row_times_its_scale(dtype):
+    """The kernel layout back to rows, per head: value times scale in float32, rounded once."""
+    heads, rows, features = 3, 40, 96  # 40 rows: the last 16-row tile is padding
+    values = torch.randint(-127, 128, (heads, rows, features), dtype=torch.int8)
+    scales = torch.rand(heads, rows) + 0.01
+    packs = [cpu_kernels.pack_int8(values[h], scales[h], 32) for h in range(heads)]
+    packed, padded_scales = (torch.stack([p[i] for p in packs]) for i in range(2))
+    got = cpu_kernels.ops().int8_dequantize(packed, padded_scales, rows, dtype)
+    assert got.dtype == dtype and torch.equal(got, (values.float() * scales[..., None]).to(dtype))
+    with pytest.raises(RuntimeError, match="rows at most N"):
+        cpu_kernels.ops().int8_dequantize(packed, padded_scales, 49, dtype)
+
+
 @pytest.mark.parametrize("rows", [1, 6])
 def test_kv_b_projection_matches_the_float_halves(kernel, rows):
     """kv_b_proj's absorbed halves (int8 per head with our kernels) against float32 bmm."""

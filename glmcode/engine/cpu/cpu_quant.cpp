@@ -142,6 +142,43 @@ at::Tensor int8_linear_heads(const at::Tensor& x_in, const at::Tensor& packed, c
   return y;
 }
 
+// Weights of the int8 layout back to rows: packed [H, N/16, K/4, 64] with scales [H, N] ->
+// [H, rows, K] in `dtype` (w * scale, rounded once). A prefill chunk multiplies many rows by
+// MLA's kv_b_proj halves as dense matrices; done with torch ops (a 5-d permute, a conversion and
+// a multiply, each a pass over the weights) this took 8-10 ms per layer and chunk.
+at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, int64_t rows, at::ScalarType dtype) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(3) == 64 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
+              "packed must be contiguous int8 [H, N/16, K/4, 64]");
+  const int64_t H = packed.size(0), tiles = packed.size(1), K = packed.size(2) * 4;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == H &&
+                  scales.size(1) >= rows && rows <= tiles * kTile,
+              "scales must be float32 [H, N] and rows at most N");
+  TORCH_CHECK(K % 16 == 0, "K must be a multiple of 16");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dtype must be bfloat16 or float32");
+  at::Tensor out = at::empty({H, rows, K}, packed.options().dtype(dtype));
+  const int8_t* src = packed.data_ptr<int8_t>();
+  const float* scale = scales.data_ptr<float>();
+  const int64_t N = scales.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "int8_dequantize", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, H * rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int8_t> row(K);
+      for (int64_t hr = begin; hr < end; ++hr) {
+        const int64_t h = hr / rows, r = hr % rows;
+        // row r's 4 inputs of each block are 4 consecutive bytes of the block's vector
+        const int8_t* tile = src + ((h * tiles + r / kTile) * (K / 4)) * 64 + (r % kTile) * 4;
+        for (int64_t b = 0; b < K / 4; ++b) std::memcpy(row.data() + 4 * b, tile + b * 64, 4);
+        const __m512 s = _mm512_set1_ps(scale[h * N + r]);
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.data() + k));
+          store_row(dst + hr * K + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // One token through k routed experts with int4 weights stacked per layer, in one call:
 // gate_up for all k experts, silu(gate) * up, down for all k, then the weighted sum.
 // gate_up: packed [E, N1/16, H/8, 64], scales/zeros [E, N1/16, H/g1, 16] (N1 = 2 * I);
@@ -271,4 +308,5 @@ TORCH_LIBRARY(glmcode_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group) -> Tensor", &int4_linear);
   m.def("int8_linear(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear);
   m.def("int8_linear_heads(Tensor x, Tensor packed, Tensor scales, Tensor sums, int group) -> Tensor", &int8_linear_heads);
+  m.def("int8_dequantize(Tensor packed, Tensor scales, int rows, ScalarType dtype) -> Tensor", &int8_dequantize);
 }

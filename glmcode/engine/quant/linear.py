@@ -186,13 +186,7 @@ class Int8KVBProjection(nn.Module):
     def _dense(self, name: str) -> torch.Tensor:
         """The weights back from the kernel layout: [H, N/16, K/4, (16, 4)] -> [H, N, K]."""
         packed, scales = getattr(self, f"{name}_packed"), getattr(self, f"{name}_scales")
-        heads, tiles, blocks, _ = packed.shape
-        values = packed.view(heads, tiles, blocks, TILE_ROWS, 4).permute(0, 1, 3, 2, 4).reshape(heads, tiles * TILE_ROWS, -1)
-        weight = values.to(self.compute_dtype) * scales[..., None].to(self.compute_dtype)
-        return weight[:, : getattr(self, f"{name}_rows")].contiguous()
-
-
-TILE_ROWS = cpu_kernels.TILE
+        return cpu_kernels.ops().int8_dequantize(packed, scales, getattr(self, f"{name}_rows"), self.compute_dtype)
 
 
 def kv_b_projection(weight: torch.Tensor, empty: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
