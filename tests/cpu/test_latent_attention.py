@@ -5,6 +5,8 @@ The kernel only runs where the CPU has AMX-BF16; elsewhere (and with the AMX pro
 which these tests also do) the runner keeps the torch form, so both paths are checked here.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,17 +62,38 @@ def test_the_kernel_matches_a_float_reference(rows, context, width, latent, stor
         limits = (context - tokens + torch.arange(tokens)).repeat(4)[:rows]
     else:
         limits = torch.randint(0, context, (rows,))
-    got = cpu_kernels.latent_attention(queries, limits, cache, context_slots)
-    assert got.shape == (rows, latent) and got.dtype == torch.float32
+    got = torch.empty(1, rows, latent)
+    # scaled by 2 in the kernel (exact in bf16, so the reference scales the same rounded queries)
+    cpu_kernels.latent_attention(queries[None, :, :latent], queries[None, :, latent:], 2.0, limits, cache, context_slots, got)
     # probabilities are rounded to bfloat16 before they weight the latents
-    assert relative_error(got, reference(queries, limits, values[context_slots], latent)) < 3e-3
+    assert relative_error(got[0], reference(2 * queries, limits, values[context_slots], latent)) < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_takes_head_major_views_and_writes_into_one(dtype):
+    """Queries and output as [heads, tokens, ...] slices of larger tensors (the SpanBatch's rows of
+    one sequence), float32 or bf16, scaled in the kernel as torch's multiply would."""
+    torch.manual_seed(0)
+    heads, tokens, context, width, latent = 3, 50, 90, 96, 64
+    cache = LayerCache(torch.randn(96, width).bfloat16(), None, 16, torch.bfloat16, latent)
+    context_slots = torch.arange(context)
+    queries = torch.randn(heads, tokens + 7, width).to(dtype)  # the sequence: tokens [4, 4 + tokens)
+    q_latent, q_rope = queries[:, 4 : 4 + tokens, :latent], queries[:, 4 : 4 + tokens, latent:]
+    limits = (context - tokens + torch.arange(tokens)).repeat(heads)
+    out = torch.full((heads, tokens + 7, latent), 7.0, dtype=dtype)
+    cpu_kernels.latent_attention(q_latent, q_rope, 0.3, limits, cache, context_slots, out[:, 4 : 4 + tokens])
+    scaled = (queries[:, 4 : 4 + tokens] * 0.3).bfloat16().reshape(heads * tokens, width)
+    expected = reference(scaled, limits, cache.flat[:context].float(), latent).view(heads, tokens, latent)
+    assert relative_error(out[:, 4 : 4 + tokens].float(), expected) < (3e-3 if dtype == torch.float32 else 6e-3)
+    assert (out[:, :4] == 7).all() and (out[:, 4 + tokens :] == 7).all()  # nothing written outside the view
 
 
 def test_a_limit_outside_the_context_is_refused():
     cache = LayerCache(torch.zeros(32, 96, dtype=torch.bfloat16), None, 16, torch.bfloat16, 64)
-    queries = torch.zeros(4, 96, dtype=torch.bfloat16)
+    queries = torch.zeros(1, 4, 96, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside the context"):
-        cpu_kernels.latent_attention(queries, torch.tensor([0, 1, 2, 20]), cache, torch.arange(20))
+        cpu_kernels.latent_attention(queries[..., :64], queries[..., 64:], 1.0, torch.tensor([0, 1, 2, 20]), cache,
+                                     torch.arange(20), torch.empty(1, 4, 64))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +104,9 @@ def tile_shaped(tmp_path_factory):
     )
 
 
-# Chunks over contexts of up to EXPANDED_MAX_CONTEXT tokens take the expanded form (on torch);
-# the chunks after it the absorbed form, which the kernel computes: five of them, up to 2,240
-# tokens deep.
+# On the modules, chunks over contexts of up to EXPANDED_MAX_CONTEXT tokens take the expanded
+# form, the five after it the absorbed one (up to 2,240 tokens deep); the fused runner computes
+# every chunk in the absorbed form, on the kernel.
 CHUNK = 48
 PROMPT = [5 + (7 * i) % 150 for i in range(EXPANDED_MAX_CONTEXT + 5 * CHUNK)]
 
@@ -102,13 +125,15 @@ def chunked_prefill_logits(llm: LLM, runner) -> torch.Tensor:
 
 
 def attends_on_amx(llm: LLM) -> bool:
-    """Whether the runner's prefill batch of the last chunk carries the AMX attention (the
-    first, over a short context, never does)."""
+    """Whether the runner's prefill batches of the first and the last chunk carry the AMX
+    attention (in the absorbed form: the first would be expanded on the modules)."""
     seq = new_sequence(PROMPT)
     assert llm.blocks.allocate(seq, use_prefix_cache=False)
     try:
-        assert llm.runner.prefill_batch(seq, 0, CHUNK).latent_attention is None
-        return llm.runner.prefill_batch(seq, len(PROMPT) - CHUNK, len(PROMPT)).latent_attention is not None
+        batches = [llm.runner.prefill_batch(seq, start, start + CHUNK) for start in (0, len(PROMPT) - CHUNK)]
+        on_amx = [batch.latent_attention is not None and not batch.expanded for batch in batches]
+        assert on_amx[0] == on_amx[1]
+        return on_amx[0]
     finally:
         llm.blocks.free_sequence(seq)
 
@@ -129,18 +154,23 @@ def test_the_fused_prefill_is_as_close_to_float32_as_the_modules(tile_shaped, kv
         fallback = chunked_prefill_logits(llm, llm.runner)
     modules = chunked_prefill_logits(llm, ModuleRunner(llm.model, llm.kv_cache))
     torch.testing.assert_close(fallback, modules, rtol=0, atol=0)
-    amx, modules, expected = (logits[EXPANDED_MAX_CONTEXT:] for logits in (amx, modules, expected))  # the kernel's chunks
     # a bf16 model of random weights is far from float32 at a few positions: compare on average
     assert similarity(amx, expected) > 0.995
     assert similarity(amx, expected) >= similarity(modules, expected) - 1e-3
     assert (amx.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
-def test_greedy_generation_after_a_chunked_prefill_is_the_same_with_and_without_amx(tile_shaped):
+def test_greedy_generation_after_a_chunked_prefill_is_the_same_with_and_without_amx(tile_shaped, monkeypatch):
+    """The kernel against torch computing the same (absorbed) form: the same greedy tokens. (The
+    expanded form, which the fallback takes over short contexts, rounds differently, and this
+    random model's logits are so flat that greedy decoding then parts ways within a few dozen
+    tokens, as float32's does from either; the test above compares the forms against float32.)"""
     llm = LLM(tile_shaped, dtype="bfloat16", block_size=16, prefill_chunk_tokens=CHUNK, enable_prefix_caching=False,
               progress=False)  # fmt: skip
     params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
     amx = llm.generate(PROMPT, params).token_ids
+    runner_batch = llm.runner.prefill_batch
+    monkeypatch.setattr(llm.runner, "prefill_batch", lambda *args: dataclasses.replace(runner_batch(*args), expanded=False))
     with cpu_kernels.amx_products(False):
         fallback = llm.generate(PROMPT, params).token_ids
     assert len(amx) == 48

@@ -29,6 +29,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace glmcode_cpu {
 
@@ -113,6 +114,7 @@ GLMCODE_AMX_BF16 void pack_context(const CacheRows& cache, const int64_t* slots,
 
 // What one thread keeps for its group of row blocks.
 struct GroupState {
+  AlignedVector<at::BFloat16> q;   // [group rows][D] the group's queries, scaled, zero past the last row
   AlignedVector<float> out;        // [group rows][L] float32, unnormalized
   std::vector<float> max, mass;    // running max score and softmax mass per row
   AlignedVector<float> scores = AlignedVector<float>(kBlockRows * kPiece);
@@ -202,8 +204,12 @@ GLMCODE_AMX_BF16 void softmax_step(float* scores, int64_t valid, int64_t count, 
   mass += _mm512_reduce_add_ps(sum);
 }
 
-GLMCODE_AMX_BF16 void attend_group(const at::BFloat16* q, const int64_t* limits, int64_t rows, int64_t D,
-                                   const PackedContext& ctx, GroupState& s, float* result) {
+// The group's `rows` query rows (s.q) over the context; row r's normalized output goes to
+// result_row(r) (for rows that are not padding).
+template <typename ResultRow>
+GLMCODE_AMX_BF16 void attend_group(const int64_t* limits, int64_t rows, int64_t D, const PackedContext& ctx,
+                                   GroupState& s, ResultRow result_row) {
+  const at::BFloat16* q = s.q.data();
   const int64_t L = ctx.L, blocks = rows / kBlockRows;
   s.out.assign(rows * L, 0.f);
   s.max.assign(rows, -std::numeric_limits<float>::infinity());
@@ -225,25 +231,62 @@ GLMCODE_AMX_BF16 void attend_group(const at::BFloat16* q, const int64_t* limits,
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
+    auto* result = result_row(r);
+    if (!result) continue;
     const __m512 inv = _mm512_set1_ps(s.mass[r] > 0.f ? 1.f / s.mass[r] : 0.f);
-    for (int64_t i = 0; i < L; i += 16)
-      _mm512_storeu_ps(result + r * L + i, _mm512_mul_ps(inv, _mm512_loadu_ps(s.out.data() + r * L + i)));
+    for (int64_t i = 0; i < L; i += 16) store_row(result + i, _mm512_mul_ps(inv, _mm512_loadu_ps(s.out.data() + r * L + i)));
   }
 }
 
-// queries [R, D] bf16 (scaled), limits [R] int64 (row r attends context positions 0..limits[r]),
-// cache [slots, D] bf16 or int8 (with scales [slots, 2]), context_slots [S] int64 (the slot of
-// each context position) -> [R, L] float32.
-at::Tensor latent_attention(const at::Tensor& queries, const at::Tensor& limits, const at::Tensor& cache,
-                            const std::optional<at::Tensor>& scales, const at::Tensor& context_slots, int64_t latent_dim) {
+// Query rows [first, first + n) of the head-major rows (h, i) of q_latent [H, t, L] and q_rope
+// [H, t, D - L], times `scale` and rounded to bf16 (as torch's bf16 multiply rounds), into
+// s.q as whole cache-row-shaped lines; rows past R are zero.
+template <typename In>
+GLMCODE_AMX_BF16 void gather_queries(const at::Tensor& q_latent, const at::Tensor& q_rope, float scale, int64_t first,
+                                     int64_t n, int64_t D, GroupState& s) {
+  const int64_t t = q_latent.size(1), R = q_latent.size(0) * t, L = q_latent.size(2);
+  const In* latent = q_latent.data_ptr<In>();
+  const In* rope = q_rope.data_ptr<In>();
+  s.q.resize(n * D);
+  for (int64_t r = 0; r < n; ++r) {
+    at::BFloat16* dst = s.q.data() + r * D;
+    const int64_t row = first + r, h = row / t, i = row % t;
+    if (row >= R) {
+      std::fill_n(dst, D, at::BFloat16(0.f));
+      continue;
+    }
+    const In* a = latent + h * q_latent.stride(0) + i * q_latent.stride(1);
+    const In* b = rope + h * q_rope.stride(0) + i * q_rope.stride(1);
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t k = 0; k < L; k += 16) store_row(dst + k, _mm512_mul_ps(load16_as_float(a + k), factor));
+    for (int64_t k = L; k < D; k += 16) store_row(dst + k, _mm512_mul_ps(load16_as_float(b + k - L), factor));
+  }
+}
+
+// Head-major query rows (h, i): q_latent [H, t, L] and q_rope [H, t, D - L] (bf16 or float32,
+// each row contiguous; they are multiplied by `scale` here), limits [H * t] int64 (row r attends
+// context positions 0..limits[r]), cache [slots, D] bf16 or int8 (with scales [slots, 2]),
+// context_slots [S] int64 (the slot of each context position) -> out [H, t, L] (bf16 or float32,
+// rows contiguous): the softmax-weighted latents.
+void latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope, double scale, const at::Tensor& limits,
+                      const at::Tensor& cache, const std::optional<at::Tensor>& scales, const at::Tensor& context_slots,
+                      const at::Tensor& out) {
   TORCH_CHECK(amx_support().bf16, "latent_attention: needs AMX-BF16");
-  TORCH_CHECK(queries.scalar_type() == at::kBFloat16 && queries.dim() == 2 && queries.is_contiguous(),
-              "latent_attention: queries must be contiguous bf16 [R, D]");
-  const int64_t R = queries.size(0), D = queries.size(1), L = latent_dim, S = context_slots.size(0);
-  TORCH_CHECK(D % 32 == 0 && L % 32 == 0 && L <= D && cache.dim() == 2 && cache.size(1) == D && cache.is_contiguous(),
+  TORCH_CHECK(q_latent.dim() == 3 && q_rope.dim() == 3 && out.dim() == 3 && q_latent.size(0) == q_rope.size(0) &&
+                  q_latent.size(1) == q_rope.size(1) && out.sizes() == q_latent.sizes(),
+              "latent_attention: q_latent and out [H, t, L], q_rope [H, t, D - L]");
+  TORCH_CHECK(q_latent.stride(2) == 1 && q_rope.stride(2) == 1 && out.stride(2) == 1,
+              "latent_attention: rows must be contiguous");
+  TORCH_CHECK(q_latent.scalar_type() == q_rope.scalar_type() &&
+                  (q_latent.scalar_type() == at::kBFloat16 || q_latent.scalar_type() == at::kFloat) &&
+                  (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
+              "latent_attention: queries and out must be bf16 or float32");
+  const int64_t L = q_latent.size(2), D = L + q_rope.size(2), t = q_latent.size(1), R = q_latent.size(0) * t;
+  const int64_t S = context_slots.size(0);
+  TORCH_CHECK(D % 32 == 0 && L % 32 == 0 && cache.dim() == 2 && cache.size(1) == D && cache.is_contiguous(),
               "latent_attention: cache must be contiguous [slots, D], D and L multiples of 32");
   TORCH_CHECK(limits.scalar_type() == at::kLong && limits.numel() == R && context_slots.scalar_type() == at::kLong,
-              "latent_attention: limits [R] and context_slots [S] must be int64");
+              "latent_attention: limits [H * t] and context_slots [S] must be int64");
   const at::Tensor limit = limits.contiguous(), slots = context_slots.contiguous();
   TORCH_CHECK(R == 0 || (limit.min().item<int64_t>() >= 0 && limit.max().item<int64_t>() < S),
               "latent_attention: a row's limit is outside the context");
@@ -260,29 +303,34 @@ at::Tensor latent_attention(const at::Tensor& queries, const at::Tensor& limits,
   PackedContext ctx;
   pack_context(rows, slots.data_ptr<int64_t>(), S, ctx);
 
-  // Rows padded to whole groups: zero queries that attend position 0 only.
+  // Rows padded to whole blocks: zero queries that attend position 0 only.
   const int64_t group_rows = kGroupBlocks * kBlockRows;
   const int64_t Rb = round_up(R, kBlockRows), groups = (Rb + group_rows - 1) / group_rows;
-  at::Tensor q = queries;
   std::vector<int64_t> padded_limits(limit.data_ptr<int64_t>(), limit.data_ptr<int64_t>() + R);
   padded_limits.resize(groups * group_rows, 0);
-  if (Rb != R) q = at::cat({queries, at::zeros({Rb - R, D}, queries.options())});
-  at::Tensor out = at::empty({Rb, L}, queries.options().dtype(at::kFloat));
-  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
-  float* op = out.data_ptr<float>();
   // Groups are handed out one at a time rather than split up front: the two cores of a VM often
   // run at very different speeds (measured: 4x), and a static split waits for the slower one.
   std::atomic<int64_t> next_group{0};
-  at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    configure_square_tiles();
-    GroupState state;
-    for (int64_t g; (g = next_group.fetch_add(1)) < groups;) {
-      const int64_t first = g * group_rows, n = std::min(group_rows, Rb - first);
-      attend_group(qp + first * D, padded_limits.data() + first, n, D, ctx, state, op + first * L);
-    }
-    release_tiles();
-  });
-  return Rb == R ? out : out.narrow(0, 0, R);
+  auto attend_all = [&](auto* result) {
+    using Out = std::remove_pointer_t<decltype(result)>;
+    at::parallel_for(0, std::min<int64_t>(groups, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      configure_square_tiles();
+      GroupState state;
+      for (int64_t g; (g = next_group.fetch_add(1)) < groups;) {
+        const int64_t first = g * group_rows, n = std::min(group_rows, Rb - first);
+        if (q_latent.scalar_type() == at::kBFloat16)
+          gather_queries<at::BFloat16>(q_latent, q_rope, static_cast<float>(scale), first, n, D, state);
+        else
+          gather_queries<float>(q_latent, q_rope, static_cast<float>(scale), first, n, D, state);
+        attend_group(padded_limits.data() + first, n, D, ctx, state, [&](int64_t r) -> Out* {
+          const int64_t row = first + r;
+          return row < R ? result + (row / t) * out.stride(0) + (row % t) * out.stride(1) : nullptr;
+        });
+      }
+      release_tiles();
+    });
+  };
+  if (out.scalar_type() == at::kBFloat16) attend_all(out.data_ptr<at::BFloat16>()); else attend_all(out.data_ptr<float>());
 }
 
 bool latent_attention_available() { return amx_support().bf16 && amx_products_enabled(); }
@@ -291,7 +339,7 @@ bool latent_attention_available() { return amx_support().bf16 && amx_products_en
 }  // namespace glmcode_cpu
 
 TORCH_LIBRARY_FRAGMENT(glmcode_cpu, m) {
-  m.def("latent_attention(Tensor queries, Tensor limits, Tensor cache, Tensor? scales, Tensor context_slots, "
-        "int latent_dim) -> Tensor", &glmcode_cpu::latent_attention);
+  m.def("latent_attention(Tensor q_latent, Tensor q_rope, float scale, Tensor limits, Tensor cache, Tensor? scales, "
+        "Tensor context_slots, Tensor(a!) out) -> ()", &glmcode_cpu::latent_attention);
   m.def("latent_attention_available() -> bool", &glmcode_cpu::latent_attention_available);
 }

@@ -133,16 +133,20 @@ def latent_attention_available() -> bool:
     return available() and ops().latent_attention_available()
 
 
-def latent_attention(queries: torch.Tensor, limits: torch.Tensor, cache: LayerCache, context_slots: torch.Tensor) -> torch.Tensor:
-    """Absorbed attention of query rows over cached latents, on AMX-BF16 tiles.
+def latent_attention(
+    q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float, limits: torch.Tensor, cache: LayerCache,
+    context_slots: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """Absorbed attention of query rows over cached latents, on AMX-BF16 tiles, into ``out``.
 
-    queries [R, L + R'] bf16, scaled (latent part already multiplied by W_UK, then the roped
-    part); limits [R] int64: row r attends the context positions 0..limits[r]; context_slots
-    [S] int64: the cache slot of each position. Returns [R, L] float32, the softmax-weighted
-    latents (the SpanBatch contract, computed in one pass without a score matrix).
+    The rows are head-major (h, i): q_latent [H, t, L] (the queries already multiplied by W_UK)
+    and q_rope [H, t, R'] (the roped part), bf16 or float32, each row contiguous, and both are
+    multiplied by ``scale`` on the way in; limits [H * t] int64: row r attends the context
+    positions 0..limits[r]; context_slots [S] int64: the cache slot of each position. ``out``
+    [H, t, L] (bf16 or float32, rows contiguous; a view into a larger tensor is fine) gets the
+    softmax-weighted latents, computed in one pass without a score matrix.
     """
-    queries = queries.to(torch.bfloat16).contiguous()
-    return ops().latent_attention(queries, limits, cache.flat, cache.scales, context_slots, cache.split)
+    ops().latent_attention(q_latent, q_rope, scale, limits, cache.flat, cache.scales, context_slots, out)
 
 
 def activation_group(in_features: int) -> int:

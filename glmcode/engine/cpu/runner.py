@@ -1,5 +1,5 @@
 """The CPU fast path as a runner: prefill on the modules (its attention on AMX-BF16 tiles where the
-CPU has them), a batch-1 decode step as one C++ call."""
+CPU has them, in the absorbed form at every depth), a batch-1 decode step as one C++ call."""
 
 from __future__ import annotations
 
@@ -33,12 +33,13 @@ class FusedCpuRunner(ModuleRunner):
         return None if decoder is None else cls(model, kv_cache, decoder)
 
     def prefill_batch(self, seq: Sequence, start: int, end: int) -> SpanBatch:
-        """On AMX-BF16, the absorbed form in one kernel call, without a score matrix. Short
-        contexts keep the expanded form, which measured as fast there."""
+        """On AMX-BF16, the absorbed form in one kernel call, without a score matrix, even where
+        torch would expand the context: measured 25-32% faster than the expanded form at 0 to
+        1.5K tokens of context (512-token chunks, 20 heads)."""
         batch = super().prefill_batch(seq, start, end)
-        if batch.expanded or not self.tile_shaped_cache or not kernels.latent_attention_available():
+        if not self.tile_shaped_cache or not kernels.latent_attention_available():
             return batch
-        return dataclasses.replace(batch, latent_attention=kernels.latent_attention)
+        return dataclasses.replace(batch, expanded=False, latent_attention=kernels.latent_attention)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         if len(seqs) != 1:  # the plan decodes one sequence; batches share each weight read on the modules

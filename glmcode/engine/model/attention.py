@@ -179,9 +179,10 @@ class SpanBatch:
     expanded: bool = False
     max_score_elements: int = 1 << 26
     # The absorbed form's softmax-weighted latents in one kernel call instead of piece by piece:
-    # (queries [R, L + R'] scaled, limits [R], cache, context slots [S]) -> [R, L] float32, where
-    # row r attends positions 0..limits[r] (cpu.kernels.latent_attention). Used for many rows.
-    latent_attention: Callable[[torch.Tensor, torch.Tensor, LayerCache, torch.Tensor], torch.Tensor] | None = None
+    # (q_latent [N, t, L], q_rope [N, t, R'], scale, limits [N * t], cache, context slots [S],
+    # out [N, t, L]), where row r attends positions 0..limits[r] (cpu.kernels.latent_attention).
+    # Used for many rows.
+    latent_attention: Callable[..., None] | None = None
 
     def attend(self, attn: MLAttention, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         form = self._expanded if self.expanded else self._absorbed
@@ -219,27 +220,31 @@ class SpanBatch:
             q_latent = torch.matmul(q_nope, w_uk_t.transpose(1, 2))  # [N, T, L]
         else:
             q_latent = attn.kv_b_proj.absorb_query(q_nope)
-        queries = torch.cat([q_latent, q_pe], -1) * attn.scale  # [N, T, L + R]
-        out_latent = torch.empty_like(queries[..., : attn.latent_dim])
+        out_latent = torch.empty_like(q_latent)
         for seq in self.sequences:
-            seq_queries = queries[:, seq.rows].reshape(-1, queries.shape[-1])  # [N * t, L + R]
-            if many and self.latent_attention is not None:
-                out = self.latent_attention(seq_queries.contiguous(), _causal_limits(seq, attn.num_heads), cache,
-                                            _context_slots(seq.spans))  # fmt: skip
-                out_latent[:, seq.rows] = out.view(attn.num_heads, -1, attn.latent_dim).to(out_latent.dtype)
-                continue
-
-            def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                if many:
-                    scores = torch.mm(seq_queries, piece.t())
-                else:  # piece @ q.T: for a few queries, the long dimension as rows is ~6x faster on CPU
-                    scores = torch.mm(piece, seq_queries.t()).t().contiguous()
-                return scores.view(attn.num_heads, -1, piece.shape[0]), piece[:, : attn.latent_dim]
-
-            out = self._attend(attn.num_heads, scores_and_values, seq, cache)
-            out_latent[:, seq.rows] = out.to(out_latent.dtype)
+            if many and self.latent_attention is not None:  # scaled, concatenated and written in the kernel
+                self.latent_attention(q_latent[:, seq.rows], q_pe[:, seq.rows], attn.scale,
+                                      _causal_limits(seq, attn.num_heads), cache, _context_slots(seq.spans),
+                                      out_latent[:, seq.rows])  # fmt: skip
+            else:
+                out_latent[:, seq.rows] = self._absorbed_in_pieces(attn, q_latent[:, seq.rows], q_pe[:, seq.rows], seq,
+                                                                   cache, many).to(out_latent.dtype)  # fmt: skip
         values = torch.matmul(out_latent, w_uv.transpose(1, 2)) if many else attn.kv_b_proj.values(out_latent)
         return values.transpose(0, 1)  # [T, N, V]
+
+    def _absorbed_in_pieces(self, attn: MLAttention, q_latent, q_pe, seq: SequenceSlice, cache: LayerCache, many: bool):
+        """One sequence's softmax-weighted latents [N, t, L] in torch, context piece by piece."""
+        queries = torch.cat([q_latent, q_pe], -1) * attn.scale  # [N, t, L + R]
+        queries = queries.reshape(-1, queries.shape[-1])
+
+        def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if many:
+                scores = torch.mm(queries, piece.t())
+            else:  # piece @ q.T: for a few queries, the long dimension as rows is ~6x faster on CPU
+                scores = torch.mm(piece, queries.t()).t().contiguous()
+            return scores.view(attn.num_heads, -1, piece.shape[0]), piece[:, : attn.latent_dim]
+
+        return self._attend(attn.num_heads, scores_and_values, seq, cache)
 
     def _attend(
         self,
