@@ -247,6 +247,7 @@ GLMCODE_AMX_BF16 void gather_queries(const at::Tensor& q_latent, const at::Tenso
   const int64_t t = q_latent.size(1), R = q_latent.size(0) * t, L = q_latent.size(2);
   const In* latent = q_latent.data_ptr<In>();
   const In* rope = q_rope.data_ptr<In>();
+  const __m512 factor = _mm512_set1_ps(scale);
   s.q.resize(n * D);
   for (int64_t r = 0; r < n; ++r) {
     at::BFloat16* dst = s.q.data() + r * D;
@@ -257,7 +258,6 @@ GLMCODE_AMX_BF16 void gather_queries(const at::Tensor& q_latent, const at::Tenso
     }
     const In* a = latent + h * q_latent.stride(0) + i * q_latent.stride(1);
     const In* b = rope + h * q_rope.stride(0) + i * q_rope.stride(1);
-    const __m512 factor = _mm512_set1_ps(scale);
     for (int64_t k = 0; k < L; k += 16) store_row(dst + k, _mm512_mul_ps(load16_as_float(a + k), factor));
     for (int64_t k = L; k < D; k += 16) store_row(dst + k, _mm512_mul_ps(load16_as_float(b + k - L), factor));
   }
