@@ -35,8 +35,8 @@ std::atomic<bool> amx_turned_on{true};
 constexpr int64_t kStep = 64;         // inputs per tile product
 constexpr int64_t kTileBytes = 1024;  // 16 lines of 64 bytes
 constexpr int64_t kBlockRows = 32;    // activation rows per pass (two A tiles)
-// groups whose tile sums are added to a block's float accumulators at once: four loads and
-// stores of the accumulators per four groups instead of per group (10% faster products)
+// groups whose tile sums are added to a block's float accumulators at once: each accumulator
+// row is loaded and stored once per four groups instead of once per group (~10% faster products)
 constexpr int64_t kChunk = 4;
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
@@ -266,8 +266,7 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
     int64_t added[4] = {0, 0, 0, 0};  // chunks added, per block
     multiply_group<Bits>(a0, a1, b0, b1, 0, per_group, two_m, two_n);
     for (int64_t g = 0; g < G; ++g) {
-      int32_t (*dots)[kTile * kTile] = s.dots[g % (2 * kChunk)];
-      store_group(dots, two_m, two_n);
+      store_group(s.dots[g % (2 * kChunk)], two_m, two_n);
       if (g + 1 < G) multiply_group<Bits>(a0, a1, b0, b1, g + 1, per_group, two_m, two_n);
       if (first_pass) unpack(g + 2);
       // each block takes its turn once every kChunk groups, so the work is spread
