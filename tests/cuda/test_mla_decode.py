@@ -64,6 +64,18 @@ def test_more_splits_than_tiles_and_many_heads(triton_mla, device):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def test_many_splits_merge_in_column_blocks(triton_mla, device):
+    """128 splits (the merge then reads its partials in column blocks), most of them empty for the
+    short sequences; the merge must read only the splits that hold tokens."""
+    q_nope, q_pe, kv_cache, block_tables, seq_lens = paged_case(
+        device, seq_lens=[1, 300, 700, 1500], num_heads=5, latent_dim=128, rope_dim=16, block_size=16,
+        dtype=torch.float32, seed=3,
+    )
+    got = triton_mla.mla_decode(q_nope, q_pe, kv_cache, block_tables, seq_lens, 0.25, num_splits=128, block_n=16)
+    want = mla_decode_reference(q_nope, q_pe, kv_cache, block_tables, seq_lens, 0.25)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
 def test_real_glm_head_dims(triton_mla, device):
     """20 heads, 512 latent + 64 rope, bf16, the real 1/sqrt(256) scale; a few tokens only."""
     q_nope, q_pe, kv_cache, block_tables, seq_lens = paged_case(

@@ -28,6 +28,15 @@ from glmcode.engine.cuda.triton_common import (
 KV_SCALE_NONE, KV_SCALE_TENSOR, KV_SCALE_TOKEN = 0, 1, 2
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
+# The merge reads [splits, columns] tiles of this many floats: few enough to stay in registers.
+MERGE_TILE_ELEMENTS = 8192
+
+
+@triton.jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens per split, whole tiles: a context shorter than NUM_SPLITS tiles leaves the last splits
+    empty (the split count is fixed by the block table's capacity, not by the context)."""
+    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -59,7 +68,7 @@ def _mla_decode_split_kernel(
     rope_cols = tl.arange(0, ROPE_DIM)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -116,29 +125,32 @@ def _mla_decode_split_kernel(
         )
     else:
         lse = tl.where(running_sum > 0, running_max + tl.log2(safe_sum), float("-inf"))
+        used = tl.where(start < end, head_mask, False)  # the merge reads only the splits that hold tokens
         tl.store(
             partial_out_ptr + seq * stride_po_b + heads[:, None] * stride_po_h + split * stride_po_s
             + latent_cols[None, :],
-            acc, mask=head_mask[:, None],
+            acc, mask=used[:, None],
         )
-        tl.store(partial_lse_ptr + seq * stride_pl_b + heads * stride_pl_h + split, lse, mask=head_mask)
+        tl.store(partial_lse_ptr + seq * stride_pl_b + heads * stride_pl_h + split, lse, mask=used)
 
 
 @triton.jit
 def _mla_decode_merge_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, out_ptr, seq_lens_ptr,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     stride_o_b, stride_o_h,
-    LATENT_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < NUM_SPLITS
-    cols = tl.arange(0, LATENT_DIM)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    split_mask = splits < tl.cdiv(seq_len, _split_len(seq_len, NUM_SPLITS, BLOCK_N))
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
 
     lse = tl.load(partial_lse_ptr + seq * stride_pl_b + head * stride_pl_h + splits, mask=split_mask,
                   other=float("-inf"))
@@ -246,14 +258,17 @@ def mla_decode(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _mla_decode_merge_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out,
+        block_s = triton.next_power_of_2(num_splits)
+        block_c = min(latent_dim, MERGE_TILE_ELEMENTS // block_s)
+        _mla_decode_merge_kernel[(batch, num_heads, latent_dim // block_c)](
+            partial_out, partial_lse, out, seq_lens,
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
             out.stride(0), out.stride(1),
-            LATENT_DIM=latent_dim,
             NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_N=block_n,
+            BLOCK_S=block_s,
+            BLOCK_C=block_c,
             num_warps=4,
         )
     return out
