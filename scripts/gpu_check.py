@@ -1,12 +1,13 @@
 """The prepared device check: GPU kernels against their PyTorch references, the engine's CUDA path
 against the CPU engine, the engine's full-size benchmark against transformers, kernel timings.
 
-The device command for issue 8 (one H100 or H200; one call, about 7-8 minutes, under the 600 s
-limit of one command; give it timeout_s=590):
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --sections checks,engine,bench,mla,moe,ops --out "$OUT/gpu_check.json"
+The device command (one H100 or H200; one call, under the 600 s limit of one command; on an H200
+it took 140 s, the bench 60 s of it; give it timeout_s=590):
+    GLMCODE_CPU_KERNELS=0 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --sections checks,engine,bench,mla,moe,ops --out "$OUT/gpu_check.json"
+(GLMCODE_CPU_KERNELS=0: the float32 CPU reference engine runs without building the C++ CPU kernels.)
 Sections run in that order and the report is rewritten after each, so a cut-off run still returns
 everything finished before the cut; a timing section that would start after --deadline-s is skipped.
-Without the full-size bench (about 3 minutes): drop `bench` from --sections.
+Without the full-size bench (80 s on an H200): drop `bench` from --sections.
 CPU smoke run of the same code with tiny shapes, in Triton's interpreter (about 15 s):
     PYTHONPATH=. python scripts/gpu_check.py --device cpu
 
@@ -25,6 +26,7 @@ reference in the same run and the effective bandwidth).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -541,18 +543,23 @@ class Bench:
         return rows
 
     def sweep_mla(self) -> list[dict]:
-        s = self.shapes
-        batch, context = s.mla_cases[min(2, len(s.mla_cases) - 1)]
-        inputs = self.mla_inputs([context] * batch, s.block_size)
-        configs = [(16, 4), (32, 4), (32, 8), (64, 8)] if self.device.type == "cuda" else [(16, 4)]
+        """Tile shapes and split counts at batch 1 on the two longest contexts, timed from a CUDA
+        graph on a GPU (eager calls there cost a launch-bound ~0.17 ms whatever the shape)."""
+        s, cuda = self.shapes, self.device.type == "cuda"
+        tiles = [(16, 4), (32, 4), (32, 8), (64, 8)] if cuda else [(16, 4)]
+        split_counts = (32, 64, 128) if cuda else (2, 4)
         results = []
-        for block_n, warps in configs:
-            run = lambda: self.mla.mla_decode(*inputs, 0.0625, block_n=block_n, num_warps=warps)  # noqa: E731
-            try:
-                results.append({"batch": batch, "context": context, "block_n": block_n, "num_warps": warps,
-                                "ms": self.time_ms(run)})
-            except Exception as error:  # a config that does not compile (registers) is a result too
-                results.append({"block_n": block_n, "num_warps": warps, "error": repr(error)[:200]})
+        for batch, context in [case for case in s.mla_cases if case[0] == 1][-2:]:
+            inputs = self.mla_inputs([context] * batch, s.block_size)
+            for (block_n, warps), splits in itertools.product(tiles, split_counts):
+                config = {"batch": batch, "context": context, "num_splits": splits, "block_n": block_n,
+                          "num_warps": warps}
+                run = lambda: self.mla.mla_decode(  # noqa: E731
+                    *inputs, 0.0625, num_splits=splits, block_n=block_n, num_warps=warps)
+                try:  # a config that does not compile (registers, shared memory) is a result too
+                    results.append({**config, "ms": self.time_ms(self.capture(run) if cuda else run)})
+                except Exception as error:
+                    results.append({**config, "error": repr(error)[:200]})
         return results
 
     def time_moe(self) -> list[dict]:

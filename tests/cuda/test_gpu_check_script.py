@@ -36,6 +36,9 @@ def test_cpu_smoke_run_passes_every_kernel_check_and_times_every_kernel(tmp_path
     mla_rows = [row for row in report["timings"]["mla_decode"] if "context" in row and "sweep" not in row]
     assert [(row["batch"], row["context"]) for row in mla_rows] == [(1, 24), (2, 40)]
     assert all(row["triton_ms"] > 0 and row["reference_ms"] > 0 for row in mla_rows)
+    sweep = next(row["sweep"] for row in report["timings"]["mla_decode"] if "sweep" in row)
+    assert {(row["context"], row["num_splits"], row["block_n"]) for row in sweep} == {(24, 2, 16), (24, 4, 16)}
+    assert all(row["ms"] > 0 for row in sweep)
     assert {row["op"] for row in report["timings"]["small_ops"]} == {"add_rms_norm", "silu_mul", "rope_q_and_k"}
     engine = report["engine"]  # the kernel path on the references, against the fp32 CPU engine
     assert engine["kernel_path"] and len(engine["checks"]) == 6
