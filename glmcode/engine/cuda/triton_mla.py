@@ -35,8 +35,9 @@ MERGE_TILE_ELEMENTS = 8192
 @triton.jit
 def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tokens per split, whole tiles: a context shorter than NUM_SPLITS tiles leaves the last splits
-    empty (the split count is fixed by the block table's capacity, not by the context)."""
-    return tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    empty (the split count is fixed by the block table's capacity, not by the context). At least
+    one tile, so an empty context (a graph bucket's pad row) has no split in use, not a zero divide."""
+    return tl.cdiv(tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), 1), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
