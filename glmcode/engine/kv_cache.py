@@ -69,7 +69,7 @@ class LayerCache:
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Slots [start, stop) in the compute dtype."""
         if self.scales is None:
-            return self.flat[start:stop]
+            return self.flat[start:stop].to(self.compute_dtype)
         if self.flat.dtype == torch.int8:
             return dequantize_latent(self.flat[start:stop], self.scales[start:stop], self.split, self.compute_dtype)
         return (self.flat[start:stop].float() * self.scales[start:stop, None]).to(self.compute_dtype)
@@ -156,6 +156,15 @@ def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, 
     if num_blocks < 1:
         raise UsageError(f"kv_cache_memory of {budget} bytes holds no block of {per_block} bytes")
     return num_blocks
+
+
+def attention_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the cache is read in, so the dtype attention multiplies in: the model's, except
+    bfloat16 on a CPU where torch has no oneDNN bfloat16 matmul (AVX2 only, say), whose fallback
+    products run ~25x slower than float32 ones there, conversion included (measured on an AMD EPYC)."""
+    if model_dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.float32
+    return model_dtype
 
 
 def default_budget(device: torch.device) -> int:

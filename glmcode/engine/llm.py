@@ -28,7 +28,7 @@ import torch
 from glmcode.engine.block_manager import BlockManager
 from glmcode.engine.config import ModelConfig, resolve_dtype
 from glmcode.engine.disk_cache import DiskCache, checkpoint_identity, fingerprint
-from glmcode.engine.kv_cache import KVCache, blocks_for_budget, default_budget
+from glmcode.engine.kv_cache import KVCache, attention_dtype, blocks_for_budget, default_budget
 from glmcode.engine.model import GlmMoeLite
 from glmcode.engine.options import EngineOptions
 from glmcode.engine.runner import select_runner
@@ -106,7 +106,8 @@ class LLM:
         # The kernel path gets one block more than the manager hands out: the scratch block that
         # the padded rows of a CUDA-graph batch write to.
         cache_blocks = num_blocks + 1 if self.kernel_path else num_blocks
-        self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, storage, self.device, compute_dtype=self.dtype)
+        self.kv_cache = KVCache(self.config, cache_blocks, self.block_size, storage, self.device,
+                                compute_dtype=attention_dtype(self.dtype, self.device))
         self.disk_cache = None
         if options.disk_cache_dir is not None and options.enable_prefix_caching:
             self.fingerprint = fingerprint({**identity, "dtype": str(self.dtype), "kv_dtype": str(storage),

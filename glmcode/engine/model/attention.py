@@ -195,10 +195,10 @@ class SpanBatch:
         latents, one product for all heads), and W_UV is applied once to the chunk's output.
         """
         (seq,) = self.sequences
-        queries = torch.cat([q_nope, q_pe], -1) * attn.scale  # [N, T, P + R]
+        queries = (torch.cat([q_nope, q_pe], -1) * attn.scale).to(cache.compute_dtype)  # [N, T, P + R]
         w_uk_t, w_uv = attn.kv_b_proj.halves()  # once per chunk: a quantized kv_b_proj dequantizes them
         heads, nope = attn.num_heads, attn.nope_dim
-        w_uk_all = w_uk_t.transpose(0, 1).reshape(attn.latent_dim, heads * nope)  # every head in one product
+        w_uk_all = w_uk_t.transpose(0, 1).reshape(attn.latent_dim, heads * nope).to(cache.compute_dtype)  # all heads
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             latent = piece[:, : attn.latent_dim]
@@ -208,7 +208,7 @@ class SpanBatch:
             scores = torch.matmul(queries, keys.transpose(1, 2))  # [N, T, S]
             return scores, latent
 
-        out_latent = self._attend(heads, scores_and_values, seq, cache).to(queries.dtype)  # [N, T, L]
+        out_latent = self._attend(heads, scores_and_values, seq, cache).to(w_uv.dtype)  # [N, T, L]
         return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [T, N, V]
 
     def _absorbed(self, attn: MLAttention, q_nope, q_pe, cache: LayerCache) -> torch.Tensor:
@@ -234,7 +234,7 @@ class SpanBatch:
 
     def _absorbed_in_pieces(self, attn: MLAttention, q_latent, q_pe, seq: SequenceSlice, cache: LayerCache, many: bool):
         """One sequence's softmax-weighted latents [N, t, L] in torch, context piece by piece."""
-        queries = torch.cat([q_latent, q_pe], -1) * attn.scale  # [N, t, L + R]
+        queries = (torch.cat([q_latent, q_pe], -1) * attn.scale).to(cache.compute_dtype)  # [N, t, L + R]
         queries = queries.reshape(-1, queries.shape[-1])
 
         def scores_and_values(piece: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
