@@ -215,9 +215,9 @@ class SpanBatch:
         """q_nope [N, T, P], q_pe [N, T, R] of any number of sequences -> [T, N, V]."""
         # Many rows multiply faster by the dense halves than by kv_b_proj's own (decode) products.
         many = q_nope.shape[1] > 32
-        if many:
-            w_uk_t, w_uv = attn.kv_b_proj.halves()
-            q_latent = torch.matmul(q_nope, w_uk_t.transpose(1, 2))  # [N, T, L]
+        if many:  # in the dtype the cache is read in (float32 halves: ~3 ms a chunk to copy, ~0.35 s saved on AVX2)
+            w_uk_t, w_uv = (half.to(cache.compute_dtype) for half in attn.kv_b_proj.halves())
+            q_latent = torch.matmul(q_nope.to(w_uk_t.dtype), w_uk_t.transpose(1, 2))  # [N, T, L]
         else:
             q_latent = attn.kv_b_proj.absorb_query(q_nope)
         out_latent = torch.empty_like(q_latent)
@@ -230,7 +230,7 @@ class SpanBatch:
                 out_latent[:, seq.rows] = self._absorbed_in_pieces(attn, q_latent[:, seq.rows], q_pe[:, seq.rows], seq,
                                                                    cache, many).to(out_latent.dtype)  # fmt: skip
         values = torch.matmul(out_latent, w_uv.transpose(1, 2)) if many else attn.kv_b_proj.values(out_latent)
-        return values.transpose(0, 1)  # [T, N, V]
+        return values.to(q_nope.dtype).transpose(0, 1)  # [T, N, V]
 
     def _absorbed_in_pieces(self, attn: MLAttention, q_latent, q_pe, seq: SequenceSlice, cache: LayerCache, many: bool):
         """One sequence's softmax-weighted latents [N, t, L] in torch, context piece by piece."""
