@@ -10,6 +10,8 @@ machine.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -151,6 +153,8 @@ class QuantizedModelBuilder:
         down = [parts[(e, "down_proj", 0)] for e in range(num_experts)]
         del self.pending_experts[experts_path]
         self._set_module(experts_path, quantized_experts(gate_up, down, dtype=self.dtype, device=self.device))
+        del gate_up, down, parts
+        return_free_heap()
 
     def _set_module(self, path: str, module: nn.Module) -> None:
         parent, _, leaf = path.rpartition(".")
@@ -165,6 +169,26 @@ class QuantizedModelBuilder:
             setattr(owner, leaf, nn.Parameter(value, requires_grad=False))
         else:
             owner.register_buffer(leaf, value)
+
+
+def return_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Packing a layer's experts for torch's int4 kernels frees large temporaries between the tensors
+    it keeps, and glibc holds on to those holes: 8 layers took 8.6 GB of RSS for 3.3 GB of tensors
+    (so the whole model did not load in 24 GB), 3.4 GB trimmed after each layer.
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _tied_head(model: GlmMoeLite) -> nn.Linear:
