@@ -161,7 +161,7 @@ def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, 
 def attention_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the cache is read in, so the dtype attention multiplies in: the model's, except
     bfloat16 on a CPU where torch has no oneDNN bfloat16 matmul (AVX2 only, say), whose fallback
-    products run ~25x slower than float32 ones there, conversion included (measured on an AMD EPYC)."""
+    products ran 13-27x slower than float32 ones there, conversion included (an AMD EPYC Milan)."""
     if model_dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.float32
     return model_dtype
