@@ -2,7 +2,7 @@
 against the CPU engine, the engine's full-size benchmark against transformers, kernel timings.
 
 The device command (one H100 or H200; one call, under the 600 s limit of one command; on an H200
-it took 140 s, the bench 60 s of it; give it timeout_s=590):
+it took 140 s, the bench 60 s of it, before the MLA sweep timed split counts; give it timeout_s=590):
     GLMCODE_CPU_KERNELS=0 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 scripts/gpu_check.py --sections checks,engine,bench,mla,moe,ops --out "$OUT/gpu_check.json"
 (GLMCODE_CPU_KERNELS=0: the float32 CPU reference engine runs without building the C++ CPU kernels.)
 Sections run in that order and the report is rewritten after each, so a cut-off run still returns

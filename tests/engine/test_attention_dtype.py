@@ -54,7 +54,8 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kv_cache_dtype", [None, "int8"])
 def test_float32_attention_of_a_bfloat16_model_is_as_close_to_float32(tiny_checkpoint, kv_cache_dtype):
-    expected = logits_of_every_step(fp32 := LLM(tiny_checkpoint, dtype="float32", **OPTIONS), ModuleRunner(fp32.model, fp32.kv_cache))
+    fp32 = LLM(tiny_checkpoint, dtype="float32", **OPTIONS)
+    expected = logits_of_every_step(fp32, ModuleRunner(fp32.model, fp32.kv_cache))
     llm = LLM(tiny_checkpoint, dtype="bfloat16", kv_cache_dtype=kv_cache_dtype, **OPTIONS)
     in_bf16 = logits_of_every_step(llm, ModuleRunner(llm.model, cache_reading_in(llm, torch.bfloat16)))
     in_fp32 = logits_of_every_step(llm, ModuleRunner(llm.model, cache_reading_in(llm, torch.float32)))
