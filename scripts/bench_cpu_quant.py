@@ -334,8 +334,8 @@ def compare_kernels(repeats: int = 30) -> dict:
     o_proj4, o_proj8 = int4(2048, 5120), int8(2048, 5120)
     xo = torch.randn(1, 5120, dtype=torch.bfloat16)
     result = {}
-    for kernel in ("aten", "vnni"):
-        if kernel == "vnni" and linear.select_kernel(4, torch.device("cpu")) != "vnni":
+    for kernel in ("aten", "glmcode"):
+        if kernel == "glmcode" and linear.select_kernel(4, torch.device("cpu")) != "glmcode":
             break
         original = linear.select_kernel
         linear.select_kernel = lambda bits, device, kernel=kernel: kernel

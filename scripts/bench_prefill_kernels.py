@@ -1,6 +1,6 @@
 """The prefill products at GLM-4.7-Flash's real shapes: AMX against the paths it replaces.
 
-Each product of a 512-token chunk runs on glmcode's AMX tiles, on its VNNI kernels (AMX turned
+Each product of a 512-token chunk runs on glmcode's AMX tiles, on its vector kernels (AMX turned
 off: what a CPU without AMX gets), on aten's int4 packed op (the fallback without our kernels),
 and as a bfloat16 F.linear of the dequantized weight (oneDNN, itself on AMX-BF16 here: the speed
 of a full bf16 copy of the weights, which the 24 GB machine cannot hold). The routed experts run
@@ -70,11 +70,11 @@ def timed(fn) -> float:
 
 
 def paths_for(name: str, weight: Int4Weight, x: torch.Tensor) -> dict:
-    ours = int4_module(weight, "vnni")
+    ours = int4_module(weight, "glmcode")
     paths = {}
     if cpu_kernels.amx_available():
         paths["amx"] = lambda: _with_amx(True, lambda: ours(x))
-    paths["vnni"] = lambda: _with_amx(False, lambda: ours(x))
+    paths["vector"] = lambda: _with_amx(False, lambda: ours(x))
     if name != "dense gate_up":  # aten's op takes ~10 s there per call
         aten = int4_module(weight, "aten")
         paths["aten int4"] = lambda: aten(x)
@@ -137,7 +137,7 @@ def main() -> None:
     ids = torch.stack([torch.randperm(EXPERTS, generator=gen)[:TOP_K] for _ in range(args.tokens)])
     route = torch.rand(args.tokens, TOP_K, generator=gen)
     xe = x[:, :HIDDEN].contiguous()
-    expert_paths = {"vnni": lambda: _with_amx(False, lambda: experts(xe, ids, route))}
+    expert_paths = {"vector": lambda: _with_amx(False, lambda: experts(xe, ids, route))}
     if cpu_kernels.amx_available():
         expert_paths = {"amx": lambda: _with_amx(True, lambda: experts(xe, ids, route))} | expert_paths
     cases.append(("routed experts (grouped)", 2 * args.tokens * TOP_K * 3 * HIDDEN * INTER, expert_paths))

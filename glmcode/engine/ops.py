@@ -67,7 +67,7 @@ def kernel(cuda: str | None = None, cpu: str | None = None):
 def _cpu_kernels() -> bool:
     from glmcode.engine.cpu import kernels
 
-    return kernels.available()
+    return kernels.avx512_available()
 
 
 # ----- projections, norms and activations -----

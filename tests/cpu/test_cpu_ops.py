@@ -7,7 +7,7 @@ import torch
 from glmcode.engine import ops
 from glmcode.engine.cpu import kernels as cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs our CPU kernels")
+pytestmark = pytest.mark.skipif(not cpu_kernels.avx512_available(), reason="needs the AVX-512 form of our CPU kernels")
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -1,4 +1,5 @@
-"""The many-row products (cpu_prefill.cpp) against plain float references, on AMX and on VNNI.
+"""The many-row products (cpu_prefill.cpp) against plain float references, on AMX and on the
+vector kernels (AVX-512 VNNI or AVX2).
 
 Every product runs twice: with the AMX-INT8 tiles (where this CPU has them) and with them turned
 off, which is the path a CPU without AMX takes. Both quantize the activations to int8 the same
@@ -16,12 +17,12 @@ from glmcode.engine.quant.formats import dequantize, dequantize_int4, dequantize
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs our CPU kernels")
 
-PATHS = ["amx", "vnni"]
+PATHS = ["amx", "vector"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request):
-    """The product path under test: AMX tiles, or the VNNI kernels with AMX turned off."""
+    """The product path under test: AMX tiles, or the vector kernels with AMX turned off."""
     if request.param == "amx" and not cpu_kernels.amx_available():
         pytest.skip("this CPU has no AMX-INT8 (or the kernel does not grant it)")
     with cpu_kernels.amx_products(request.param == "amx"):
@@ -94,15 +95,15 @@ def test_per_head_int8_products_match_each_head(path, rows):
         assert relative_error(y[h], x[h] @ dequantize_int8(w).T) < ACTIVATION_ERROR
 
 
-def test_amx_and_vnni_agree_to_float_rounding():
+def test_amx_and_vector_agree_to_float_rounding():
     """Same int8 activations, same integer dot product per group: only the float sums differ."""
     q4, q8 = quantize_int4(torch.randn(96, 512), 128), quantize_int8(torch.randn(96, 512))
     packed4 = cpu_kernels.pack_int4(q4.nibbles, q4.scales, q4.zeros)
     packed8 = cpu_kernels.pack_int8(q8.values, q8.scales, 128)
     x = torch.randn(70, 512)
     for product in (lambda: cpu_kernels.int4_linear(x, *packed4, 128), lambda: cpu_kernels.int8_linear(x, *packed8, 128)):
-        amx, vnni = on_both_paths(product)
-        torch.testing.assert_close(amx, vnni, rtol=1e-5, atol=1e-5 * vnni.abs().max().item())
+        amx, vector = on_both_paths(product)
+        torch.testing.assert_close(amx, vector, rtol=1e-5, atol=1e-5 * vector.abs().max().item())
 
 
 def test_few_rows_take_the_matrix_vector_kernels():
@@ -111,17 +112,17 @@ def test_few_rows_take_the_matrix_vector_kernels():
     packed = cpu_kernels.pack_int4(q.nibbles, q.scales, q.zeros)
     for rows in range(1, 8):
         x = torch.randn(rows, 256)
-        amx, vnni = on_both_paths(lambda: cpu_kernels.int4_linear(x, *packed, 128))
-        assert torch.equal(amx, vnni)
+        amx, vector = on_both_paths(lambda: cpu_kernels.int4_linear(x, *packed, 128))
+        assert torch.equal(amx, vector)
 
 
-def test_groups_of_32_fall_back_to_vnni_with_amx_on():
-    """AMX takes whole 64-input steps per group; smaller groups stay on the VNNI kernels."""
+def test_groups_of_32_fall_back_to_vector_with_amx_on():
+    """AMX takes whole 64-input steps per group; smaller groups stay on the vector kernels."""
     q = quantize_int4(torch.randn(32, 96), 32)
     packed = cpu_kernels.pack_int4(q.nibbles, q.scales, q.zeros)
     x = torch.randn(20, 96)
-    amx, vnni = on_both_paths(lambda: cpu_kernels.int4_linear(x, *packed, 32))
-    assert torch.equal(amx, vnni)
+    amx, vector = on_both_paths(lambda: cpu_kernels.int4_linear(x, *packed, 32))
+    assert torch.equal(amx, vector)
     assert relative_error(amx, x @ dequantize_int4(q).T) < ACTIVATION_ERROR
 
 
@@ -157,7 +158,7 @@ def test_grouped_experts_match_the_float_experts(path, tokens):
 
 
 def test_grouped_experts_match_one_token_at_a_time():
-    """The chunk path (grouped, AMX or VNNI) against the decode path's per-token kernel."""
+    """The chunk path (grouped, AMX or vector) against the decode path's per-token kernel."""
     _, _, experts = make_experts(num_experts=6, hidden=256, inter=128)
     x = torch.randn(40, 256)
     ids = torch.stack([torch.randperm(6)[:2] for _ in range(40)])

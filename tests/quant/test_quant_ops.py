@@ -56,14 +56,14 @@ def test_group_size_falls_back_for_small_inputs():
         formats.int4_group_size(40)
 
 
-KERNELS = ["vnni", "aten", "reference"]
+KERNELS = ["glmcode", "aten", "reference"]
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
     """Force one kernel for the quantized modules built in the test."""
-    if request.param == "vnni" and not cpu_kernels.available():
-        pytest.skip("AVX-512 VNNI kernels not available on this machine")
+    if request.param == "glmcode" and not cpu_kernels.available():
+        pytest.skip("glmcode's CPU kernels are not available on this machine")
     monkeypatch.setattr(linear, "select_kernel", lambda bits, device: request.param)
     return request.param
 
@@ -72,8 +72,8 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected).norm() / expected.norm()).item()
 
 
-# int8 activations (vnni) and bfloat16 rounding each cost well under 2% of the output norm.
-_TOLERANCE = {("vnni", torch.float32): 0.02, ("vnni", torch.bfloat16): 0.02}
+# int8 activations (our kernels) and bfloat16 rounding each cost well under 2% of the output norm.
+_TOLERANCE = {("glmcode", torch.float32): 0.02, ("glmcode", torch.bfloat16): 0.02}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -107,13 +107,13 @@ def test_int8_linear_matches_dequantized_reference(kernel, dtype, rows, features
     assert _relative_error(got, expected) < tolerance
 
 
-def test_vnni_kernels_handle_every_row_count():
+def test_our_kernels_handle_every_row_count():
     """Rows are processed in blocks of 4: every remainder must land in the right place."""
     if not cpu_kernels.available():
-        pytest.skip("AVX-512 VNNI kernels not available on this machine")
+        pytest.skip("glmcode's CPU kernels are not available on this machine")
     q4, q8 = quantize_int4(torch.randn(32, 256)), quantize_int8(torch.randn(32, 256))
     layers = [Int4Linear(q4, dtype=torch.float32), Int8Linear(q8, dtype=torch.float32)]
-    assert [layer.kernel for layer in layers] == ["vnni", "vnni"]
+    assert [layer.kernel for layer in layers] == ["glmcode", "glmcode"]
     for rows in range(1, 10):
         x = torch.randn(rows, 256)
         for layer, q in zip(layers, (q4, q8)):
@@ -143,7 +143,7 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
     q_gate_up = [formats.quantize(w, bits) for w in gate_up]
     q_down = [formats.quantize(w, bits) for w in down]
     experts = quant_experts.quantized_experts(q_gate_up, q_down, dtype=torch.float32)
-    stacked = kernel == "vnni" and bits == 4
+    stacked = kernel == "glmcode" and bits == 4
     assert isinstance(experts, quant_experts.StackedInt4Experts if stacked else QuantizedExperts)
     x = torch.randn(7, hidden)
     ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(7)])
@@ -159,7 +159,7 @@ def test_quantized_experts_match_the_float_moe(kernel, bits):
 
     batched = experts(x, ids, weights)
     dequantized = moe([formats.dequantize(q) for q in q_gate_up], [formats.dequantize(q) for q in q_down])
-    assert _relative_error(batched, dequantized) < (0.03 if kernel == "vnni" else 1e-4)
+    assert _relative_error(batched, dequantized) < (0.03 if kernel == "glmcode" else 1e-4)
     exact = moe(gate_up, down)
     # Gaussian weights are the worst case for 4 bits: ~10% error per matmul, two in a row.
     assert (batched - exact).norm() / exact.norm() < (0.03 if bits == 8 else 0.25)
@@ -224,7 +224,7 @@ def test_kv_b_projection_matches_the_float_halves(kernel, rows):
     reference = KVBProjection(heads, latent, nope, v - 8).requires_grad_(False)
     reference.load(weight)
     q_nope, latents = torch.randn(heads, rows, nope), torch.randn(heads, rows, latent)
-    tolerance = 0.02 if kernel == "vnni" else 1e-5
+    tolerance = 0.02 if kernel == "glmcode" else 1e-5
     assert _relative_error(module.absorb_query(q_nope), reference.absorb_query(q_nope)) < tolerance
     assert _relative_error(module.values(latents), reference.values(latents)) < tolerance
     for got, expected in zip(module.halves(), reference.halves()):

@@ -32,6 +32,15 @@ namespace {
 
 std::atomic<bool> amx_turned_on{true};
 
+// Whether the CPU has AMX-INT8 and this build the kernels for it (see below).
+bool amx_int8_present() {
+#if defined(__AVX512F__)
+  return amx_support().int8;
+#else
+  return false;
+#endif
+}
+
 constexpr int64_t kStep = 64;         // inputs per tile product
 constexpr int64_t kTileBytes = 1024;  // 16 lines of 64 bytes
 constexpr int64_t kBlockRows = 32;    // activation rows per pass (two A tiles)
@@ -49,7 +58,7 @@ struct Weights {
   const at::BFloat16* scales4 = nullptr;  // int4: [tiles, in / group, 16]
   const at::BFloat16* zeros = nullptr;
   const float* scales8 = nullptr;  // int8: [tiles * 16]
-  const int32_t* sums = nullptr;   // int8: [tiles, in / group, 16] (for the VNNI kernel)
+  const int32_t* sums = nullptr;   // int8: [tiles, in / group, 16] (for the vector kernel)
 
   int64_t groups() const { return in / group; }
   int64_t panels() const { return (tiles + 1) / 2; }
@@ -84,6 +93,41 @@ struct Scratch {
   alignas(64) float acc[4][kTile * kTile];
 };
 
+// Rows of int8 activations [M, K] in whole blocks of 16 rows, rearranged for AMX: in each
+// block, the 16 x 64 values of each step are one contiguous kilobyte (an A operand). Left as
+// rows, a tile load reads 16 lines K bytes apart, which fall into the same few L1 sets.
+void to_tiles(AlignedVector<int8_t>& values, int64_t K) {
+  const int64_t blocks = static_cast<int64_t>(values.size()) / (kTile * K), steps = K / kStep;
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> block(kTile * K);
+    for (int64_t b = begin; b < end; ++b) {
+      int8_t* rows = values.data() + b * kTile * K;
+      std::copy_n(rows, kTile * K, block.data());
+      for (int64_t r = 0; r < kTile; ++r)
+        for (int64_t step = 0; step < steps; ++step)
+          std::memcpy(rows + step * kTileBytes + r * kStep, block.data() + r * K + step * kStep, kStep);
+    }
+  });
+}
+
+// Activation rows of a product: `count` rows from `first` of q (whose buffers hold whole
+// 16-row blocks past them, zero; for AMX in tiles, see to_tiles).
+struct Rows {
+  const QuantizedRows& q;
+  const float* offsets;  // int4 on AMX: xs * xsum of each row and group
+  int64_t first, count;
+};
+
+// q's xs * xsum per row and group (the int4 zero-point term's activation factor).
+void offsets_of(const QuantizedRows& q, std::vector<float>& out) {
+  out.resize(q.scales.size());
+  for (size_t i = 0; i < out.size(); ++i) out[i] = q.scales[i] * static_cast<float>(q.sums[i]);
+}
+
+// The AMX-INT8 kernels. They are compiled for AMX by their target attribute, but they use
+// cpu_kernels_avx512.h too, so the AVX2 build of the extension leaves them out.
+#if defined(__AVX512F__)
+
 // The per-group scales of the int4 panel of tiles [t, t + n) as floats: s and z - 8 s.
 GLMCODE_AMX_INT8 void panel_scales(const Weights& w, int64_t t, int n, Scratch& s) {
   const int64_t G = w.groups();
@@ -116,37 +160,6 @@ GLMCODE_AMX_INT8 inline void unpack_group(const Weights& w, int64_t t, int64_t g
 GLMCODE_AMX_INT8 inline void store_out(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 GLMCODE_AMX_INT8 inline void store_out(at::BFloat16* dst, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-// Rows of int8 activations [M, K] in whole blocks of 16 rows, rearranged for AMX: in each
-// block, the 16 x 64 values of each step are one contiguous kilobyte (an A operand). Left as
-// rows, a tile load reads 16 lines K bytes apart, which fall into the same few L1 sets.
-void to_tiles(AlignedVector<int8_t>& values, int64_t K) {
-  const int64_t blocks = static_cast<int64_t>(values.size()) / (kTile * K), steps = K / kStep;
-  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> block(kTile * K);
-    for (int64_t b = begin; b < end; ++b) {
-      int8_t* rows = values.data() + b * kTile * K;
-      std::copy_n(rows, kTile * K, block.data());
-      for (int64_t r = 0; r < kTile; ++r)
-        for (int64_t step = 0; step < steps; ++step)
-          std::memcpy(rows + step * kTileBytes + r * kStep, block.data() + r * K + step * kStep, kStep);
-    }
-  });
-}
-
-// Activation rows of a product: `count` rows from `first` of q (whose buffers hold whole
-// 16-row blocks past them, zero; for AMX in tiles, see to_tiles).
-struct Rows {
-  const QuantizedRows& q;
-  const float* offsets;  // int4 on AMX: xs * xsum of each row and group
-  int64_t first, count;
-};
-
-// q's xs * xsum per row and group (the int4 zero-point term's activation factor).
-void offsets_of(const QuantizedRows& q, std::vector<float>& out) {
-  out.resize(q.scales.size());
-  for (size_t i = 0; i < out.size(); ++i) out[i] = q.scales[i] * static_cast<float>(q.sums[i]);
 }
 
 // One 32-row pass of a panel: the tile products of group g into the four accumulator tiles.
@@ -295,11 +308,12 @@ GLMCODE_AMX_INT8 void panel(const Weights& w, int64_t t, int n, const Rows& x, O
     }
   }
 }
+#endif  // __AVX512F__
 
-// The same product on AVX-512 VNNI tiles, for CPUs without AMX-INT8 (x's rows quantized for
-// the VNNI kernels: biased for int8 weights).
+// The same product on the matrix-vector kernels' tiles (AVX-512 VNNI or AVX2), for CPUs without
+// AMX-INT8 (x's rows quantized for those kernels: biased for int8 weights).
 template <int Bits, typename Out>
-void panel_vnni(const Weights& w, int64_t t, int n, const Rows& x, Out* y, int64_t ldy) {
+void panel_vector(const Weights& w, int64_t t, int n, const Rows& x, Out* y, int64_t ldy) {
   const int64_t G = w.groups();
   for (int j = 0; j < n; ++j) {
     const int64_t tile = t + j;
@@ -319,15 +333,19 @@ void panel_vnni(const Weights& w, int64_t t, int n, const Rows& x, Out* y, int64
   }
 }
 
-// y = x . panel p of w on AMX or VNNI tiles (y: the panel's first output of x's first row).
+// y = x . panel p of w on AMX or vector tiles (y: the panel's first output of x's first row).
 template <typename Out>
 void panel_product(bool amx, const Weights& w, int64_t p, const Rows& x, Out* y, int64_t ldy, Scratch& s) {
   const int64_t t = 2 * p;
   const int n = t + 1 < w.tiles ? 2 : 1;
   if (amx) {
+#if defined(__AVX512F__)
     if (w.bits == 4) panel<4>(w, t, n, x, y, ldy, s); else panel<8>(w, t, n, x, y, ldy, s);
+#else
+    TORCH_CHECK(false, "this build of the CPU kernels has no AMX products");
+#endif
   } else {
-    if (w.bits == 4) panel_vnni<4>(w, t, n, x, y, ldy); else panel_vnni<8>(w, t, n, x, y, ldy);
+    if (w.bits == 4) panel_vector<4>(w, t, n, x, y, ldy); else panel_vector<8>(w, t, n, x, y, ldy);
   }
 }
 
@@ -395,7 +413,7 @@ QuantizedRows quantize_blocks(const at::Tensor& x, int64_t heads, int64_t group,
 
 }  // namespace
 
-bool amx_products_enabled() { return amx_turned_on.load(std::memory_order_relaxed) && amx_support().int8; }
+bool amx_products_enabled() { return amx_turned_on.load(std::memory_order_relaxed) && amx_int8_present(); }
 
 bool amx_products_apply(int64_t rows, int64_t in, int64_t group) {
   return rows >= kAmxMinRows && in % kStep == 0 && group % kStep == 0 && amx_products_enabled();
@@ -442,7 +460,7 @@ struct MoeBuffers {
 
 // A chunk of tokens through the routed experts of one layer, grouped by expert: the rows of each
 // expert's tokens are gathered, each active expert runs gate_up, silu(gate) * up and down as
-// many-row products (AMX where the CPU has it, else VNNI tiles), and each token sums its experts'
+// many-row products (AMX where the CPU has it, else vector tiles), and each token sums its experts'
 // outputs with its routing weights, in its own slot order.
 // x [T, H]; expert_ids, expert_weights [T, k]; gate_up: packed [E, 2I/16, H/8, 64], scales and
 // zeros [E, 2I/16, H/g1, 16]; down: packed [E, H/16, I/8, 64], scales and zeros [E, H/16, I/g2, 16].
@@ -474,7 +492,7 @@ at::Tensor int4_moe_grouped(const at::Tensor& x_in, const at::Tensor& expert_ids
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + round_up(count[e], kTile);
   // AMX when the active experts average enough rows (few tokens, e.g. a batch of decodes,
-  // give each one or two: the VNNI kernels then read the weights faster)
+  // give each one or two: the vector kernels then read the weights faster)
   const int64_t active = E - std::count(count.begin(), count.end(), 0);
   const bool amx = amx_products_apply(T * k / std::max<int64_t>(1, active), H, up_group) &&
                    amx_products_apply(kAmxMinRows, I, down_group);
@@ -574,10 +592,10 @@ at::Tensor int4_moe_grouped(const at::Tensor& x_in, const at::Tensor& expert_ids
   return y;
 }
 
-// Turns the AMX products on or off (to compare them with the VNNI ones); returns the old setting.
+// Turns the AMX products on or off (to compare them with the vector ones); returns the old setting.
 bool set_amx_products(bool enabled) { return amx_turned_on.exchange(enabled); }
 
-bool amx_products_available() { return amx_support().int8; }
+bool amx_products_available() { return amx_int8_present(); }
 
 }  // namespace
 }  // namespace glmcode_cpu

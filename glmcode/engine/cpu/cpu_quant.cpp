@@ -1,8 +1,8 @@
-// int8-activation x int4/int8-weight matrix products for x86 CPUs with AVX-512 VNNI.
+// int8-activation x int4/int8-weight matrix products for x86 CPUs with AVX-512 VNNI or AVX2.
 //
 // y[m, n] = sum_k x[m, k] * w[n, k]. Activations are quantized on the fly to int8, one scale
-// per row and group of `group` inputs; the integer dot products run on VPDPBUSD (u8 x s8 -> s32)
-// and each group's sum is scaled into a float accumulator.
+// per row and group of `group` inputs; the integer dot products run on VPDPBUSD (u8 x s8 -> s32;
+// on AVX2, VPMADDUBSW and VPMADDWD: cpu_kernels_avx2.h) and each group's sum is scaled into a float accumulator.
 //
 // Weight layouts, made by cpu_quant.py, tile 16 output rows so one 64-byte vector holds 4 (int8)
 // or 8 (int4) inputs of 16 rows and one broadcast activation word feeds all 16 rows at once:
@@ -168,11 +168,7 @@ at::Tensor int8_dequantize(const at::Tensor& packed, const at::Tensor& scales, i
         // row r's 4 inputs of each block are 4 consecutive bytes of the block's vector
         const int8_t* tile = src + ((h * tiles + r / kTile) * (K / 4)) * 64 + (r % kTile) * 4;
         for (int64_t b = 0; b < K / 4; ++b) std::memcpy(row.data() + 4 * b, tile + b * 64, 4);
-        const __m512 s = _mm512_set1_ps(scale[h * N + r]);
-        for (int64_t k = 0; k < K; k += 16) {
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.data() + k));
-          store_row(dst + hr * K + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), s));
-        }
+        scale_int8(row.data(), K, scale[h * N + r], dst + hr * K);
       }
     });
   });

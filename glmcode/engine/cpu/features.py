@@ -14,6 +14,11 @@ def _cpu_flags() -> str:
         return ""
 
 
+def has_avx2() -> bool:
+    """AVX2 and FMA: what the AVX2 form of the kernels needs."""
+    return " avx2" in _cpu_flags() and " fma" in _cpu_flags() and " f16c" in _cpu_flags()
+
+
 def has_vnni() -> bool:
     """AVX-512 VNNI (and BW): what the int4 / int8 kernels need."""
     return " avx512_vnni" in _cpu_flags() and " avx512bw" in _cpu_flags()
@@ -36,5 +41,5 @@ def has_amx_int8() -> bool:
 
 def cpu_features() -> list[str]:
     """The instruction sets our kernels use that this CPU has, by name."""
-    features = {"AVX-512 VNNI": has_vnni(), "AVX512_BF16": has_bf16_dot(), "AMX-BF16": has_amx(), "AMX-INT8": has_amx_int8()}
+    features = {"AVX2": has_avx2(), "AVX-512 VNNI": has_vnni(), "AVX512_BF16": has_bf16_dot(), "AMX-BF16": has_amx(), "AMX-INT8": has_amx_int8()}
     return [name for name, present in features.items() if present]

@@ -1,15 +1,21 @@
-"""Our AVX-512 VNNI kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
+"""Our C++ kernels for quantized matmuls on CPU (cpu_quant.cpp), and their weight layout.
 
-Products of many rows (a prefill chunk, a chunk's routed experts grouped by expert) run on AMX-INT8
-tiles where the CPU has them (cpu_prefill.cpp), over the same packed weights. The same extension
-holds the fused decode step (cpu_decode.cpp, driven by fused_decode.py) and the kernels of the
-model's elementwise ops (cpu_ops.cpp: norms, rope, silu, the prefill softmax; see engine/ops.py)
-and a prefill chunk's attention on AMX-BF16 tiles (cpu_attention.cpp);
-all build on the kernels of cpu_kernels.h.
+The extension is built in one of two forms, for the CPU it runs on:
 
-The extension is compiled on first use with torch's C++ extension machinery and cached. Where it
-cannot be used (no AVX-512 VNNI, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
+- AVX-512 (with VNNI): everything. Products of many rows (a prefill chunk, a chunk's routed
+  experts grouped by expert) run on AMX-INT8 tiles where the CPU has them (cpu_prefill.cpp),
+  over the same packed weights. It also holds the fused decode step (cpu_decode.cpp, driven by
+  fused_decode.py), the kernels of the model's elementwise ops (cpu_ops.cpp: norms, rope, silu,
+  the prefill softmax; see engine/ops.py) and a prefill chunk's attention on AMX-BF16 tiles
+  (cpu_attention.cpp).
+- AVX2 (AMD Zen 2/3, Intel client cores): the quantized products only (cpu_quant.cpp and the
+  grouped experts of cpu_prefill.cpp), on the same layouts; the rest runs on torch ops.
+
+Both build on the kernels of cpu_kernels.h (cpu_kernels_avx512.h / cpu_kernels_avx2.h). The
+extension is compiled on first use with torch's C++ extension machinery and cached. Where it
+cannot be used (no AVX2, no compiler, a failed build, or ``GLMCODE_CPU_KERNELS=0``),
 :func:`available` is False and the quantized modules fall back to the aten packed-weight ops.
+``GLMCODE_CPU_KERNELS=avx2`` builds the AVX2 form on an AVX-512 CPU (to test or compare it).
 """
 
 from __future__ import annotations
@@ -28,25 +34,46 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from glmcode.engine.cpu.features import has_vnni
+from glmcode.engine.cpu.features import has_avx2, has_vnni
 
 if TYPE_CHECKING:
     from glmcode.engine.kv_cache import LayerCache
 
 TILE = 16
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp")]
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"]
+_HERE = Path(__file__).parent
+# (extension name, sources, compiler flags) of each form
+_BUILDS = {
+    "avx512": (
+        "glmcode_cpu_quant",
+        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp"],
+        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
+    ),
+    "avx2": ("glmcode_cpu_quant_avx2", ["cpu_quant.cpp", "cpu_prefill.cpp"], ["-O3", "-mavx2", "-mfma", "-mf16c"]),
+}
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
 _OPENMP = ["-fopenmp"]
 log = logging.getLogger(__name__)
 
 
+def _wanted_build() -> str | None:
+    """The form this CPU (and ``GLMCODE_CPU_KERNELS``) calls for, or None."""
+    setting = os.environ.get("GLMCODE_CPU_KERNELS", "1")
+    if setting == "0":
+        return None
+    if has_vnni() and setting != "avx2":
+        return "avx512"
+    return "avx2" if has_avx2() else None
+
+
 @functools.cache
-def available() -> bool:
-    """True once the extension is built and loaded (first call compiles, ~20 s, then cached)."""
-    if os.environ.get("GLMCODE_CPU_KERNELS", "1") == "0" or not has_vnni():
-        return False
+def build() -> str | None:
+    """``"avx512"`` or ``"avx2"`` once that form of the extension is built and loaded (first call
+    compiles, ~20 s, then cached); None where there is none."""
+    form = _wanted_build()
+    if form is None:
+        return None
+    name, sources, flags = _BUILDS[form]
     # Loading a cached build takes about a second; one still loading after a few is compiling.
     notice = threading.Timer(5.0, lambda: print("glmcode: compiling the CPU kernels (once; about a minute)...",
                                                 file=sys.stderr, flush=True))
@@ -57,20 +84,31 @@ def available() -> bool:
         from torch.utils.cpp_extension import load
 
         load(
-            name="glmcode_cpu_quant",
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=_FLAGS + _OPENMP,
+            name=name,
+            sources=[str(_HERE / source) for source in sources],
+            extra_cflags=flags + _OPENMP,
             extra_ldflags=_OPENMP,
             is_python_module=False,
         )
     except Exception as exc:  # no compiler, no ninja, a compile error: use the aten ops instead
         log.warning("glmcode CPU kernels unavailable, using aten ops: %s", str(exc).splitlines()[0])
-        return False
+        return None
     finally:
         notice.cancel()
     if os.environ.get("GLMCODE_AMX", "1") == "0":
         torch.ops.glmcode_cpu.set_amx_products(False)
-    return True
+    return form
+
+
+def available() -> bool:
+    """True once the extension is built and loaded, in either form: the quantized products."""
+    return build() is not None
+
+
+def avx512_available() -> bool:
+    """True once the AVX-512 form is loaded: also the fused decode, the elementwise ops and the
+    prefill attention kernels."""
+    return build() == "avx512"
 
 
 def ops():
@@ -88,7 +126,7 @@ def amx_available() -> bool:
 
 @contextlib.contextmanager
 def amx_products(enabled: bool) -> Iterator[None]:
-    """Runs the block with the AMX products on or off (off: the VNNI kernels take every product)."""
+    """Runs the block with the AMX products on or off (off: the vector kernels take every product)."""
     previous = ops().set_amx_products(enabled)
     try:
         yield
@@ -130,7 +168,7 @@ def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tens
 
 def latent_attention_available() -> bool:
     """Whether a prefill chunk's absorbed attention can run on AMX-BF16 tiles here (cpu_attention.cpp)."""
-    return available() and ops().latent_attention_available()
+    return avx512_available() and ops().latent_attention_available()
 
 
 def latent_attention(

@@ -82,7 +82,7 @@ def quantized_experts(
 ) -> _RoutedExperts:
     """One layer's routed experts in the fastest form this machine runs them in."""
     device = torch.device(device)
-    stackable = all(isinstance(w, Int4Weight) for w in gate_up + down) and linear.select_kernel(4, device) == "vnni"
+    stackable = all(isinstance(w, Int4Weight) for w in gate_up + down) and linear.select_kernel(4, device) == "glmcode"
     if stackable and len({w.group_size for w in gate_up}) == 1 and len({w.group_size for w in down}) == 1:
         return StackedInt4Experts(gate_up, down, dtype=dtype)
     return QuantizedExperts(

@@ -1,7 +1,7 @@
 """Quantized projections: int8 / int4 linears and MLA's absorbed kv_b_proj halves in int8.
 
 Each module turns the portable weight form (``formats.py``) into whatever the fastest kernel on
-this machine wants when it is built: our AVX-512 VNNI kernels (``engine/cpu``; they also quantize
+this machine wants when it is built: our kernels (``engine/cpu``, AVX-512 VNNI or AVX2; they quantize
 activations to int8 per group of 128), else the aten packed-weight ops on CPU, else a plain
 dequantize (other devices).
 """
@@ -27,11 +27,11 @@ _INT4_ROW_ALIGN = 16  # the aten int4 CPU packing wants N divisible by 16
 
 
 def select_kernel(bits: int, device: torch.device) -> str:
-    """``"vnni"``, ``"aten"`` or ``"reference"``: the fastest kernel for ``bits`` on ``device``."""
+    """``"glmcode"`` (our kernels), ``"aten"`` or ``"reference"``: the fastest kernel for ``bits`` on ``device``."""
     if device.type != "cpu":
         return "reference"
     if cpu_kernels.available():
-        return "vnni"
+        return "glmcode"
     aten = torch.ops.aten
     ops = ("_weight_int8pack_mm",) if bits == 8 else ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
     return "aten" if all(hasattr(aten, op) for op in ops) else "reference"
@@ -69,7 +69,7 @@ class Int8Linear(_QuantizedLinear):
             kernel = "reference"
         super().__init__(weight.shape, dtype, kernel)
         values = weight.values.to(device)
-        if self.kernel == "vnni":
+        if self.kernel == "glmcode":
             self.group = cpu_kernels.activation_group(self.in_features)
             packed, scales, sums = cpu_kernels.pack_int8(values, weight.scales, self.group)
             self.register_buffer("sums", sums)
@@ -79,7 +79,7 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("scales", scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "vnni":
+        if self.kernel == "glmcode":
             return cpu_kernels.int8_linear(x, self.packed, self.scales, self.sums, self.group)
         if self.kernel == "aten":
             return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
@@ -96,7 +96,7 @@ class Int4Linear(_QuantizedLinear):
         device = torch.device(device)
         super().__init__(weight.shape, dtype, select_kernel(4, device))
         self.group_size = weight.group_size
-        if self.kernel == "vnni":
+        if self.kernel == "glmcode":
             packed, scales, zeros = cpu_kernels.pack_int4(weight.nibbles, weight.scales, weight.zeros)
             self.register_buffer("zeros", zeros)
         elif self.kernel == "aten":
@@ -108,7 +108,7 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("scales", scales)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "vnni":
+        if self.kernel == "glmcode":
             return cpu_kernels.int4_linear(x, self.packed, self.scales, self.zeros, self.group_size)
         if self.kernel == "aten":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales)
@@ -192,10 +192,10 @@ class Int8KVBProjection(nn.Module):
 def kv_b_projection(weight: torch.Tensor, empty: nn.Module, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The attention's kv_b_proj module for ``weight`` [N * (P + V), L], given its ``empty``
     (meta) KVBProjection: int8 for our kernels on CPU, else that module filled in ``dtype``."""
-    vnni = select_kernel(8, device) == "vnni"
-    halves = type(empty)(*_kv_b_dims(empty)).to(device=device, dtype=torch.float32 if vnni else dtype)
+    ours = select_kernel(8, device) == "glmcode"
+    halves = type(empty)(*_kv_b_dims(empty)).to(device=device, dtype=torch.float32 if ours else dtype)
     halves.requires_grad_(False).load(weight.to(device=device, dtype=halves.w_uk_t.dtype))
-    return Int8KVBProjection(halves.w_uk_t, halves.w_uv, dtype=dtype) if vnni else halves
+    return Int8KVBProjection(halves.w_uk_t, halves.w_uv, dtype=dtype) if ours else halves
 
 
 def _kv_b_dims(module: nn.Module) -> tuple[int, int, int, int]:

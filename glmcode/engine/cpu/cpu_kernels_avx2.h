@@ -1,0 +1,200 @@
+// cpu_kernels.h's kernels on AVX2 and FMA, for x86 CPUs without AVX-512 (AMD Zen 2 and 3, Intel
+// client cores): the same weight layouts and the same integer dot product per group as
+// cpu_kernels_avx512.h, so every op gives the same results on either build.
+//
+// A weight tile's 16 rows are two 256-bit halves of 8 rows, done one after the other. AVX2 has
+// no VPDPBUSD: VPMADDUBSW multiplies unsigned by signed bytes and adds pairs into 16 bits, and
+// VPMADDWD with ones adds those pairs into 32 bits. The 16-bit sums must not saturate:
+//   int4: q (0..15) x activation (-127..127), four products a lane: at most 4 * 2 * 15 * 127.
+//   int8: the activations come biased (unsigned, 0..255), which could saturate; they are unbiased
+//         and the sign moved onto them (VPSIGNB), so |w| x (+-x) is at most 2 * 128 * 127.
+#pragma once
+
+// (cpu_kernels.h includes this inside namespace glmcode_cpu.)
+
+// 8 bf16 values as floats.
+inline __m256 load8_bf16(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256 load8_as_float(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_as_float(const at::BFloat16* p) { return load8_bf16(p); }
+
+inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline int32_t reduce_add8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// exp of 8 floats, as exp16 of the AVX-512 build: 2^n * e^r, e^r by its degree-6 Taylor polynomial.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));  // 2^n stays a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  // 2^n through the exponent bits
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// out = silu(gate) * up for n values
+inline void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sigmoid = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// One group of activations to int8, 16 values at a time; bit-identical to quantize_group_scalar
+// (max and the bf16 widening are exact; the conversion rounds to nearest even, as nearbyint).
+template <typename T>
+inline int32_t quantize_group_vector(const T* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {
+  if (group % 16) return quantize_group_scalar(src, group, biased, dst, scale_out);
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < group; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, load8_as_float(src + i)));
+  const float max_abs = reduce_max8(amax);
+  const float scale = max_abs > 0.f ? max_abs / 127.f : 1.f;
+  const __m256 inv = _mm256_set1_ps(1.f / scale);
+  __m256i sum = _mm256_setzero_si256();
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(biased ? 0x80 : 0));
+  for (int64_t i = 0; i < group; i += 16) {
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_float(src + i), inv));
+    const __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(load8_as_float(src + i + 8), inv));
+    sum = _mm256_add_epi32(sum, _mm256_add_epi32(q0, q1));
+    // packs works within 128-bit lanes: reorder the 64-bit quarters to get q0 then q1
+    const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+    const __m128i bytes = _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_xor_si128(bytes, bias));
+  }
+  *scale_out = scale;
+  return reduce_add8(sum);
+}
+
+// 8 outputs (float stores as they are; bf16 rounds to nearest even, as c10 does).
+template <typename Out>
+inline void store8(Out* dst, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int j = 0; j < 8; ++j) dst[j] = static_cast<Out>(tmp[j]);
+}
+
+template <>
+inline void store8<float>(float* dst, __m256 v) { _mm256_storeu_ps(dst, v); }
+
+// dst[k] = src[k] * scale for K int8 values (K a multiple of 16).
+template <typename Out>
+inline void scale_int8(const int8_t* src, int64_t K, float scale, Out* dst) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k));
+    store8(dst + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+  }
+}
+
+inline __m256i broadcast_word(const int8_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, 4);
+  return _mm256_set1_epi32(word);
+}
+
+// One tile of 16 output rows for MB activation rows starting at m0: output row m0 + r goes to
+// y + r * ldy, its 16 values at column 16 * tile. (The layouts: cpu_quant.cpp.)
+template <int MB, typename Out>
+void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros,
+               const QuantizedRows& x, int64_t m0, int64_t K, int64_t group, Out* y, int64_t ldy,
+               int64_t tile) {
+  const int64_t G = K / group;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {  // rows 8 * half .. 8 * half + 7 of the tile
+    __m256 acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i dot[MB];
+      for (int r = 0; r < MB; ++r) dot[r] = _mm256_setzero_si256();
+      const uint8_t* wg = w + g * (group / 8) * 64 + half * 32;
+      for (int64_t b = 0; b < group / 8; b += 2) {  // group is a multiple of 32: b pairs exist
+        if (half == 0) {
+          prefetch(wg + b * 64);
+          prefetch(wg + (b + 1) * 64);
+        }
+        const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 64));
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + (b + 1) * 64));
+        const __m256i lo0 = _mm256_and_si256(v0, low_nibbles);
+        const __m256i hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low_nibbles);
+        const __m256i lo1 = _mm256_and_si256(v1, low_nibbles);
+        const __m256i hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low_nibbles);
+        for (int r = 0; r < MB; ++r) {
+          const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 8;
+          const __m256i pairs0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, broadcast_word(xp)),
+                                                  _mm256_maddubs_epi16(hi0, broadcast_word(xp + 4)));
+          const __m256i pairs1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo1, broadcast_word(xp + 8)),
+                                                  _mm256_maddubs_epi16(hi1, broadcast_word(xp + 12)));
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_add_epi16(pairs0, pairs1), ones));
+        }
+      }
+      const __m256 s = load8_bf16(scales + g * kTile + half * 8);
+      const __m256 z = load8_bf16(zeros + g * kTile + half * 8);
+      for (int r = 0; r < MB; ++r) {
+        const int64_t mg = (m0 + r) * G + g;
+        const float xs = x.scales[mg];
+        const int32_t xsum = x.sums[mg];
+        // group term = xs * (s * (dot - 8 * xsum) + z * xsum)
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_sub_epi32(dot[r], _mm256_set1_epi32(8 * xsum)));
+        acc[r] = _mm256_fmadd_ps(d, _mm256_mul_ps(s, _mm256_set1_ps(xs)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(z, _mm256_set1_ps(xs * static_cast<float>(xsum)), acc[r]);
+      }
+    }
+    for (int r = 0; r < MB; ++r) store8(y + r * ldy + tile * kTile + half * 8, acc[r]);
+  }
+}
+
+template <int MB, typename Out>
+void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const QuantizedRows& x,
+               int64_t m0, int64_t K, int64_t group, Out* y, int64_t ldy, int64_t tile) {
+  (void)sums;  // the activations are unbiased here, so there is no +128 to undo
+  const int64_t G = K / group;
+  const __m256i unbias = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[MB];
+    for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i dot[MB];
+      for (int r = 0; r < MB; ++r) dot[r] = _mm256_setzero_si256();
+      const int8_t* wg = w + g * (group / 4) * 64 + half * 32;
+      for (int64_t b = 0; b < group / 4; ++b) {
+        if (half == 0) prefetch(wg + b * 64);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + b * 64));
+        const __m256i magnitude = _mm256_abs_epi8(v);
+        for (int r = 0; r < MB; ++r) {
+          const int8_t* xp = x.values.data() + (m0 + r) * K + g * group + b * 4;
+          const __m256i signed_x = _mm256_sign_epi8(_mm256_xor_si256(broadcast_word(xp), unbias), v);
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, signed_x), ones));
+        }
+      }
+      for (int r = 0; r < MB; ++r)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), _mm256_set1_ps(x.scales[(m0 + r) * G + g]), acc[r]);
+    }
+    const __m256 s = _mm256_loadu_ps(scales + tile * kTile + half * 8);
+    for (int r = 0; r < MB; ++r) store8(y + r * ldy + tile * kTile + half * 8, _mm256_mul_ps(acc[r], s));
+  }
+}
