@@ -190,18 +190,10 @@ struct ThreadState {
   std::vector<size_t> input_of;  // job -> the job whose prepared input it shares
 };
 
-inline float reduce(__m512 v) { return _mm512_reduce_add_ps(v); }
-
-
 void rms_norm(const float* x, const std::vector<float>& weight, double eps, float* out) {
   const int64_t n = static_cast<int64_t>(weight.size());
-  __m512 squares = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) squares = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), squares);
-  float total = reduce(squares);
-  for (; i < n; ++i) total += x[i] * x[i];
-  const float inv = 1.f / std::sqrt(total / n + static_cast<float>(eps));
-  for (i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
+  const float inv = 1.f / std::sqrt(sum_of_squares(x, n) / n + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
 }
 
 // Interleaved pairs in, de-interleaved out (the engine's rope layout; see layers.Rotary).
@@ -501,25 +493,6 @@ GLMCODE_AMX void amx_values(const at::BFloat16* block, int64_t count, int64_t D,
       add_out(g.n0, g.n1, d);
     }
   }
-}
-
-// p[t] = exp(p[t] - shift) for t < count; returns their sum.
-inline float exp_shifted(float* p, int64_t count, float shift) {
-  float total = 0.f;
-  int64_t t = 0;
-  const __m512 s = _mm512_set1_ps(shift);
-  __m512 sum = _mm512_setzero_ps();
-  for (; t + 16 <= count; t += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), s));
-    _mm512_storeu_ps(p + t, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  total = reduce(sum);
-  for (; t < count; ++t) {
-    p[t] = std::exp(p[t] - shift);
-    total += p[t];
-  }
-  return total;
 }
 
 // Softmax attention over a context taken block by block: each block's scores are exponentiated
@@ -930,13 +903,13 @@ class DecodePlan : public torch::CustomClassHolder {
         for (int64_t i = m * D; i < kTokens * D; ++i) rows[i] = 0.f;
         for (int64_t h = 0; h < n; ++h) {
           float dots[kTokens];
-          dot_rows(queries.data() + h * D, rows.data(), D, dots);
+          dot_rows<kTokens>(queries.data() + h * D, rows.data(), D, dots);
           for (int64_t k = 0; k < m; ++k) scores[h * block_size + t + k] = dots[k];
         }
       }
       softmax.block(scores, block_size, count);
       for_head_groups(n, [&](auto heads, int64_t h) {
-        accumulate_values<decltype(heads)::value>(block, count, scores + h * block_size, block_size, job.out + h * L);
+        accumulate_values<decltype(heads)::value>(block, count, L, D, scores + h * block_size, block_size, job.out + h * L);
       });
     }
     softmax.end(job.max, job.mass);
@@ -1048,47 +1021,6 @@ class DecodePlan : public torch::CustomClassHolder {
   static constexpr int kTokens = 4;  // cache rows scored together, sharing each query load
   static constexpr int kHeads = 8;   // heads accumulated together, sharing each cache load
 
-  // dots[k] = q . rows[k] for kTokens rows of D floats
-  static void dot_rows(const float* q, const float* rows, int64_t D, float* dots) {
-    __m512 acc[kTokens];
-    for (int k = 0; k < kTokens; ++k) acc[k] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= D; i += 16) {
-      const __m512 qv = _mm512_loadu_ps(q + i);
-      for (int k = 0; k < kTokens; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + k * D + i), acc[k]);
-    }
-    for (int k = 0; k < kTokens; ++k) {
-      dots[k] = reduce(acc[k]);
-      for (int64_t j = i; j < D; ++j) dots[k] += q[j] * rows[k * D + j];
-    }
-  }
-
-  // out[h] += sum_t p[h][t] * latent[t] for M heads, 32 latent values at a time, so that the
-  // accumulators stay in registers while the block's tokens stream by.
-  template <int M, typename C>
-  void accumulate_values(const C* block, int64_t count, const float* p, int64_t p_stride, float* out) const {
-    const int64_t L = cfg_.latent, D = cfg_.latent + cfg_.rope;
-    for (int64_t i = 0; i < L; i += 32) {
-      __m512 acc[M][2];
-      for (int k = 0; k < M; ++k) {
-        acc[k][0] = _mm512_loadu_ps(out + k * L + i);
-        acc[k][1] = _mm512_loadu_ps(out + k * L + i + 16);
-      }
-      for (int64_t t = 0; t < count; ++t) {
-        const __m512 v0 = load16_as_float(block + t * D + i), v1 = load16_as_float(block + t * D + i + 16);
-        for (int k = 0; k < M; ++k) {
-          const __m512 w = _mm512_set1_ps(p[k * p_stride + t]);
-          acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);
-          acc[k][1] = _mm512_fmadd_ps(w, v1, acc[k][1]);
-        }
-      }
-      for (int k = 0; k < M; ++k) {
-        _mm512_storeu_ps(out + k * L + i, acc[k][0]);
-        _mm512_storeu_ps(out + k * L + i + 16, acc[k][1]);
-      }
-    }
-  }
-
   void mlp(const Layer& l, ThreadState& s, int tid, int nth) {
     rms_norm(s.x.data(), l.post_norm, cfg_.rms_eps, s.normed.data());
     if (l.dense) {
@@ -1100,9 +1032,7 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t rows_per_thread = (E + nth - 1) / nth;
     for (int64_t e = tid * rows_per_thread; e < std::min(E, (tid + 1) * rows_per_thread); ++e) {
       const float* w = l.router + e * cfg_.hidden;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < cfg_.hidden; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(s.normed.data() + i), acc);
-      router_out_[e] = reduce(acc);
+      router_out_[e] = dot(w, s.normed.data(), cfg_.hidden);
     }
 #pragma omp barrier
     std::vector<int64_t> chosen;

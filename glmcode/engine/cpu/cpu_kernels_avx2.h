@@ -198,3 +198,81 @@ void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const 
     for (int r = 0; r < MB; ++r) store8(y + r * ldy + tile * kTile + half * 8, _mm256_mul_ps(acc[r], s));
   }
 }
+
+// ---- the small kernels of the fused decode step (cpu_decode.cpp)
+
+inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The sum of x[i]^2 over n values.
+inline float sum_of_squares(const float* x, int64_t n) {
+  __m256 squares = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), squares);
+  float total = reduce_add8(squares);
+  for (; i < n; ++i) total += x[i] * x[i];
+  return total;
+}
+
+// a . b over n values, n a multiple of 16.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  return reduce_add8(_mm256_add_ps(acc0, acc1));
+}
+
+// p[t] = exp(p[t] - shift) for t < count; returns their sum.
+inline float exp_shifted(float* p, int64_t count, float shift) {
+  int64_t t = 0;
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 sum = _mm256_setzero_ps();
+  for (; t + 8 <= count; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), s));
+    _mm256_storeu_ps(p + t, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  float total = reduce_add8(sum);
+  for (; t < count; ++t) {
+    p[t] = std::exp(p[t] - shift);
+    total += p[t];
+  }
+  return total;
+}
+
+// dots[k] = q . rows[k] for T rows of D floats
+template <int T>
+inline void dot_rows(const float* q, const float* rows, int64_t D, float* dots) {
+  __m256 acc[T];
+  for (int k = 0; k < T; ++k) acc[k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + i);
+    for (int k = 0; k < T; ++k) acc[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows + k * D + i), acc[k]);
+  }
+  for (int k = 0; k < T; ++k) {
+    dots[k] = reduce_add8(acc[k]);
+    for (int64_t j = i; j < D; ++j) dots[k] += q[j] * rows[k * D + j];
+  }
+}
+
+// out[h][:L] += sum_t p[h][t] * block[t][:L] for M heads (rows of D values, float or bf16), 8
+// latent values at a time: M accumulators and the row's values fill the 16 registers.
+template <int M, typename C>
+void accumulate_values(const C* block, int64_t count, int64_t L, int64_t D, const float* p, int64_t p_stride, float* out) {
+  for (int64_t i = 0; i < L; i += 8) {
+    __m256 acc[M];
+    for (int k = 0; k < M; ++k) acc[k] = _mm256_loadu_ps(out + k * L + i);
+    for (int64_t t = 0; t < count; ++t) {
+      const __m256 v = load8_as_float(block + t * D + i);
+      for (int k = 0; k < M; ++k) acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(p[k * p_stride + t]), v, acc[k]);
+    }
+    for (int k = 0; k < M; ++k) _mm256_storeu_ps(out + k * L + i, acc[k]);
+  }
+}

@@ -194,3 +194,82 @@ void int8_tile(const int8_t* w, const float* scales, const int32_t* sums, const 
   const __m512 s = _mm512_loadu_ps(scales + tile * kTile);
   for (int r = 0; r < MB; ++r) store_row(y + r * ldy + tile * kTile, _mm512_mul_ps(acc[r], s));
 }
+
+// ---- the small kernels of the fused decode step (cpu_decode.cpp)
+
+// The sum of x[i]^2 over n values.
+inline float sum_of_squares(const float* x, int64_t n) {
+  __m512 squares = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) squares = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(x + i), squares);
+  float total = _mm512_reduce_add_ps(squares);
+  for (; i < n; ++i) total += x[i] * x[i];
+  return total;
+}
+
+// a . b over n values, n a multiple of 16.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+// p[t] = exp(p[t] - shift) for t < count; returns their sum.
+inline float exp_shifted(float* p, int64_t count, float shift) {
+  float total = 0.f;
+  int64_t t = 0;
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  for (; t + 16 <= count; t += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + t), s));
+    _mm512_storeu_ps(p + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+  for (; t < count; ++t) {
+    p[t] = std::exp(p[t] - shift);
+    total += p[t];
+  }
+  return total;
+}
+
+// dots[k] = q . rows[k] for T rows of D floats
+template <int T>
+inline void dot_rows(const float* q, const float* rows, int64_t D, float* dots) {
+  __m512 acc[T];
+  for (int k = 0; k < T; ++k) acc[k] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i);
+    for (int k = 0; k < T; ++k) acc[k] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + k * D + i), acc[k]);
+  }
+  for (int k = 0; k < T; ++k) {
+    dots[k] = _mm512_reduce_add_ps(acc[k]);
+    for (int64_t j = i; j < D; ++j) dots[k] += q[j] * rows[k * D + j];
+  }
+}
+
+// out[h][:L] += sum_t p[h][t] * block[t][:L] for M heads (rows of D values, float or bf16), 32
+// latent values at a time, so that the accumulators stay in registers while the tokens stream by.
+template <int M, typename C>
+void accumulate_values(const C* block, int64_t count, int64_t L, int64_t D, const float* p, int64_t p_stride, float* out) {
+  for (int64_t i = 0; i < L; i += 32) {
+    __m512 acc[M][2];
+    for (int k = 0; k < M; ++k) {
+      acc[k][0] = _mm512_loadu_ps(out + k * L + i);
+      acc[k][1] = _mm512_loadu_ps(out + k * L + i + 16);
+    }
+    for (int64_t t = 0; t < count; ++t) {
+      const __m512 v0 = load16_as_float(block + t * D + i), v1 = load16_as_float(block + t * D + i + 16);
+      for (int k = 0; k < M; ++k) {
+        const __m512 w = _mm512_set1_ps(p[k * p_stride + t]);
+        acc[k][0] = _mm512_fmadd_ps(w, v0, acc[k][0]);
+        acc[k][1] = _mm512_fmadd_ps(w, v1, acc[k][1]);
+      }
+    }
+    for (int k = 0; k < M; ++k) {
+      _mm512_storeu_ps(out + k * L + i, acc[k][0]);
+      _mm512_storeu_ps(out + k * L + i + 16, acc[k][1]);
+    }
+  }
+}

@@ -8,8 +8,9 @@ The extension is built in one of two forms, for the CPU it runs on:
   fused_decode.py), the kernels of the model's elementwise ops (cpu_ops.cpp: norms, rope, silu,
   the prefill softmax; see engine/ops.py) and a prefill chunk's attention on AMX-BF16 tiles
   (cpu_attention.cpp).
-- AVX2 (AMD Zen 2/3, Intel client cores): the quantized products only (cpu_quant.cpp and the
-  grouped experts of cpu_prefill.cpp), on the same layouts; the rest runs on torch ops.
+- AVX2 (AMD Zen 2/3, Intel client cores): the quantized products (cpu_quant.cpp and the grouped
+  experts of cpu_prefill.cpp) on the same layouts, and the fused decode over int4 / int8 weights
+  and a bfloat16 or float32 cache (its attention in float32); the rest runs on torch ops.
 
 Both build on the kernels of cpu_kernels.h (cpu_kernels_avx512.h / cpu_kernels_avx2.h). The
 extension is compiled on first use with torch's C++ extension machinery and cached. Where it
@@ -48,7 +49,7 @@ _BUILDS = {
         ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp"],
         ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
     ),
-    "avx2": ("glmcode_cpu_quant_avx2", ["cpu_quant.cpp", "cpu_prefill.cpp"], ["-O3", "-mavx2", "-mfma", "-mf16c"]),
+    "avx2": ("glmcode_cpu_quant_avx2", ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp"], ["-O3", "-mavx2", "-mfma", "-mf16c"]),
 }
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
@@ -106,8 +107,8 @@ def available() -> bool:
 
 
 def avx512_available() -> bool:
-    """True once the AVX-512 form is loaded: also the fused decode, the elementwise ops and the
-    prefill attention kernels."""
+    """True once the AVX-512 form is loaded: also the elementwise ops and the prefill attention
+    kernels."""
     return build() == "avx512"
 
 
