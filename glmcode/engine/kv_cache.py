@@ -105,6 +105,7 @@ class KVCache:
         elif dtype == torch.float8_e4m3fn:
             self.scales = torch.zeros(shape[:2], dtype=torch.float32, device=device)
         compute_dtype = compute_dtype or (dtype if dtype.is_floating_point and dtype.itemsize > 1 else torch.float32)
+        self.compute_dtype = compute_dtype
         self.layers = [
             LayerCache(self.data[i], None if self.scales is None else self.scales[i], block_size, compute_dtype,
                        config.kv_lora_rank)  # fmt: skip
