@@ -54,7 +54,7 @@ def kernel(cuda: str | None = None, cpu: str | None = None):
                 module_name, name = cuda.split(".")
                 module = importlib.import_module(f"glmcode.engine.cuda.{module_name}")
                 return getattr(module, name)(first, *args, **kwargs)
-            if cpu is not None and first.is_cpu and first.dtype in (torch.float32, torch.bfloat16) and _cpu_kernels():
+            if cpu is not None and first.is_cpu and first.dtype in (torch.float32, torch.bfloat16) and _cpu_kernel(cpu):
                 return getattr(torch.ops.glmcode_cpu, cpu)(first, *args, **kwargs)
             return reference(first, *args, **kwargs)
 
@@ -64,10 +64,10 @@ def kernel(cuda: str | None = None, cpu: str | None = None):
     return wrap
 
 
-def _cpu_kernels() -> bool:
+def _cpu_kernel(name: str) -> bool:
     from glmcode.engine.cpu import kernels
 
-    return kernels.avx512_available()
+    return kernels.has_op(name)
 
 
 # ----- projections, norms and activations -----

@@ -15,7 +15,8 @@ from glmcode.engine.cpu import kernels as cpu_kernels
 from glmcode.engine.cpu.features import has_avx2
 from tests.conftest import ROOT
 
-KERNEL_TESTS = ["tests/quant/test_quant_ops.py", "tests/cpu/test_prefill_kernels.py", "tests/cpu/test_fused_decode.py"]
+KERNEL_TESTS = ["tests/quant/test_quant_ops.py", "tests/cpu/test_prefill_kernels.py", "tests/cpu/test_fused_decode.py",
+                "tests/cpu/test_cpu_ops.py"]  # fmt: skip
 
 
 @pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2")

@@ -1,5 +1,6 @@
-"""The model's elementwise ops on our CPU kernels (cpu_ops.cpp) against their PyTorch references
-in engine/ops.py, which the model runs wherever the extension is not available."""
+"""The model's elementwise ops and the attention softmax on our CPU kernels (cpu_ops.cpp,
+cpu_softmax.cpp) against their PyTorch references in engine/ops.py, which the model runs wherever
+the extension (or that op in its form) is not available."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from glmcode.engine import ops
 from glmcode.engine.cpu import kernels as cpu_kernels
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.avx512_available(), reason="needs the AVX-512 form of our CPU kernels")
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs our CPU kernels")
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -18,6 +19,8 @@ def _seed():
 
 
 def kernel(name: str):
+    if not cpu_kernels.has_op(name):
+        pytest.skip(f"this form of our CPU kernels ({cpu_kernels.build()}) has no {name}")
     return getattr(cpu_kernels.ops(), name)
 
 
@@ -104,3 +107,12 @@ def test_the_ops_run_the_kernels_on_cpu_tensors():
     assert torch.equal(ops.rms_norm(x, weight, 1e-5), kernel("rms_norm")(x, weight, 1e-5))
     half = x.half()  # no kernel for float16: the reference runs
     assert torch.equal(ops.rms_norm(half, weight.half(), 1e-5), ops.rms_norm.reference(half, weight.half(), 1e-5))
+
+
+def test_both_forms_run_the_softmax_kernel():
+    assert cpu_kernels.has_op("causal_softmax_")
+    assert cpu_kernels.has_op("rms_norm") == cpu_kernels.avx512_available()
+    scores = torch.randn(2, 5, 40) * 4
+    through_ops, direct = scores.clone(), scores.clone()
+    assert torch.equal(ops.causal_softmax_(through_ops, 10, 0), kernel("causal_softmax_")(direct, 10, 0))
+    assert torch.equal(through_ops, direct)

@@ -31,6 +31,14 @@ constexpr int64_t kPrefetchBytes = 3072;
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
+// f(static_cast<T*>(nullptr)) with T the tensor's dtype, float or bfloat16.
+template <typename F>
+void dispatch_float_types(const at::Tensor& t, const char* name, F f) {
+  if (t.scalar_type() == at::kBFloat16) return f(static_cast<at::BFloat16*>(nullptr));
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32 or bfloat16, got ", t.scalar_type());
+  f(static_cast<float*>(nullptr));
+}
+
 // Storage for what AMX tiles load and store. malloc aligns to 16 bytes only, and a tile line that
 // straddles two cache lines makes the whole load several times slower (a 1 KB tile from L1:
 // 3.7 ns aligned, 22 ns 16 bytes off, measured on Sapphire Rapids).

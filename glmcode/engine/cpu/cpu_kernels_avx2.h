@@ -276,3 +276,29 @@ void accumulate_values(const C* block, int64_t count, int64_t L, int64_t D, cons
     for (int k = 0; k < M; ++k) _mm256_storeu_ps(out + k * L + i, acc[k]);
   }
 }
+
+// ---- the rows of the attention softmax (cpu_softmax.cpp)
+
+// dst[j] = float(src[j]) for n values; returns the largest of them (-inf for none).
+template <typename T>
+inline float copy_as_float(const T* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  __m256 peak = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = load8_as_float(src + j);
+    _mm256_storeu_ps(dst + j, v);
+    peak = _mm256_max_ps(peak, v);
+  }
+  float top = reduce_max8(peak);
+  for (; j < n; ++j) top = std::max(top, dst[j] = static_cast<float>(src[j]));
+  return top;
+}
+
+// dst[j] = T(src[j] * scale) for n values.
+template <typename T>
+inline void store_scaled(const float* src, int64_t n, float scale, T* dst) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) store8(dst + j, _mm256_mul_ps(_mm256_loadu_ps(src + j), s));
+  for (; j < n; ++j) dst[j] = T(src[j] * scale);
+}

@@ -273,3 +273,29 @@ void accumulate_values(const C* block, int64_t count, int64_t L, int64_t D, cons
     }
   }
 }
+
+// ---- the rows of the attention softmax (cpu_softmax.cpp)
+
+// dst[j] = float(src[j]) for n values; returns the largest of them (-inf for none).
+template <typename T>
+inline float copy_as_float(const T* src, int64_t n, float* dst) {
+  int64_t j = 0;
+  __m512 peak = _mm512_set1_ps(-INFINITY);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = load16_as_float(src + j);
+    _mm512_storeu_ps(dst + j, v);
+    peak = _mm512_max_ps(peak, v);
+  }
+  float top = _mm512_reduce_max_ps(peak);
+  for (; j < n; ++j) top = std::max(top, dst[j] = static_cast<float>(src[j]));
+  return top;
+}
+
+// dst[j] = T(src[j] * scale) for n values.
+template <typename T>
+inline void store_scaled(const float* src, int64_t n, float scale, T* dst) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) store_row(dst + j, _mm512_mul_ps(_mm512_loadu_ps(src + j), s));
+  for (; j < n; ++j) dst[j] = T(src[j] * scale);
+}

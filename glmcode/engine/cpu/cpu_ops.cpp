@@ -18,13 +18,6 @@ inline __m512 through(const at::BFloat16*, __m512 v) { return through_bf16(v); }
 template <typename T>
 inline float through(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-template <typename F>
-void dispatch_float_types(const at::Tensor& t, const char* name, F f) {
-  if (t.scalar_type() == at::kBFloat16) return f(static_cast<at::BFloat16*>(nullptr));
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32 or bfloat16, got ", t.scalar_type());
-  f(static_cast<float*>(nullptr));
-}
-
 at::Tensor rows_of(const at::Tensor& t) { return t.contiguous().view({-1, t.size(-1)}); }
 
 // ---- norms
@@ -181,66 +174,6 @@ void rope_(at::Tensor q_pe, at::Tensor k_pe, const at::Tensor& positions_in, con
   });
 }
 
-// ---- attention
-
-// scores [rows, S] (queries at first_query + row % queries, keys at first_key + j), in place:
-// each row's softmax over the keys at or before its query, 0 over the rest; log_mass[row] gets
-// the log of that row's total mass, sum_j exp(score_j) over those keys (-inf where there are
-// none), which the caller needs to merge pieces of a context softmaxed apart. The row's three
-// passes stay in the L1 cache.
-template <typename T>
-void causal_softmax_rows(T* scores, float* log_mass, int64_t rows, int64_t queries, int64_t keys, int64_t first_query,
-                         int64_t first_key) {
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> e(keys);
-    for (int64_t r = begin; r < end; ++r) {
-      T* row = scores + r * keys;
-      const int64_t valid = std::clamp<int64_t>(first_query + r % queries - first_key + 1, 0, keys);
-      int64_t j = 0;
-      __m512 peak = _mm512_set1_ps(-INFINITY);
-      for (; j + 16 <= valid; j += 16) {
-        const __m512 v = load16_as_float(row + j);
-        _mm512_storeu_ps(e.data() + j, v);
-        peak = _mm512_max_ps(peak, v);
-      }
-      float top = _mm512_reduce_max_ps(peak);
-      for (; j < valid; ++j) top = std::max(top, e[j] = static_cast<float>(row[j]));
-      if (valid == 0 || top == -INFINITY) {
-        std::fill(row, row + keys, T(0.f));
-        log_mass[r] = -INFINITY;
-        continue;
-      }
-      __m512 total = _mm512_setzero_ps();
-      const __m512 shift = _mm512_set1_ps(top);
-      for (j = 0; j + 16 <= valid; j += 16) {
-        const __m512 v = exp16(_mm512_sub_ps(_mm512_loadu_ps(e.data() + j), shift));
-        _mm512_storeu_ps(e.data() + j, v);
-        total = _mm512_add_ps(total, v);
-      }
-      float sum = _mm512_reduce_add_ps(total);
-      for (; j < valid; ++j) sum += e[j] = std::exp(e[j] - top);
-      const float inv = 1.f / sum;
-      const __m512 scale = _mm512_set1_ps(inv);
-      for (j = 0; j + 16 <= valid; j += 16) store_row(row + j, _mm512_mul_ps(_mm512_loadu_ps(e.data() + j), scale));
-      for (; j < valid; ++j) row[j] = T(e[j] * inv);
-      std::fill(row + valid, row + keys, T(0.f));
-      log_mass[r] = top + std::log(sum);
-    }
-  });
-}
-
-at::Tensor causal_softmax_(at::Tensor scores, int64_t first_query, int64_t first_key) {
-  TORCH_CHECK(scores.dim() == 3 && scores.is_contiguous(), "causal_softmax_: scores must be contiguous [N, t, S]");
-  const int64_t heads = scores.size(0), queries = scores.size(1), keys = scores.size(2);
-  at::Tensor log_mass = at::empty({heads, queries, 1}, scores.options().dtype(at::kFloat));
-  dispatch_float_types(scores, "causal_softmax_", [&](auto* type) {
-    using T = std::remove_pointer_t<decltype(type)>;
-    causal_softmax_rows(scores.data_ptr<T>(), log_mass.data_ptr<float>(), heads * queries, queries, keys, first_query,
-                        first_key);
-  });
-  return log_mass;
-}
-
 }  // namespace
 }  // namespace glmcode_cpu
 
@@ -250,5 +183,4 @@ TORCH_LIBRARY_FRAGMENT(glmcode_cpu, m) {
         &glmcode_cpu::add_rms_norm);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &glmcode_cpu::silu_mul_op);
   m.def("rope_(Tensor(a!) q_pe, Tensor(b!) k_pe, Tensor positions, Tensor cos_sin) -> ()", &glmcode_cpu::rope_);
-  m.def("causal_softmax_(Tensor(a!) scores, int first_query, int first_key) -> Tensor", &glmcode_cpu::causal_softmax_);
 }

@@ -46,10 +46,14 @@ _HERE = Path(__file__).parent
 _BUILDS = {
     "avx512": (
         "glmcode_cpu_quant",
-        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp"],
+        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_attention.cpp", "cpu_decode.cpp", "cpu_ops.cpp", "cpu_softmax.cpp"],
         ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c"],
     ),
-    "avx2": ("glmcode_cpu_quant_avx2", ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp"], ["-O3", "-mavx2", "-mfma", "-mf16c"]),
+    "avx2": (
+        "glmcode_cpu_quant_avx2",
+        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp", "cpu_softmax.cpp"],
+        ["-O3", "-mavx2", "-mfma", "-mf16c"],
+    ),
 }
 # at::parallel_for is inline OpenMP: without -fopenmp the kernels would run on one thread. The
 # libgomp it links is the one torch has already loaded (same soname), so there is one pool.
@@ -107,9 +111,16 @@ def available() -> bool:
 
 
 def avx512_available() -> bool:
-    """True once the AVX-512 form is loaded: also the elementwise ops and the prefill attention
-    kernels."""
+    """True once the AVX-512 form is loaded: also the elementwise ops (see has_op) and the
+    prefill attention kernels."""
     return build() == "avx512"
+
+
+@functools.cache
+def has_op(name: str) -> bool:
+    """Whether the loaded form has ``torch.ops.glmcode_cpu.<name>``: the AVX-512 form has every
+    op of ops.py marked cpu=..., the AVX2 form the attention softmax only."""
+    return available() and hasattr(torch.ops.glmcode_cpu, name)
 
 
 def ops():
