@@ -2,7 +2,8 @@
 
 The model (engine/model) calls these functions. Those with a GPU kernel run it on CUDA tensors
 when triton is installed (the Triton code is in engine/cuda), those with a CPU kernel run it on
-float32 / bfloat16 CPU tensors where glmcode's C++ extension builds (engine/cpu); everywhere else
+float32 / bfloat16 CPU tensors where the form of glmcode's C++ extension built there has it
+(engine/cpu: the AVX-512 form has them all, the AVX2 one the softmax); everywhere else
 they run the PyTorch body below, which is also the oracle the kernel tests compare against
 (`op.reference`). Importing this module never imports triton.
 

@@ -33,13 +33,12 @@ class FusedCpuRunner(ModuleRunner):
         return None if decoder is None else cls(model, kv_cache, decoder)
 
     def prefill_batch(self, seq: Sequence, start: int, end: int) -> SpanBatch:
-        """The absorbed form at every depth, even where the modules would expand the context.
-        On AMX-BF16 in one kernel call, without a score matrix: measured 25-32% faster than the
-        expanded form at 0 to 1.5K tokens of context (512-token chunks, 20 heads). Over a cache
-        read in float32 (CPUs without bf16 products: AVX2), in torch: faster per FLOP than bf16
-        there, so the per-head products of the expanded form no longer pay for themselves
-        (AMD EPYC Milan, 512-token chunks, 20 heads, 2 threads: 169 against 262 ms over no
-        cached tokens, 417 against 546 over 1K, 1128 against 1230 over 4K)."""
+        """The absorbed form at every depth, even where the modules would expand the context
+        (their rule was measured with bf16 products). On AMX-BF16 in one kernel call, without a
+        score matrix: 25-32% faster than expanded at 0 to 1.5K tokens of context (512-token
+        chunks, 20 heads). Over a cache read in float32 (AVX2), in torch: absorbed against
+        expanded, 169 / 262 ms over no cached tokens, 417 / 546 over 1K, 1128 / 1230 over 4K
+        (AMD EPYC Milan, 512-token chunks, 20 heads, 2 threads)."""
         batch = super().prefill_batch(seq, start, end)
         if self.tile_shaped_cache and kernels.latent_attention_available():
             return dataclasses.replace(batch, expanded=False, latent_attention=kernels.latent_attention)
