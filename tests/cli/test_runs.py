@@ -157,7 +157,9 @@ def test_an_unreachable_remote_server_exits_3(cli: Cli, repo: Path) -> None:
 
 
 def test_ctrl_c_while_verifying_exits_130(home: Path, repo: Path, script) -> None:
-    marker = repo / "tests-started"
+    # in a directory that exists: Landlock, bubblewrap's fallback, keeps new top-level entries out
+    (repo / "build").mkdir()
+    marker = repo / "build" / "tests-started"
     (repo / ".glmcode.toml").write_text(f'test_command = "touch {marker} && sleep 60"\n')
     process = subprocess.Popen(
         [sys.executable, "-m", "glmcode", "fix", "bug", "--yes", "--replay", script(FIX_SCRIPT)],
