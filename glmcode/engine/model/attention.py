@@ -58,6 +58,9 @@ class AttentionBatch(Protocol):
 
 # Beyond this many context tokens the absorbed form wins on CPU whatever the chunk (see below).
 EXPANDED_MAX_CONTEXT = 2048
+# The torch absorbed form takes a long chunk's rows in blocks of this many, each block over the
+# context up to its own last row, so the scores skip most of the causally masked corner.
+CAUSAL_BLOCK_ROWS = 64
 
 
 def expanded_is_cheaper(config: ModelConfig, num_queries: int, context: int) -> bool:
@@ -227,8 +230,9 @@ class SpanBatch:
                                       _causal_limits(seq, attn.num_heads), cache, _context_slots(seq.spans),
                                       out_latent[:, seq.rows])  # fmt: skip
             else:
-                out_latent[:, seq.rows] = self._absorbed_in_pieces(attn, q_latent[:, seq.rows], q_pe[:, seq.rows], seq,
-                                                                   cache, many).to(out_latent.dtype)  # fmt: skip
+                for block in _causal_blocks(seq, CAUSAL_BLOCK_ROWS if many else seq.rows.stop - seq.rows.start):
+                    out_latent[:, block.rows] = self._absorbed_in_pieces(attn, q_latent[:, block.rows], q_pe[:, block.rows],
+                                                                         block, cache, many).to(out_latent.dtype)  # fmt: skip
         values = torch.matmul(out_latent, w_uv.transpose(1, 2)) if many else attn.kv_b_proj.values(out_latent)
         return values.to(q_nope.dtype).transpose(0, 1)  # [T, N, V]
 
@@ -272,6 +276,25 @@ class SpanBatch:
             return outputs[0]
         shares = torch.softmax(torch.stack(log_masses), dim=0)  # [pieces, N, t, 1]
         return sum(share * out.float() for share, out in zip(shares, outputs))
+
+
+def _causal_blocks(seq: SequenceSlice, rows: int) -> Iterator[SequenceSlice]:
+    """seq's rows in blocks of `rows`, each over the context up to its own last position."""
+    for start in range(seq.rows.start, seq.rows.stop, rows):
+        stop = min(start + rows, seq.rows.stop)
+        first = seq.first_position + start - seq.rows.start
+        yield SequenceSlice(slice(start, stop), first, _truncated(seq.spans, first + stop - start))
+
+
+def _truncated(spans: list[KVSpan], length: int) -> list[KVSpan]:
+    """The first `length` positions of a context's spans."""
+    kept = []
+    for span in spans:
+        if length <= 0:
+            break
+        kept.append(KVSpan(span.slot, min(span.length, length)))
+        length -= span.length
+    return kept
 
 
 def _causal_limits(seq: SequenceSlice, num_heads: int) -> torch.Tensor:
