@@ -121,6 +121,24 @@ def test_our_kernels_handle_every_row_count():
             assert _relative_error(layer(x), expected) < 0.02
 
 
+@pytest.mark.parametrize("inputs, group", [(256, 128), (192, 64), (96, 32)])
+def test_many_rows_give_each_row_s_own_product_bit_for_bit(inputs, group):
+    """Many rows take another loop order (on AVX2: a tile's group unpacked once for all rows,
+    blocks of 64 rows); the integer sums and float steps are the same as one row's."""
+    if not cpu_kernels.available():
+        pytest.skip("glmcode's CPU kernels are not available on this machine")
+    gen = torch.Generator().manual_seed(inputs)
+    layer = Int4Linear(quantize_int4(torch.randn(48, inputs, generator=gen), group), dtype=torch.float32)
+    assert layer.kernel == "glmcode"
+    x = torch.randn(139, inputs, generator=gen) * 3
+    with cpu_kernels.amx_products(False):
+        together = layer(x)
+        for rows in (8, 9, 70):
+            assert torch.equal(layer(x[:rows]), together[:rows])
+        alone = torch.cat([layer(x[r : r + 1]) for r in range(x.shape[0])])
+    assert torch.equal(together, alone)
+
+
 def test_concat_rows_equals_separate_layers():
     gate, up = torch.randn(32, 128), torch.randn(32, 128)
     fused = formats.concat_rows([quantize_int4(gate), quantize_int4(up)])

@@ -140,6 +140,32 @@ int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, fl
 #include "cpu_kernels_avx2.h"
 #endif
 
+// fn(rows, m) over M activation rows in blocks of kMaxRows, then one block of what is left
+// (rows: a std::integral_constant, the kernels' template argument).
+template <typename Fn>
+void for_row_blocks(int64_t M, Fn fn) {
+  int64_t m = 0;
+  for (; m + kMaxRows <= M; m += kMaxRows) fn(std::integral_constant<int, kMaxRows>{}, m);
+  switch (M - m) {
+    case 3: fn(std::integral_constant<int, 3>{}, m); break;
+    case 2: fn(std::integral_constant<int, 2>{}, m); break;
+    case 1: fn(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+// Output tile `tile` of M activation rows from m0 (row m0 + r to y + r * ldy), any M.
+template <typename Out>
+void int4_rows(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16* zeros, const QuantizedRows& x,
+               int64_t m0, int64_t M, int64_t K, int64_t group, Out* y, int64_t ldy, int64_t tile) {
+#if !defined(__AVX512F__)
+  if (M >= 2 * kMaxRows) return int4_tile_group_major(w, scales, zeros, x, m0, M, K, group, y, ldy, tile);
+#endif
+  for_row_blocks(M, [&](auto rows, int64_t m) {
+    int4_tile<decltype(rows)::value>(w, scales, zeros, x, m0 + m, K, group, y + m * ldy, ldy, tile);
+  });
+}
+
 // float and bfloat16 activations take the vector form of the quantization
 template <>
 inline int32_t quantize_group<float>(const float* src, int64_t group, bool biased, int8_t* dst, float* scale_out) {

@@ -317,19 +317,15 @@ void panel_vector(const Weights& w, int64_t t, int n, const Rows& x, Out* y, int
   const int64_t G = w.groups();
   for (int j = 0; j < n; ++j) {
     const int64_t tile = t + j;
-    auto rows = [&](auto mb, int64_t m) {
-      constexpr int MB = decltype(mb)::value;
-      if constexpr (Bits == 4) {
-        int4_tile<MB>(w.tile(tile), w.scales4 + tile * G * kTile, w.zeros + tile * G * kTile, x.q, x.first + m, w.in,
-                      w.group, y + m * ldy, ldy, j);
-      } else {
-        int8_tile<MB>(reinterpret_cast<const int8_t*>(w.tile(tile)), w.scales8 + t * kTile, w.sums + tile * G * kTile, x.q,
-                      x.first + m, w.in, w.group, y + m * ldy, ldy, j);
-      }
-    };
-    int64_t m = 0;
-    for (; m + kMaxRows <= x.count; m += kMaxRows) rows(std::integral_constant<int, kMaxRows>{}, m);
-    for (; m < x.count; ++m) rows(std::integral_constant<int, 1>{}, m);
+    if constexpr (Bits == 4) {
+      int4_rows(w.tile(tile), w.scales4 + tile * G * kTile, w.zeros + tile * G * kTile, x.q, x.first, x.count, w.in,
+                w.group, y, ldy, j);
+    } else {
+      for_row_blocks(x.count, [&](auto rows, int64_t m) {
+        int8_tile<decltype(rows)::value>(reinterpret_cast<const int8_t*>(w.tile(tile)), w.scales8 + t * kTile,
+                                         w.sums + tile * G * kTile, x.q, x.first + m, w.in, w.group, y + m * ldy, ldy, j);
+      });
+    }
   }
 }
 

@@ -24,21 +24,12 @@ namespace {
 
 using namespace glmcode_cpu;
 
+// Threads split the output tiles; each walks its own once for all the rows.
 template <typename TileFn>
-void for_each_tile(int64_t M, int64_t tiles, TileFn fn) {
-  // Threads split the output rows; each thread walks its weight tiles once for all of M.
+void for_each_tile(int64_t tiles, TileFn fn) {
   const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t m0 = 0;
-      for (; m0 + kMaxRows <= M; m0 += kMaxRows) fn(std::integral_constant<int, kMaxRows>{}, m0, t);
-      switch (M - m0) {
-        case 3: fn(std::integral_constant<int, 3>{}, m0, t); break;
-        case 2: fn(std::integral_constant<int, 2>{}, m0, t); break;
-        case 1: fn(std::integral_constant<int, 1>{}, m0, t); break;
-        default: break;
-      }
-    }
+    for (int64_t t = begin; t < end; ++t) fn(t);
   });
 }
 
@@ -76,9 +67,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t G = K / group;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_linear", [&] {
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
-      int4_tile<decltype(mb)::value>(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, m0, K,
-                                     group, out + m0 * N, N, t);
+    for_each_tile(tiles, [&](int64_t t) {
+      int4_rows(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, 0, M, K, group, out, N, t);
     });
   });
   return y;
@@ -100,8 +90,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t G = K / group;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_tile(M, tiles, [&](auto mb, int64_t m0, int64_t t) {
-      int8_tile<decltype(mb)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out + m0 * N, N, t);
+    for_each_tile(tiles, [&](int64_t t) {
+      for_row_blocks(M, [&](auto rows, int64_t m0) {
+        int8_tile<decltype(rows)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out + m0 * N, N, t);
+      });
     });
   });
   return y;
@@ -132,10 +124,9 @@ at::Tensor int8_linear_heads(const at::Tensor& x_in, const at::Tensor& packed, c
         const int64_t h = job / tiles, t = job % tiles;
         const int8_t* wt = w + (h * tiles + t) * (K / 4) * 64;
         const int32_t* st = ws + (h * tiles + t) * G * kTile;
-        int64_t m = 0;
-        for (; m + kMaxRows <= M; m += kMaxRows)
-          int8_tile<kMaxRows>(wt, s + h * N, st, q, h * M + m, K, group, out + (h * M + m) * N, N, t);
-        for (; m < M; ++m) int8_tile<1>(wt, s + h * N, st, q, h * M + m, K, group, out + (h * M + m) * N, N, t);
+        for_row_blocks(M, [&](auto rows, int64_t m) {
+          int8_tile<decltype(rows)::value>(wt, s + h * N, st, q, h * M + m, K, group, out + (h * M + m) * N, N, t);
+        });
       }
     });
   });
