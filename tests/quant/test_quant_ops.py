@@ -121,10 +121,10 @@ def test_our_kernels_handle_every_row_count():
             assert _relative_error(layer(x), expected) < 0.02
 
 
-@pytest.mark.parametrize("inputs, group", [(256, 128), (192, 64), (96, 32)])
+@pytest.mark.parametrize("inputs, group", [(256, 128), (192, 64), (96, 32), (8192, 128)])  # 8192: runs of 32 rows
 def test_many_rows_give_each_row_s_own_product_bit_for_bit(inputs, group):
-    """Many rows take another loop order (on AVX2: a tile's group unpacked once for all rows,
-    blocks of 64 rows); the integer sums and float steps are the same as one row's."""
+    """Many rows take another loop order (runs of rows that fit L2; on AVX2, a tile's group
+    unpacked once for blocks of 64 rows); the integer sums and float steps are one row's."""
     if not cpu_kernels.available():
         pytest.skip("glmcode's CPU kernels are not available on this machine")
     gen = torch.Generator().manual_seed(inputs)

@@ -24,12 +24,18 @@ namespace {
 
 using namespace glmcode_cpu;
 
-// Threads split the output tiles; each walks its own once for all the rows.
+constexpr int64_t kRunBytes = 256 << 10;  // quantized activations a run of rows may take (half an L2)
+
+// fn(t, m0, rows) for every tile and run of rows. Threads split the tiles; each takes its own
+// run by run, so a run's activations stay in L2 while its tiles pass over them (all of a
+// 512-token chunk, read again from L3 for every tile, held the products back).
 template <typename TileFn>
-void for_each_tile(int64_t tiles, TileFn fn) {
+void for_each_tile(int64_t M, int64_t K, int64_t tiles, TileFn fn) {
   const int64_t grain = std::max<int64_t>(1, tiles / (4 * at::get_num_threads()));
+  const int64_t run = std::max<int64_t>(kMaxRows, kRunBytes / K / kMaxRows * kMaxRows);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) fn(t);
+    for (int64_t m0 = 0; m0 < M; m0 += run)
+      for (int64_t t = begin; t < end; ++t) fn(t, m0, std::min(run, M - m0));
   });
 }
 
@@ -67,8 +73,8 @@ at::Tensor int4_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t G = K / group;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int4_linear", [&] {
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_tile(tiles, [&](int64_t t) {
-      int4_rows(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, 0, M, K, group, out, N, t);
+    for_each_tile(M, K, tiles, [&](int64_t t, int64_t m0, int64_t rows) {
+      int4_rows(w + t * (K / 8) * 64, s + t * G * kTile, z + t * G * kTile, q, m0, rows, K, group, out + m0 * N, N, t);
     });
   });
   return y;
@@ -90,8 +96,9 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int64_t G = K / group;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "int8_linear", [&] {
     scalar_t* out = y.data_ptr<scalar_t>();
-    for_each_tile(tiles, [&](int64_t t) {
-      for_row_blocks(M, [&](auto rows, int64_t m0) {
+    for_each_tile(M, K, tiles, [&](int64_t t, int64_t first, int64_t count) {
+      for_row_blocks(count, [&](auto rows, int64_t m) {
+        const int64_t m0 = first + m;
         int8_tile<decltype(rows)::value>(w + t * (K / 4) * 64, s, ws + t * G * kTile, q, m0, K, group, out + m0 * N, N, t);
       });
     });
