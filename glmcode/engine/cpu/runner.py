@@ -38,7 +38,8 @@ class FusedCpuRunner(ModuleRunner):
         score matrix: 25-32% faster than expanded at 0 to 1.5K tokens of context (512-token
         chunks, 20 heads). Over a cache read in float32 (AVX2), in torch: absorbed against
         expanded, 169 / 262 ms over no cached tokens, 417 / 546 over 1K, 1128 / 1230 over 4K
-        (AMD EPYC Milan, 512-token chunks, 20 heads, 2 threads)."""
+        (AMD EPYC Milan, 512-token chunks, 20 heads, 2 threads), before the absorbed form took
+        a chunk's rows in causal blocks (attention.CAUSAL_BLOCK_ROWS), which only widened the gap."""
         batch = super().prefill_batch(seq, start, end)
         if self.tile_shaped_cache and kernels.latent_attention_available():
             return dataclasses.replace(batch, expanded=False, latent_attention=kernels.latent_attention)
