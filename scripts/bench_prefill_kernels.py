@@ -6,7 +6,8 @@ and as a bfloat16 F.linear of the dequantized weight (oneDNN, itself on AMX-BF16
 of a full bf16 copy of the weights, which the 24 GB machine cannot hold). The routed experts run
 as one grouped call (64 experts, 4 per token). A chunk's attention (20 heads, absorbed, over 0 and
 4096 cached tokens) runs in one AMX-BF16 pass (cpu_attention.cpp) and as torch computes it piece
-by piece (bf16 matmuls around a score matrix: the path without AMX), each as a whole
+by piece (matmuls around a score matrix, in bf16, or in float32 where torch has no fast bf16
+matmul, as the engine does: the path without AMX), each as a whole
 SpanBatch.attend. Random weights; paths take turns, call by call.
 Prints medians and ranges (ms) and the speedup of AMX over each other path, and JSON.
 
@@ -33,7 +34,7 @@ from bench_cpu_quant import FULL_CONFIG  # noqa: E402
 
 from glmcode.engine.config import ModelConfig  # noqa: E402
 from glmcode.engine.cpu import kernels as cpu_kernels  # noqa: E402
-from glmcode.engine.kv_cache import KVSpan, LayerCache  # noqa: E402
+from glmcode.engine.kv_cache import KVSpan, LayerCache, attention_dtype  # noqa: E402
 from glmcode.engine.model.attention import MLAttention, SequenceSlice, SpanBatch  # noqa: E402
 from glmcode.engine.quant import linear  # noqa: E402
 from glmcode.engine.quant.experts import StackedInt4Experts  # noqa: E402
@@ -91,7 +92,8 @@ def attention_paths(tokens: int, depth: int, gen: torch.Generator) -> tuple[int,
         for param in attn.kv_b_proj.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * param.shape[-1] ** -0.5)
     heads, context = config.num_attention_heads, depth + tokens
-    cache = LayerCache(torch.randn(context, config.kv_cache_dim, generator=gen).to(torch.bfloat16), None, 16, torch.bfloat16,
+    read_dtype = attention_dtype(torch.bfloat16, torch.device("cpu"))  # float32 where torch has no fast bf16 matmul
+    cache = LayerCache(torch.randn(context, config.kv_cache_dim, generator=gen).to(torch.bfloat16), None, 16, read_dtype,
                        config.kv_lora_rank)  # fmt: skip
     q_nope = torch.randn(tokens, heads, config.qk_nope_head_dim, generator=gen).to(torch.bfloat16)
     q_pe = torch.randn(tokens, heads, config.qk_rope_head_dim, generator=gen).to(torch.bfloat16)
@@ -105,7 +107,7 @@ def attention_paths(tokens: int, depth: int, gen: torch.Generator) -> tuple[int,
     paths = {}
     if cpu_kernels.latent_attention_available():
         paths["amx"] = lambda: attend(cpu_kernels.latent_attention)
-    paths["torch bf16"] = lambda: attend(None)
+    paths[f"torch {'bf16' if read_dtype == torch.bfloat16 else 'float32'}"] = lambda: attend(None)
     pairs = heads * tokens * (depth + (tokens + 1) / 2)  # causal
     return int(2 * pairs * (config.kv_cache_dim + config.kv_lora_rank)), paths
 
