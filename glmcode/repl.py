@@ -2,8 +2,8 @@
 
 Input: Enter sends. Esc then Enter (or Alt+Enter) inserts a new line, and so does a line that
 ends with a backslash. `@path` attaches a file from the repository; Tab completes paths after
-`@` and slash commands. Ctrl-C stops the current answer (a second Ctrl-C leaves); at an empty
-prompt Ctrl-C twice, Ctrl-D or /exit leaves.
+`@` and slash commands. Ctrl-C stops the current answer (a second Ctrl-C leaves, also one that
+comes just after the stop, at the prompt); at an empty prompt Ctrl-C twice, Ctrl-D or /exit leaves.
 
 Besides the built-in slash commands, `/NAME args` runs a custom command (glmcode.custom_commands),
 read afresh each time so a new or edited file works at once. The session's MCP servers start
@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from rich.text import Text
 
 from glmcode.console import ApprovalPrompt, RunStats, TerminalRenderer
 from glmcode.custom_commands import CommandSet, load_commands
+from glmcode.errors import Interrupted
 from glmcode.launch import (
     AgentParts, backend_label, build_agent, command_sandbox, model_label, open_backend, open_session,
     sandbox_for_mode, start_mcp_servers,
@@ -60,6 +62,9 @@ BUILTIN_NAMES = (*SLASH_COMMANDS, "/quit")  # names a custom command may not tak
 _SLASH_ARGUMENTS = {"/think": ["on", "off", "show", "hide"], "/mode": list(APPROVAL_MODES)}
 _ATTACHMENT = re.compile(r"(?<!\S)@(\S+)")
 MAX_ATTACHMENT_BYTES = 256_000
+# A Ctrl-C at the prompt this soon after one stopped an answer is that press's second: it leaves
+# (exit 130) as it would have while the answer was stopping.
+SECOND_PRESS_S = 3.0
 
 
 # --- input helpers -------------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class Repl:
     servers: McpServers | None = None
     _done: bool = field(default=False, init=False)
     _cancel: threading.Event = field(default_factory=threading.Event, init=False)
+    _stopped_at: float | None = field(default=None, init=False)  # when Ctrl-C last stopped an answer
 
     def stop_current(self) -> None:
         """Stop the answer in progress (Ctrl-C at an approval prompt)."""
@@ -151,6 +157,9 @@ class Repl:
             try:
                 text = self.read_input()
             except KeyboardInterrupt:
+                if self._stopped_at is not None and time.monotonic() - self._stopped_at < SECOND_PRESS_S:
+                    # "stopping… (Ctrl-C again to leave)": the stop was done before the second press
+                    raise Interrupted("interrupted") from None
                 if interrupted_once:
                     return 0
                 interrupted_once = True
@@ -158,7 +167,7 @@ class Repl:
                 continue
             except EOFError:
                 return 0
-            interrupted_once = False
+            interrupted_once, self._stopped_at = False, None
             text = text.strip()
             if not text:
                 continue
@@ -181,6 +190,7 @@ class Repl:
 
         with ctrl_c_cancels(self._cancel, on_first=stopping):
             result = self.parts.agent.run(message, cancel=self._cancel)
+        self._stopped_at = time.monotonic() if self._cancel.is_set() else None
         self.renderer.pause()
         problem = describe_failure(result)
         if problem:

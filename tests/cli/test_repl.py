@@ -83,6 +83,24 @@ def test_slash_commands_switch_modes_and_thinking(home: Path, repo: Path, tmp_pa
 LONG_ANSWER = "Thinking.</think>" + "".join(f"Paragraph {i} of a very long answer.\n\n" for i in range(5000))
 
 
+def test_a_second_ctrl_c_just_after_the_stop_leaves_too(home: Path, repo: Path, tmp_path: Path) -> None:
+    """The answer may be stopped before the second press comes: back at the prompt, it still leaves."""
+    child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path, started=ctrl_c_default)
+    try:
+        child.expect("›")
+        child.sendline("tell me everything")
+        child.expect("Paragraph 3 of")
+        child.sendintr()
+        child.expect("stopping")
+        child.expect("›")
+        child.sendintr()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 130
+    assert "Ctrl-C again, Ctrl-D" not in child.before
+
+
 @pytest.mark.parametrize("started", [ctrl_c_default, ctrl_c_ignored], ids=["sigint-default", "sigint-ignored"])
 def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_path: Path, started) -> None:
     child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path, started=started)
