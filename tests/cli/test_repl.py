@@ -83,16 +83,21 @@ def test_slash_commands_switch_modes_and_thinking(home: Path, repo: Path, tmp_pa
 LONG_ANSWER = "Thinking.</think>" + "".join(f"Paragraph {i} of a very long answer.\n\n" for i in range(5000))
 
 
+def stop_a_long_answer(child) -> None:
+    """Ask for the long answer, stop it with Ctrl-C, and wait for the prompt to come back."""
+    child.expect("›")
+    child.sendline("tell me everything")
+    child.expect("Paragraph 3 of")
+    child.sendintr()
+    child.expect("stopping")
+    child.expect("›")
+
+
 def test_a_second_ctrl_c_just_after_the_stop_leaves_too(home: Path, repo: Path, tmp_path: Path) -> None:
     """The answer may be stopped before the second press comes: back at the prompt, it still leaves."""
     child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path, started=ctrl_c_default)
     try:
-        child.expect("›")
-        child.sendline("tell me everything")
-        child.expect("Paragraph 3 of")
-        child.sendintr()
-        child.expect("stopping")
-        child.expect("›")
+        stop_a_long_answer(child)
         child.sendintr()
         child.expect(pexpect.EOF)
     finally:
@@ -105,12 +110,7 @@ def test_a_second_ctrl_c_just_after_the_stop_leaves_too(home: Path, repo: Path, 
 def test_ctrl_c_stops_the_answer_and_twice_leaves(home: Path, repo: Path, tmp_path: Path, started) -> None:
     child = spawn_chat(home, repo, [LONG_ANSWER, LONG_ANSWER], tmp_path, started=started)
     try:
-        child.expect("›")
-        child.sendline("tell me everything")
-        child.expect("Paragraph 3 of")
-        child.sendintr()
-        child.expect("stopping")
-        child.expect("›")
+        stop_a_long_answer(child)
         child.sendline("/tokens")
         child.expect("generated")
         child.expect("›")

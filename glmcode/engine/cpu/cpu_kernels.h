@@ -132,14 +132,6 @@ int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, fl
   return quantize_group_scalar(src, group, biased, dst, scale_out);
 }
 
-// The kernels written in one instruction set: AVX-512 (with VNNI) where the extension is built
-// for it, else AVX2 (kernels.py builds one or the other for the CPU it runs on).
-#if defined(__AVX512F__)
-#include "cpu_kernels_avx512.h"
-#else
-#include "cpu_kernels_avx2.h"
-#endif
-
 // fn(rows, m) over M activation rows in blocks of kMaxRows, then one block of what is left
 // (rows: a std::integral_constant, the kernels' template argument).
 template <typename Fn>
@@ -153,6 +145,14 @@ void for_row_blocks(int64_t M, Fn fn) {
     default: break;
   }
 }
+
+// The kernels written in one instruction set: AVX-512 (with VNNI) where the extension is built
+// for it, else AVX2 (kernels.py builds one or the other for the CPU it runs on).
+#if defined(__AVX512F__)
+#include "cpu_kernels_avx512.h"
+#else
+#include "cpu_kernels_avx2.h"
+#endif
 
 // Output tile `tile` of M activation rows from m0 (row m0 + r to y + r * ldy), any M.
 template <typename Out>

@@ -230,7 +230,7 @@ class SpanBatch:
                                       _causal_limits(seq, attn.num_heads), cache, _context_slots(seq.spans),
                                       out_latent[:, seq.rows])  # fmt: skip
             else:
-                for block in _causal_blocks(seq, CAUSAL_BLOCK_ROWS if many else seq.rows.stop - seq.rows.start):
+                for block in _causal_blocks(seq, CAUSAL_BLOCK_ROWS) if many else [seq]:
                     out_latent[:, block.rows] = self._absorbed_in_pieces(attn, q_latent[:, block.rows], q_pe[:, block.rows],
                                                                          block, cache, many).to(out_latent.dtype)  # fmt: skip
         values = torch.matmul(out_latent, w_uv.transpose(1, 2)) if many else attn.kv_b_proj.values(out_latent)
