@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,9 @@ def _command_paths() -> list[list[str]]:
 def test_every_help_reads_like_git(cli: Cli) -> None:
     paths = _command_paths()
     assert ["ask"] in paths and ["model", "quantize"] in paths
-    for path in paths:
-        result = cli(*path, "--help")
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each is its own process: run a few at once
+        results = list(pool.map(lambda path: cli(*path, "--help"), paths))
+    for path, result in zip(paths, results):
         assert result.returncode == 0, (path, result.stderr)
         usage = result.stdout.splitlines()[0]
         assert usage.startswith(" ".join(["Usage: glmcode", *path, "[OPTIONS]"])), usage

@@ -16,10 +16,18 @@ import httpx
 import pytest
 
 from tests.cli.conftest import clean_env
-from tests.conftest import ctrl_c_default
+from tests.conftest import ctrl_c_default, load_tiny_checkpoint_writer
 
 START_SECONDS = 180  # loading a tiny model takes seconds; a busy CI machine may take longer
 LISTENING = re.compile(r"listening on (http://\S+) ")
+
+
+def slow_to_load_checkpoint(directory: Path, **config) -> Path:
+    """A tiny checkpoint whose int4 load takes seconds (quantizing many experts), long enough to be
+    asked while it loads; two layers keep its prefill cheap once it is ready."""
+    return load_tiny_checkpoint_writer().make_tiny_checkpoint(
+        directory, num_hidden_layers=2, n_routed_experts=128, hidden_size=128, moe_intermediate_size=128,
+        intermediate_size=128, **config)  # fmt: skip
 
 
 class Server:

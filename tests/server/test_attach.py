@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from glmcode.console import validate_event
+from glmcode.server.attach import attach
+from glmcode.settings import Settings
 from tests.cli.conftest import clean_env
 from tests.conftest import load_tiny_checkpoint_writer
+from tests.server.conftest import slow_to_load_checkpoint
 
 # glmcode's own prompt (rules, tool specs) is longer than 4096 tokens of the tiny tokenizer.
 ROOMY = {"max_position_embeddings": 16384}
@@ -50,15 +53,21 @@ def test_ask_uses_the_running_server_of_its_model_and_says_so_in_one_line(roomy,
     server.wait_idle()
 
 
-def test_no_server_another_model_or_a_stale_file_load_in_process(roomy, start_server, tmp_path):
+def test_no_server_another_model_or_a_stale_file_load_in_process(roomy, start_server, tmp_path, monkeypatch):
     home = tmp_path / "home"
     server = start_server(roomy, home=home)
     result, records = ask(home, roomy, "--no-server")
     assert records[0]["backend"] == "local" and USING not in result.stderr
 
+    # The rest is attach()'s choice, asked in this process: a command it returns None to loads
+    # in-process, which the `--no-server` run above and every local test already show.
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    notices: list[str] = []
+    assert attach(Settings(model=str(roomy), device="cpu"), notices.append).label == f"server:{server.base_url}"
     other = load_tiny_checkpoint_writer().make_tiny_checkpoint(tmp_path / "other", seed=3, **ROOMY)
-    result, records = ask(home, other)
-    assert records[0]["backend"] == "local" and USING not in result.stderr
+    assert attach(Settings(model=str(other), device="cpu"), notices.append) is None
+    assert attach(Settings(model=str(roomy), quantization="int8", device="cpu"), notices.append) is None
 
     assert server.stop() == 0
     stale = home / ".local" / "state" / "glmcode" / "servers"
@@ -68,9 +77,9 @@ def test_no_server_another_model_or_a_stale_file_load_in_process(roomy, start_se
         "pid": dead.pid, "host": "127.0.0.1", "port": 9, "model_dir": str(roomy.resolve()), "quantization": None,
         "dtype": None, "device": "cpu", "served_model_name": "glm-4.7-flash", "api_key_required": False,
         "status": "ready", "max_context": 16384, "started": 0.0, "version": "0.1.0"}))  # fmt: skip
-    result, records = ask(home, roomy)
-    assert records[0]["backend"] == "local" and USING not in result.stderr
+    assert attach(Settings(model=str(roomy), device="cpu"), notices.append) is None
     assert not list(stale.glob("*.json"))
+    assert len(notices) == 1 and USING in notices[0]  # only the first, the server of this very model
 
 
 def test_doctor_shows_the_running_server(roomy, start_server, tmp_path):
@@ -93,9 +102,7 @@ def test_a_server_that_wants_a_key_is_used_with_the_key_or_named(roomy, start_se
 
 
 def test_a_server_still_loading_is_waited_for(tmp_path, start_server):
-    slow = load_tiny_checkpoint_writer().make_tiny_checkpoint(
-        tmp_path / "slow", num_hidden_layers=8, n_routed_experts=32, hidden_size=128, moe_intermediate_size=128,
-        intermediate_size=128, **ROOMY)  # fmt: skip
+    slow = slow_to_load_checkpoint(tmp_path / "slow", **ROOMY)
     home = tmp_path / "home"
     server = start_server(slow, "--quantization", "int4", home=home, wait=False)
     result, records = ask(home, slow, "--quantization", "int4")

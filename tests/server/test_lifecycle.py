@@ -24,11 +24,10 @@ def glmcode(home, *args: str, timeout: float = 120) -> subprocess.CompletedProce
                           env=clean_env(home))  # fmt: skip
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_ends_streams_cleanly_flushes_the_disk_tier_and_exits_0(tiny_checkpoint, start_server, tmp_path, signum):
-    cache = tmp_path / "kv"
-    server = start_server(tiny_checkpoint, "--kv-cache-dir", str(cache))
-    body = {"model": MODEL, "messages": LONG, "max_tokens": 3000, "stream": True, "ignore_eos": True}
+def _stop_mid_stream(server, messages: list[dict], signum: int) -> None:
+    """Stop `server` with `signum` while it streams an answer to `messages`: the stream ends with
+    an error and [DONE], the process exits 0 and removes its state file."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": 3000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
@@ -39,13 +38,25 @@ def test_a_stop_signal_ends_streams_cleanly_flushes_the_disk_tier_and_exits_0(ti
     assert server.proc.wait(60) == 0
     assert any("stopped" in line for line in server.lines)
     assert server.state_files() == []
-    assert len(list(cache.rglob("*.kv"))) >= 2  # the prompt's full blocks
+
+
+def test_a_stop_signal_ends_streams_cleanly_flushes_the_disk_tier_and_exits_0(tiny_checkpoint, start_server, tmp_path):
+    cache = tmp_path / "kv"
+    first = start_server(tiny_checkpoint, "--kv-cache-dir", str(cache))
+    _stop_mid_stream(first, LONG, signal.SIGINT)
+    flushed = set(cache.rglob("*.kv"))
+    assert len(flushed) >= 2  # the prompt's full blocks
 
     # The next server reads them back: its first answer of the same prompt is mostly cached.
     again = start_server(tiny_checkpoint, "--kv-cache-dir", str(cache))
     client = openai.OpenAI(base_url=again.base_url, api_key="unused", max_retries=0)
     answer = client.chat.completions.create(model=MODEL, messages=LONG, max_tokens=2)
     assert answer.usage.prompt_tokens_details.cached_tokens >= 512
+
+    # SIGTERM (what systemd and docker send) flushes a new prompt's blocks the same way.
+    other = [{"role": "system", "content": "You are a terse tester. " * 120}, {"role": "user", "content": "Test."}]
+    _stop_mid_stream(again, other, signal.SIGTERM)
+    assert len(set(cache.rglob("*.kv")) - flushed) >= 2
 
 
 def test_serve_status_lists_the_running_server_and_ignores_a_stale_file(tiny_checkpoint, start_server, tmp_path):

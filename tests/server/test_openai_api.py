@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import load_tiny_checkpoint_writer
+from tests.server.conftest import slow_to_load_checkpoint
 
 openai = pytest.importorskip("openai")
 
@@ -154,9 +155,7 @@ def test_a_full_queue_is_a_429_with_retry_after(tiny_checkpoint, start_server):
 
 
 def test_while_the_model_loads_health_and_requests_are_503(tmp_path, start_server):
-    # Quantizing many tensors on load takes seconds: long enough to be asked while loading.
-    slow = load_tiny_checkpoint_writer().make_tiny_checkpoint(tmp_path / "slow-to-load", num_hidden_layers=8, n_routed_experts=32, hidden_size=128,
-                           moe_intermediate_size=128, intermediate_size=128)  # fmt: skip
+    slow = slow_to_load_checkpoint(tmp_path / "slow-to-load")
     loading = start_server(slow, "--quantization", "int4", wait=False)
     status, health = loading.health()
     assert status == 503 and health["status"] == "loading"
