@@ -5,7 +5,8 @@ off: what a CPU without AMX gets), on aten's int4 packed op (the fallback withou
 and as a bfloat16 F.linear of the dequantized weight (oneDNN, itself on AMX-BF16 here: the speed
 of a full bf16 copy of the weights, which the 24 GB machine cannot hold). The routed experts run
 as one grouped call (64 experts, 4 per token). A chunk's attention (20 heads, absorbed, over 0 and
-4096 cached tokens) runs in one AMX-BF16 pass (cpu_attention.cpp) and as torch computes it piece
+4096 cached tokens) runs in one AMX-BF16 pass (cpu_attention.cpp; on AVX2, its int16 form,
+cpu_attention_avx2.cpp, in the amx column) and as torch computes it piece
 by piece (matmuls around a score matrix, in bf16, or in float32 where torch has no fast bf16
 matmul, as the engine does: the path without AMX), each as a whole
 SpanBatch.attend. Random weights; paths take turns, call by call.
@@ -105,8 +106,8 @@ def attention_paths(tokens: int, depth: int, gen: torch.Generator) -> tuple[int,
         return batch.attend(attn, q_nope, q_pe, cache)
 
     paths = {}
-    if cpu_kernels.latent_attention_available():
-        paths["amx"] = lambda: attend(cpu_kernels.latent_attention)
+    if cpu_kernels.latent_attention_available():  # on AMX-BF16, or in the AVX2 form's int16 fixed point
+        paths["amx" if cpu_kernels.avx512_available() else "avx2 int16"] = lambda: attend(cpu_kernels.latent_attention)
     paths[f"torch {'bf16' if read_dtype == torch.bfloat16 else 'float32'}"] = lambda: attend(None)
     pairs = heads * tokens * (depth + (tokens + 1) / 2)  # causal
     return int(2 * pairs * (config.kv_cache_dim + config.kv_lora_rank)), paths
@@ -154,7 +155,8 @@ def main() -> None:
         for _ in range(args.calls):  # the paths take turns
             for path, fn in paths.items():
                 samples[path].append(timed(fn))
-        amx = statistics.median(samples["amx"]) if "amx" in samples else None
+        fast = samples.get("amx") or samples.get("avx2 int16")
+        amx = statistics.median(fast) if fast else None
         report["products"][name] = {}
         for path, times in samples.items():
             median = statistics.median(times)

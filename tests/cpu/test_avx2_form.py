@@ -16,7 +16,7 @@ from glmcode.engine.cpu.features import has_avx2
 from tests.conftest import ROOT
 
 KERNEL_TESTS = ["tests/quant/test_quant_ops.py", "tests/cpu/test_prefill_kernels.py", "tests/cpu/test_fused_decode.py",
-                "tests/cpu/test_cpu_ops.py"]  # fmt: skip
+                "tests/cpu/test_cpu_ops.py", "tests/cpu/test_latent_attention.py"]  # fmt: skip
 
 
 @pytest.mark.skipif(not has_avx2(), reason="this CPU has no AVX2")

@@ -9,8 +9,10 @@ The extension is built in one of two forms, for the CPU it runs on:
   the prefill softmax; see engine/ops.py) and a prefill chunk's attention on AMX-BF16 tiles
   (cpu_attention.cpp).
 - AVX2 (AMD Zen 2/3, Intel client cores): the quantized products (cpu_quant.cpp and the grouped
-  experts of cpu_prefill.cpp) on the same layouts, and the fused decode over int4 / int8 weights
-  and a bfloat16 or float32 cache (its attention in float32); the rest runs on torch ops.
+  experts of cpu_prefill.cpp) on the same layouts, the fused decode over int4 / int8 weights
+  and a bfloat16 or float32 cache (its attention in float32), and a prefill chunk's attention
+  in 16-bit fixed point (cpu_attention_avx2.cpp, the same op as cpu_attention.cpp's); the rest
+  runs on torch ops.
 
 Both build on the kernels of cpu_kernels.h (cpu_kernels_avx512.h / cpu_kernels_avx2.h). The
 extension is compiled on first use with torch's C++ extension machinery and cached. Where it
@@ -51,7 +53,7 @@ _BUILDS = {
     ),
     "avx2": (
         "glmcode_cpu_quant_avx2",
-        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp", "cpu_softmax.cpp"],
+        ["cpu_quant.cpp", "cpu_prefill.cpp", "cpu_decode.cpp", "cpu_softmax.cpp", "cpu_attention_avx2.cpp"],
         ["-O3", "-mavx2", "-mfma", "-mf16c"],
     ),
 }
@@ -179,15 +181,16 @@ def int8_linear(x: torch.Tensor, packed, scales, sums, group: int) -> torch.Tens
 
 
 def latent_attention_available() -> bool:
-    """Whether a prefill chunk's absorbed attention can run on AMX-BF16 tiles here (cpu_attention.cpp)."""
-    return avx512_available() and ops().latent_attention_available()
+    """Whether a prefill chunk's absorbed attention can run in one kernel call here: on AMX-BF16
+    tiles (cpu_attention.cpp), or in 16-bit fixed point on AVX2 (cpu_attention_avx2.cpp)."""
+    return has_op("latent_attention") and ops().latent_attention_available()
 
 
 def latent_attention(
     q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float, limits: torch.Tensor, cache: LayerCache,
     context_slots: torch.Tensor, out: torch.Tensor,
 ) -> None:
-    """Absorbed attention of query rows over cached latents, on AMX-BF16 tiles, into ``out``.
+    """Absorbed attention of query rows over cached latents, on AMX-BF16 tiles or AVX2, into ``out``.
 
     The rows are head-major (h, i): q_latent [H, t, L] (the queries already multiplied by W_UK)
     and q_rope [H, t, R'] (the roped part), bf16 or float32, each row contiguous, and both are

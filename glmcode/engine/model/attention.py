@@ -226,7 +226,7 @@ class SpanBatch:
         out_latent = torch.empty_like(q_latent)
         for seq in self.sequences:
             if many and self.latent_attention is not None:  # scaled, concatenated and written in the kernel
-                self.latent_attention(q_latent[:, seq.rows], q_pe[:, seq.rows], attn.scale,
+                self.latent_attention(q_latent[:, seq.rows], q_pe[:, seq.rows].to(q_latent.dtype), attn.scale,
                                       _causal_limits(seq, attn.num_heads), cache, _context_slots(seq.spans),
                                       out_latent[:, seq.rows])  # fmt: skip
             else:
