@@ -272,33 +272,17 @@ void latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope, doub
                       const at::Tensor& cache, const std::optional<at::Tensor>& scales, const at::Tensor& context_slots,
                       const at::Tensor& out) {
   TORCH_CHECK(amx_support().bf16, "latent_attention: needs AMX-BF16");
-  TORCH_CHECK(q_latent.dim() == 3 && q_rope.dim() == 3 && out.dim() == 3 && q_latent.size(0) == q_rope.size(0) &&
-                  q_latent.size(1) == q_rope.size(1) && out.sizes() == q_latent.sizes(),
-              "latent_attention: q_latent and out [H, t, L], q_rope [H, t, D - L]");
-  TORCH_CHECK(q_latent.stride(2) == 1 && q_rope.stride(2) == 1 && out.stride(2) == 1,
-              "latent_attention: rows must be contiguous");
-  TORCH_CHECK(q_latent.scalar_type() == q_rope.scalar_type() &&
-                  (q_latent.scalar_type() == at::kBFloat16 || q_latent.scalar_type() == at::kFloat) &&
-                  (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
-              "latent_attention: queries and out must be bf16 or float32");
-  const int64_t L = q_latent.size(2), D = L + q_rope.size(2), t = q_latent.size(1), R = q_latent.size(0) * t;
-  const int64_t S = context_slots.size(0);
-  TORCH_CHECK(D % 32 == 0 && L % 32 == 0 && cache.dim() == 2 && cache.size(1) == D && cache.is_contiguous(),
-              "latent_attention: cache must be contiguous [slots, D], D and L multiples of 32");
-  TORCH_CHECK(limits.scalar_type() == at::kLong && limits.numel() == R && context_slots.scalar_type() == at::kLong,
-              "latent_attention: limits [H * t] and context_slots [S] must be int64");
-  const at::Tensor limit = limits.contiguous(), slots = context_slots.contiguous();
-  TORCH_CHECK(R == 0 || (limit.min().item<int64_t>() >= 0 && limit.max().item<int64_t>() < S),
-              "latent_attention: a row's limit is outside the context");
+  const auto args = check_latent_attention(q_latent, q_rope, limits, cache, scales, context_slots, out, 32);
+  const int64_t L = args.L, D = args.D, t = args.t, R = args.R, S = args.S;
+  const at::Tensor& limit = args.limits;
+  const at::Tensor& slots = args.slots;
   CacheRows rows;
   rows.D = D, rows.L = L;
-  if (cache.scalar_type() == at::kBFloat16) {
-    rows.bf16 = cache.data_ptr<at::BFloat16>();
-  } else {
-    TORCH_CHECK(cache.scalar_type() == at::kChar && scales && scales->scalar_type() == at::kFloat && scales->is_contiguous(),
-                "latent_attention: the cache must be bf16, or int8 with float32 scales [slots, 2]");
+  if (args.int8_scales) {
     rows.int8 = cache.data_ptr<int8_t>();
-    rows.scales = scales->data_ptr<float>();
+    rows.scales = args.int8_scales;
+  } else {
+    rows.bf16 = cache.data_ptr<at::BFloat16>();
   }
   PackedContext ctx;
   pack_context(rows, slots.data_ptr<int64_t>(), S, ctx);

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <vector>
 
 namespace glmcode_cpu {
@@ -215,5 +216,47 @@ bool amx_products_apply(int64_t rows, int64_t in, int64_t group);
 // scales, zeros) or int8 (bits 8: scales, sums) weights in the tile layout, stacked per head.
 at::Tensor amx_linear(const at::Tensor& x, int bits, int64_t heads, const at::Tensor& packed, const at::Tensor& scales,
                       const at::Tensor& zeros_or_sums, int64_t group);
+
+// ---- latent_attention: cpu_attention.cpp (AMX-BF16) and cpu_attention_avx2.cpp (AVX2)
+
+// Its arguments (see cpu_attention.cpp), checked: D and L multiples of `multiple`.
+struct LatentAttentionArgs {
+  int64_t L, D, t, R, S;
+  at::Tensor limits, slots;             // contiguous
+  const float* int8_scales = nullptr;   // [slots, 2] of an int8 cache; null for bf16
+};
+
+inline LatentAttentionArgs check_latent_attention(const at::Tensor& q_latent, const at::Tensor& q_rope,
+                                                  const at::Tensor& limits, const at::Tensor& cache,
+                                                  const std::optional<at::Tensor>& scales,
+                                                  const at::Tensor& context_slots, const at::Tensor& out,
+                                                  int64_t multiple) {
+  TORCH_CHECK(q_latent.dim() == 3 && q_rope.dim() == 3 && out.dim() == 3 && q_latent.size(0) == q_rope.size(0) &&
+                  q_latent.size(1) == q_rope.size(1) && out.sizes() == q_latent.sizes(),
+              "latent_attention: q_latent and out [H, t, L], q_rope [H, t, D - L]");
+  TORCH_CHECK(q_latent.stride(2) == 1 && q_rope.stride(2) == 1 && out.stride(2) == 1,
+              "latent_attention: rows must be contiguous");
+  TORCH_CHECK(q_latent.scalar_type() == q_rope.scalar_type() &&
+                  (q_latent.scalar_type() == at::kBFloat16 || q_latent.scalar_type() == at::kFloat) &&
+                  (out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat),
+              "latent_attention: queries and out must be bf16 or float32");
+  LatentAttentionArgs a;
+  a.L = q_latent.size(2), a.D = a.L + q_rope.size(2), a.t = q_latent.size(1), a.R = q_latent.size(0) * a.t;
+  a.S = context_slots.size(0);
+  TORCH_CHECK(a.D % multiple == 0 && a.L % multiple == 0 && cache.dim() == 2 && cache.size(1) == a.D &&
+                  cache.is_contiguous(),
+              "latent_attention: cache must be contiguous [slots, D], D and L multiples of ", multiple);
+  TORCH_CHECK(limits.scalar_type() == at::kLong && limits.numel() == a.R && context_slots.scalar_type() == at::kLong,
+              "latent_attention: limits [H * t] and context_slots [S] must be int64");
+  a.limits = limits.contiguous(), a.slots = context_slots.contiguous();
+  TORCH_CHECK(a.R == 0 || (a.limits.min().item<int64_t>() >= 0 && a.limits.max().item<int64_t>() < a.S),
+              "latent_attention: a row's limit is outside the context");
+  if (cache.scalar_type() != at::kBFloat16) {
+    TORCH_CHECK(cache.scalar_type() == at::kChar && scales && scales->scalar_type() == at::kFloat && scales->is_contiguous(),
+                "latent_attention: the cache must be bf16, or int8 with float32 scales [slots, 2]");
+    a.int8_scales = scales->data_ptr<float>();
+  }
+  return a;
+}
 
 }  // namespace glmcode_cpu
