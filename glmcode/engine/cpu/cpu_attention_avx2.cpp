@@ -179,25 +179,23 @@ void block_scores(const int16_t* q, const float* q_latent_scale, const float* q_
 void block_values(const GroupState& s, const PackedContext& ctx, int64_t first, int64_t count, int64_t b, int64_t r0,
                   float* out) {
   const int64_t L = ctx.L;
-  {
-    const int16_t* v = ctx.latent_block(b, first);
-    __m256i acc[kRows][2];
-    for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < count; k += 2, v += 32) {
-      const __m256i v_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
-      const __m256i v_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(v + 16));
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i w = pair_of(s.weights[r0 + r] + k);
-        acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w, v_a));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w, v_b));
-      }
-    }
+  const int16_t* v = ctx.latent_block(b, first);
+  __m256i acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < count; k += 2, v += 32) {
+    const __m256i v_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
+    const __m256i v_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(v + 16));
     for (int r = 0; r < kRows; ++r) {
-      float* o = out + (r0 + r) * L + b * 16;
-      const __m256 a = _mm256_set1_ps(s.alpha[r0 + r]), ws = _mm256_set1_ps(s.weight_scale[r0 + r]);
-      _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), ws, _mm256_mul_ps(_mm256_loadu_ps(o), a)));
-      _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), ws, _mm256_mul_ps(_mm256_loadu_ps(o + 8), a)));
+      const __m256i w = pair_of(s.weights[r0 + r] + k);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w, v_a));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w, v_b));
     }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float* o = out + (r0 + r) * L + b * 16;
+    const __m256 a = _mm256_set1_ps(s.alpha[r0 + r]), ws = _mm256_set1_ps(s.weight_scale[r0 + r]);
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), ws, _mm256_mul_ps(_mm256_loadu_ps(o), a)));
+    _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), ws, _mm256_mul_ps(_mm256_loadu_ps(o + 8), a)));
   }
 }
 
