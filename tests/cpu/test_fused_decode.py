@@ -100,11 +100,24 @@ def test_fused_step_matches_the_modules_in_float32(quantized, shape, scheme):
     assert (fused.argmax(-1) == modules.argmax(-1)).float().mean() >= 0.95
 
 
-def test_fused_step_with_a_bfloat16_cache_stays_close_to_float32(quantized):
-    """bf16 activations and cache (the bf16 dot-product attention where the CPU has it)."""
-    path = quantized("base", "int4-all")
+@pytest.fixture(scope="module")
+def twenty_heads(tmp_path_factory):
+    """An int4-all checkpoint with GLM-4.7-Flash's 20 heads and 96 cached values per token."""
+    root = tmp_path_factory.mktemp("twenty-heads")
+    float_dir = load_tiny_checkpoint_writer().make_tiny_checkpoint(
+        root / "float", kv_lora_rank=64, qk_rope_head_dim=32, num_attention_heads=20
+    )
+    return quantize_checkpoint(float_dir, root / "q", bits=4, linear_bits=4, progress=False)
+
+
+@pytest.mark.parametrize("model, block_size", [("base", 16), ("twenty_heads", 32)])
+def test_fused_step_with_a_bfloat16_cache_stays_close_to_float32(quantized, twenty_heads, model, block_size):
+    """bf16 activations and cache: attention on the bf16 dot product where the CPU has it, else
+    in float32 FMAs (4 heads and 40 cached values a token: a tail after the 16-value chunks; 20
+    heads: four groups of 5)."""
+    path = quantized("base", "int4-all") if model == "base" else twenty_heads
     reference = decode_logits(float32_llm(path), False)
-    llm = LLM(path, dtype="bfloat16", block_size=16, enable_prefix_caching=False, progress=False)
+    llm = LLM(path, dtype="bfloat16", block_size=block_size, enable_prefix_caching=False, progress=False)
     results = {fused: decode_logits(llm, fused) for fused in (True, False)}
     similarity = {fused: torch.cosine_similarity(out, reference, dim=-1).mean().item() for fused, out in results.items()}
     # A random tiny model amplifies bf16 rounding; the fused path (float32 activations) must do

@@ -319,6 +319,133 @@ GLMCODE_BF16 void to_bf16(const float* in, int64_t n, at::BFloat16* out) {
   for (; i < n; ++i) out[i] = at::BFloat16(in[i]);
 }
 
+// ---- AVX2: attention over a bfloat16 cache in float32 FMAs, for CPUs without VDPBF16PS
+//
+// All the heads attend over the same cached rows, so both products are small matrix products
+// (20 heads by a block of tokens) and are laid out so that the FMAs need no horizontal sums and
+// few loads. A bf16 value is the top half of a float: of a 32-bit lane holding two bf16 values,
+// a shift left by 16 gives the first as a float and a mask the second. So 16 bf16 values load as
+// two float vectors, "even" and "odd", in two integer ops.
+//   scores: a piece of 16 cached rows is transposed once into [D][16] (see pack_piece); then for
+//           each d one load gives the piece's 16 keys at d, which meet each head's query value
+//           at d, broadcast: 2 FMAs a head, no sums across lanes.
+//   values: each row's 16 latent values at a time, read as stored, meet each head's weight of
+//           that token, broadcast. The even / odd split leaves `out` in its own order (see
+//           unpermute_fma).
+constexpr int kPiece = 16;     // cached rows scored together (two float vectors)
+constexpr int kFmaHeads = 5;   // heads per pass: 10 accumulators, and GLM-4.7-Flash's 20 heads in 4
+
+inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+inline __m256 odd_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
+
+inline void transpose8x32(__m256i r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(_mm256_castsi256_ps(r[i]), _mm256_castsi256_ps(r[i + 1]));
+    t[i + 1] = _mm256_unpackhi_ps(_mm256_castsi256_ps(r[i]), _mm256_castsi256_ps(r[i + 1]));
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    r[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+// rows [16][D] (row t at rows[t], null: zeros) -> packed [D][16]: at each d, 32-bit word j holds
+// rows j and j + 8, so even_bf16 gives rows 0-7 and odd_bf16 rows 8-15 as floats.
+inline void pack_piece(const at::BFloat16* const rows[kPiece], int64_t D, at::BFloat16* packed) {
+  static const at::BFloat16 zeros[16] = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    // per 128-bit lane, unpacklo pairs values 0-3 of that lane's 8, unpackhi values 4-7
+    __m256i lo[8], hi[8];
+    for (int j = 0; j < 8; ++j) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] ? rows[j] + d : zeros));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j + 8] ? rows[j + 8] + d : zeros));
+      lo[j] = _mm256_unpacklo_epi16(a, b);
+      hi[j] = _mm256_unpackhi_epi16(a, b);
+    }
+    transpose8x32(lo);  // lo[c]: d + c for c < 4, d + 4 + c after
+    transpose8x32(hi);  // hi[c]: d + 4 + c for c < 4, d + 8 + c after
+    for (int c = 0; c < 4; ++c) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (d + c) * kPiece), lo[c]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (d + 8 + c) * kPiece), lo[c + 4]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (d + 4 + c) * kPiece), hi[c]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + (d + 12 + c) * kPiece), hi[c + 4]);
+    }
+  }
+  for (; d < D; ++d)
+    for (int j = 0; j < 8; ++j) {
+      packed[d * kPiece + 2 * j] = rows[j] ? rows[j][d] : at::BFloat16(0.f);
+      packed[d * kPiece + 2 * j + 1] = rows[j + 8] ? rows[j + 8][d] : at::BFloat16(0.f);
+    }
+}
+
+// scores[h][0..16) = q[h] . row for the piece's 16 rows, H heads (q [H][D] float, stride D)
+template <int H>
+void fma_scores(const float* q, const at::BFloat16* packed, int64_t D, float* scores, int64_t s_stride) {
+  __m256 acc[H][2];
+  for (int h = 0; h < H; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + d * kPiece));
+    const __m256 first = even_bf16(k), second = odd_bf16(k);
+    for (int h = 0; h < H; ++h) {
+      const __m256 qv = _mm256_broadcast_ss(q + h * D + d);
+      acc[h][0] = _mm256_fmadd_ps(qv, first, acc[h][0]);
+      acc[h][1] = _mm256_fmadd_ps(qv, second, acc[h][1]);
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    _mm256_storeu_ps(scores + h * s_stride, acc[h][0]);
+    _mm256_storeu_ps(scores + h * s_stride + 8, acc[h][1]);
+  }
+}
+
+// out[h] += sum_t p[h][t] * row[t][:L] for H heads, 16 latent values at a time (out in
+// unpermute_fma's order)
+template <int H>
+void fma_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, const float* p, int64_t p_stride,
+                float* out, LinePrefetch& ahead) {
+  for (int64_t i = 0; i < L; i += 16) {
+    ahead.step();
+    __m256 acc[H][2];
+    for (int h = 0; h < H; ++h) {
+      acc[h][0] = _mm256_loadu_ps(out + h * L + i);
+      acc[h][1] = _mm256_loadu_ps(out + h * L + i + 8);
+    }
+    for (int64_t t = 0; t < count; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + t * D + i));
+      const __m256 even = even_bf16(v), odd = odd_bf16(v);
+      for (int h = 0; h < H; ++h) {
+        const __m256 w = _mm256_broadcast_ss(p + h * p_stride + t);
+        acc[h][0] = _mm256_fmadd_ps(w, even, acc[h][0]);
+        acc[h][1] = _mm256_fmadd_ps(w, odd, acc[h][1]);
+      }
+    }
+    for (int h = 0; h < H; ++h) {
+      _mm256_storeu_ps(out + h * L + i, acc[h][0]);
+      _mm256_storeu_ps(out + h * L + i + 8, acc[h][1]);
+    }
+  }
+}
+
+// fma_values' order back to natural: each 16 values hold the even ones, then the odd ones
+inline void unpermute_fma(float* out, int64_t L) {
+  float tmp[16];
+  for (int64_t i = 0; i < L; i += 16) {
+    for (int j = 0; j < 8; ++j) {
+      tmp[2 * j] = out[i + j];
+      tmp[2 * j + 1] = out[i + 8 + j];
+    }
+    std::copy(tmp, tmp + 16, out + i);
+  }
+}
+
 // ---- AMX: attention as tile products (TDPBF16PS: a 16x32 by 32x16 bf16 product per instruction)
 
 #define GLMCODE_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
@@ -547,6 +674,9 @@ struct AttendJob {
 
   int64_t count(int64_t block) const { return std::min(block_size, seq_len - block * block_size); }
 };
+
+constexpr int kTokens = 4;  // cache rows scored together, sharing each query load (attend_generic)
+constexpr int kHeads = 8;   // heads accumulated together, sharing each cache load
 
 class DecodePlan : public torch::CustomClassHolder {
  public:
@@ -849,6 +979,7 @@ class DecodePlan : public torch::CustomClassHolder {
     } else {
       if constexpr (std::is_same_v<C, at::BFloat16>) {
         if (has_bf16_) return attend_blocks(job, s, Bf16Blocks{cache, job.block_size, D});
+        return attend_fma(job, s, cache);
       }
       attend_generic(job, s, cache);
     }
@@ -915,6 +1046,39 @@ class DecodePlan : public torch::CustomClassHolder {
     softmax.end(job.max, job.mass);
   }
 
+  // attend in float32 FMAs over a bfloat16 cache (see fma_scores / fma_values): the AVX2 form,
+  // and AVX-512 CPUs without AVX512_BF16
+  void attend_fma(const AttendJob& job, ThreadState& s, const at::BFloat16* cache) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
+    const int64_t s_stride = (block_size + kPiece - 1) / kPiece * kPiece;
+    const std::vector<float> queries = scaled_queries(job.h0, n, s);
+    OnlineSoftmax softmax(n, L, job.out);
+    s.attn_scores.resize(n * s_stride);
+    AlignedVector<at::BFloat16> packed(D * kPiece);
+    for (int64_t b = job.first_block; b < job.last_block; ++b) {
+      const int64_t count = job.count(b);
+      const at::BFloat16* block = cache + job.table[b] * block_size * D;
+      float* scores = s.attn_scores.data();  // [head][token of this block]
+      for (int64_t t = 0; t < count; t += kPiece) {
+        const at::BFloat16* rows[kPiece];
+        for (int k = 0; k < kPiece; ++k) rows[k] = t + k < count ? block + (t + k) * D : nullptr;
+        pack_piece(rows, D, packed.data());
+        for_head_groups<kFmaHeads>(n, [&](auto heads, int64_t h) {
+          fma_scores<decltype(heads)::value>(queries.data() + h * D, packed.data(), D, scores + h * s_stride + t, s_stride);
+        });
+      }
+      softmax.block(scores, s_stride, count);
+      const bool last = b + 1 == job.last_block;
+      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D * 2,
+                         L / 16 * ((n + kFmaHeads - 1) / kFmaHeads));
+      for_head_groups<kFmaHeads>(n, [&](auto heads, int64_t h) {
+        fma_values<decltype(heads)::value>(block, count, D, L, scores + h * s_stride, s_stride, job.out + h * L, ahead);
+      });
+    }
+    for (int64_t h = 0; h < n; ++h) unpermute_fma(job.out + h * L, L);  // linear: fine before normalizing
+    softmax.end(job.max, job.mass);
+  }
+
   // Queries of heads [h0, h0 + n) with the scale folded in, laid out [head][latent | rope] like
   // a cache row.
   std::vector<float> scaled_queries(int64_t h0, int64_t n, const ThreadState& s) const {
@@ -928,21 +1092,19 @@ class DecodePlan : public torch::CustomClassHolder {
     return queries;
   }
 
-  // fn(std::integral_constant<int, H>, first head) for groups of up to kHeads of n heads
-  template <typename Fn>
+  // fn(std::integral_constant<int, H>, first head) for groups of up to Most of n heads
+  template <int Most = kHeads, typename Fn>
   static void for_head_groups(int64_t n, Fn fn) {
-    for (int64_t h = 0; h < n; h += kHeads) {
-      switch (std::min<int64_t>(kHeads, n - h)) {
-        case 8: fn(std::integral_constant<int, 8>{}, h); break;
-        case 7: fn(std::integral_constant<int, 7>{}, h); break;
-        case 6: fn(std::integral_constant<int, 6>{}, h); break;
-        case 5: fn(std::integral_constant<int, 5>{}, h); break;
-        case 4: fn(std::integral_constant<int, 4>{}, h); break;
-        case 3: fn(std::integral_constant<int, 3>{}, h); break;
-        case 2: fn(std::integral_constant<int, 2>{}, h); break;
-        default: fn(std::integral_constant<int, 1>{}, h); break;
-      }
+    for (int64_t h = 0; h < n; h += Most) with_heads<Most>(std::min<int64_t>(Most, n - h), h, fn);
+  }
+
+  // fn(std::integral_constant<int, m>, h) for a run-time m <= H
+  template <int H, typename Fn>
+  static void with_heads(int64_t m, int64_t h, Fn& fn) {
+    if constexpr (H > 1) {
+      if (m < H) return with_heads<H - 1>(m, h, fn);
     }
+    fn(std::integral_constant<int, H>{}, h);
   }
 
   // attend on AMX tiles (bfloat16 cache), at most 32 heads (see amx_scores / amx_values)
@@ -1018,8 +1180,6 @@ class DecodePlan : public torch::CustomClassHolder {
     softmax.end(job.max, job.mass);
   }
 
-  static constexpr int kTokens = 4;  // cache rows scored together, sharing each query load
-  static constexpr int kHeads = 8;   // heads accumulated together, sharing each cache load
 
   void mlp(const Layer& l, ThreadState& s, int tid, int nth) {
     rms_norm(s.x.data(), l.post_norm, cfg_.rms_eps, s.normed.data());
