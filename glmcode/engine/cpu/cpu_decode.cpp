@@ -386,20 +386,25 @@ inline void pack_piece(const at::BFloat16* const rows[kPiece], int64_t D, at::BF
     }
 }
 
+// acc[h] += w[h] * (the 16 bf16 values in v, as even_bf16 then odd_bf16) for H heads, each
+// head's factor w[h * w_stride] broadcast: the step of both products
+template <int H>
+__attribute__((always_inline)) inline void fma_heads(__m256 (&acc)[H][2], __m256i v, const float* w, int64_t w_stride) {
+  const __m256 even = even_bf16(v), odd = odd_bf16(v);
+  for (int h = 0; h < H; ++h) {
+    const __m256 wv = _mm256_broadcast_ss(w + h * w_stride);
+    acc[h][0] = _mm256_fmadd_ps(wv, even, acc[h][0]);
+    acc[h][1] = _mm256_fmadd_ps(wv, odd, acc[h][1]);
+  }
+}
+
 // scores[h][0..16) = q[h] . row for the piece's 16 rows, H heads (q [H][D] float, stride D)
 template <int H>
 void fma_scores(const float* q, const at::BFloat16* packed, int64_t D, float* scores, int64_t s_stride) {
   __m256 acc[H][2];
   for (int h = 0; h < H; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + d * kPiece));
-    const __m256 first = even_bf16(k), second = odd_bf16(k);
-    for (int h = 0; h < H; ++h) {
-      const __m256 qv = _mm256_broadcast_ss(q + h * D + d);
-      acc[h][0] = _mm256_fmadd_ps(qv, first, acc[h][0]);
-      acc[h][1] = _mm256_fmadd_ps(qv, second, acc[h][1]);
-    }
-  }
+  for (int64_t d = 0; d < D; ++d)
+    fma_heads<H>(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + d * kPiece)), q + d, D);
   for (int h = 0; h < H; ++h) {
     _mm256_storeu_ps(scores + h * s_stride, acc[h][0]);
     _mm256_storeu_ps(scores + h * s_stride + 8, acc[h][1]);
@@ -418,15 +423,8 @@ void fma_values(const at::BFloat16* block, int64_t count, int64_t D, int64_t L, 
       acc[h][0] = _mm256_loadu_ps(out + h * L + i);
       acc[h][1] = _mm256_loadu_ps(out + h * L + i + 8);
     }
-    for (int64_t t = 0; t < count; ++t) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + t * D + i));
-      const __m256 even = even_bf16(v), odd = odd_bf16(v);
-      for (int h = 0; h < H; ++h) {
-        const __m256 w = _mm256_broadcast_ss(p + h * p_stride + t);
-        acc[h][0] = _mm256_fmadd_ps(w, even, acc[h][0]);
-        acc[h][1] = _mm256_fmadd_ps(w, odd, acc[h][1]);
-      }
-    }
+    for (int64_t t = 0; t < count; ++t)
+      fma_heads<H>(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + t * D + i)), p + t, p_stride);
     for (int h = 0; h < H; ++h) {
       _mm256_storeu_ps(out + h * L + i, acc[h][0]);
       _mm256_storeu_ps(out + h * L + i + 8, acc[h][1]);
