@@ -444,6 +444,105 @@ inline void unpermute_fma(float* out, int64_t L) {
   }
 }
 
+// ---- AVX2: attention over an int8 cache in 16-bit integers, for CPUs without VDPBF16PS
+//
+// VPMADDWD multiplies 16 pairs of int16 and adds each pair into an int32 lane: 16 multiply-adds
+// an instruction where a float32 FMA does 8, and Zen 3 issues both twice a cycle. An int8 cache's
+// values are exact in int16, so only the other operand of each product is quantized: each head's
+// query per part (latent, rope) and each head's weights (probability times the token's latent
+// scale) per block, with the most levels that keep every int32 sum in range (int16_levels).
+// The loops are those of the float kernels, with VPMADDWD and VPADDD for the FMA:
+//   scores: a piece of 16 rows is packed once into [D/2][16][2] (see pack_int8_piece); at each
+//           pair of values two loads give the 16 rows' pairs, which meet each head's pair of
+//           query values, broadcast.
+//   values: 16 latent values of the block's rows at a time are interleaved by pairs of tokens
+//           (see pair_latents) and read from L1 by every group of heads.
+constexpr int kInt8Heads = 5;  // heads per pass: 10 accumulators, as kFmaHeads
+
+// The most levels of an int16 operand that meets `terms` int8 values in one int32 sum
+inline float int16_levels(int64_t terms) { return std::min(32767.f, std::floor(2147483647.f / (127.f * terms))); }
+
+// acc[h] += the pairs of a and b, each times head h's pair w[h * w_stride], summed into int32
+// lanes, for H heads: the step of both products
+template <int H>
+__attribute__((always_inline)) inline void madd_heads(__m256i (&acc)[H][2], __m256i a, __m256i b, const int16_t* w,
+                                                      int64_t w_stride) {
+  for (int h = 0; h < H; ++h) {
+    const __m256i x = pair_of(w + h * w_stride);
+    acc[h][0] = _mm256_add_epi32(acc[h][0], _mm256_madd_epi16(x, a));
+    acc[h][1] = _mm256_add_epi32(acc[h][1], _mm256_madd_epi16(x, b));
+  }
+}
+
+// rows [16][D] int8 (null: zeros) -> packed [D/2][16][2] int16: at each pair of values, 32-bit
+// word t holds row t's pair
+inline void pack_int8_piece(const int8_t* const rows[kPiece], int64_t D, int16_t* packed) {
+  static const int8_t zeros[16] = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int half = 0; half < 2; ++half) {
+      __m256i r[8];  // r[j]: pairs d / 2 .. d / 2 + 7 of row 8 * half + j
+      for (int j = 0; j < 8; ++j) {
+        const int8_t* row = rows[8 * half + j];
+        r[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row ? row + d : zeros)));
+      }
+      transpose8x32(r);  // r[c]: pair d / 2 + c of the 8 rows
+      for (int c = 0; c < 8; ++c) _mm256_storeu_si256(reinterpret_cast<__m256i*>(packed + d * 16 + c * 32 + half * 16), r[c]);
+    }
+  for (; d < D; ++d)
+    for (int t = 0; t < kPiece; ++t) packed[(d / 2) * 32 + t * 2 + d % 2] = rows[t] ? rows[t][d] : 0;
+}
+
+// scores[h][0..16) = the H heads' queries (int16 [H][D], scales [H][2]: latent, rope) dotted with
+// the packed piece's 16 rows (their scales [2][16]: latent, rope)
+template <int H>
+void int8_scores(const int16_t* q, const float* q_scales, const int16_t* packed, int64_t D, int64_t L,
+                 const float* row_scales, float* scores, int64_t s_stride) {
+  for (int part = 0; part < 2; ++part) {  // in int32 sums of their own: the parts' scales differ
+    __m256i acc[H][2];
+    for (int h = 0; h < H; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_si256();
+    for (int64_t d = part ? L : 0; d < (part ? D : L); d += 2)
+      madd_heads<H>(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + d * 16)),
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + d * 16 + 16)), q + d, D);
+    for (int h = 0; h < H; ++h)
+      for (int k = 0; k < 2; ++k) {
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(row_scales + part * 16 + 8 * k), _mm256_set1_ps(q_scales[2 * h + part]));
+        float* dst = scores + h * s_stride + 8 * k;
+        const __m256 before = part ? _mm256_loadu_ps(dst) : _mm256_setzero_ps();
+        _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][k]), scale, before));
+      }
+  }
+}
+
+// latent values [i, i + 16) of a block's `count` rows, interleaved by pairs of tokens into
+// [count / 2 rounded up][16][2] (values 0-7 of the pair, then 8-15; a zero row pairs an odd last one)
+inline void pair_latents(const int8_t* block, int64_t count, int64_t D, int64_t i, int16_t* paired) {
+  for (int64_t t = 0; t < count; t += 2) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + t * D + i));
+    const __m128i b = t + 1 < count ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (t + 1) * D + i))
+                                    : _mm_setzero_si128();
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(paired + t * 16), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a, b)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(paired + t * 16 + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a, b)));
+  }
+}
+
+// out[h][0..16) += w_scales[h] * sum_t w[h][t] * latent[t] for H heads (w int16 [H][w_stride],
+// zero-padded to an even count; out stride L), over a block's paired latents
+template <int H>
+void int8_values(const int16_t* paired, int64_t count, const int16_t* w, int64_t w_stride, const float* w_scales,
+                 float* out, int64_t L) {
+  __m256i acc[H][2];
+  for (int h = 0; h < H; ++h) acc[h][0] = acc[h][1] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < count; t += 2)
+    madd_heads<H>(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(paired + t * 16)),
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(paired + t * 16 + 16)), w + t, w_stride);
+  for (int h = 0; h < H; ++h)
+    for (int k = 0; k < 2; ++k) {
+      float* dst = out + h * L + 8 * k;
+      _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][k]), _mm256_set1_ps(w_scales[h]), _mm256_loadu_ps(dst)));
+    }
+}
+
 // ---- AMX: attention as tile products (TDPBF16PS: a 16x32 by 32x16 bf16 product per instruction)
 
 #define GLMCODE_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
@@ -744,7 +843,6 @@ class DecodePlan : public torch::CustomClassHolder {
       run(x.data_ptr<float>(), position, table, block_size, kv_cache.data_ptr<at::BFloat16>(), nullptr, kv_cache.size(1),
           logits.data_ptr<float>());
     } else if (kv_cache.scalar_type() == at::kChar) {
-      TORCH_CHECK(has_bf16_, "step: an int8 cache needs AVX512_BF16");
       TORCH_CHECK(kv_scales.scalar_type() == at::kFloat && kv_scales.is_contiguous() && kv_scales.dim() == 3 &&
                       kv_scales.size(0) == kv_cache.size(0) && kv_scales.size(1) == kv_cache.size(1) && kv_scales.size(2) == 2,
                   "step: an int8 cache needs its float32 scales [layers, slots, 2]");
@@ -973,7 +1071,8 @@ class DecodePlan : public torch::CustomClassHolder {
     const int64_t L = cfg_.latent, D = L + cfg_.rope;
     if (job.h1 <= job.h0) return;
     if constexpr (std::is_same_v<C, int8_t>) {
-      attend_blocks(job, s, Int8Blocks(cache, scales, job.block_size, D, L));  // step() checked has_bf16_
+      if (has_bf16_) return attend_blocks(job, s, Int8Blocks(cache, scales, job.block_size, D, L));
+      attend_int8(job, s, cache, scales);
     } else {
       if constexpr (std::is_same_v<C, at::BFloat16>) {
         if (has_bf16_) return attend_blocks(job, s, Bf16Blocks{cache, job.block_size, D});
@@ -1074,6 +1173,64 @@ class DecodePlan : public torch::CustomClassHolder {
       });
     }
     for (int64_t h = 0; h < n; ++h) unpermute_fma(job.out + h * L, L);  // linear: fine before normalizing
+    softmax.end(job.max, job.mass);
+  }
+
+  // attend in 16-bit integers over an int8 cache (see int8_scores / int8_values): the AVX2 form,
+  // and AVX-512 CPUs without AVX512_BF16
+  void attend_int8(const AttendJob& job, ThreadState& s, const int8_t* cache, const float* scales) {
+    const int64_t L = cfg_.latent, D = L + cfg_.rope, n = job.h1 - job.h0, block_size = job.block_size;
+    const int64_t s_stride = (block_size + kPiece - 1) / kPiece * kPiece, w_stride = (block_size + 1) / 2 * 2;
+    const std::vector<float> scaled = scaled_queries(job.h0, n, s);
+    AlignedVector<int16_t> queries(n * D);
+    std::vector<float> q_scales(2 * n);
+    for (int64_t h = 0; h < n; ++h) {
+      q_scales[2 * h] = quantize_row(scaled.data() + h * D, L, int16_levels(L), queries.data() + h * D);
+      q_scales[2 * h + 1] = quantize_row(scaled.data() + h * D + L, D - L, int16_levels(D - L), queries.data() + h * D + L);
+    }
+    OnlineSoftmax softmax(n, L, job.out);
+    s.attn_scores.resize(n * s_stride);
+    AlignedVector<int16_t> packed(D * kPiece), paired(w_stride * 16), weights(n * w_stride, 0);
+    std::vector<float> w_scales(n);
+    for (int64_t b = job.first_block; b < job.last_block; ++b) {
+      const int64_t count = job.count(b), first_slot = job.table[b] * block_size;
+      const int8_t* block = cache + first_slot * D;
+      const float* block_scales = scales + 2 * first_slot;  // [token][latent, rope]
+      float* scores = s.attn_scores.data();  // [head][token of this block]
+      for (int64_t t = 0; t < count; t += kPiece) {
+        const int8_t* rows[kPiece];
+        float row_scales[2 * kPiece];
+        for (int k = 0; k < kPiece; ++k) {
+          const bool live = t + k < count;
+          rows[k] = live ? block + (t + k) * D : nullptr;
+          row_scales[k] = live ? block_scales[2 * (t + k)] : 0.f;
+          row_scales[kPiece + k] = live ? block_scales[2 * (t + k) + 1] : 0.f;
+        }
+        pack_int8_piece(rows, D, packed.data());
+        for_head_groups<kInt8Heads>(n, [&](auto heads, int64_t h) {
+          int8_scores<decltype(heads)::value>(queries.data() + h * D, q_scales.data() + 2 * h, packed.data(), D, L, row_scales,
+                                              scores + h * s_stride + t, s_stride);
+        });
+      }
+      softmax.block(scores, s_stride, count);
+      for (int64_t h = 0; h < n; ++h) {  // probability times latent scale, as int16
+        float* p = scores + h * s_stride;
+        for (int64_t t = 0; t < count; ++t) p[t] *= block_scales[2 * t];
+        w_scales[h] = quantize_row(p, count, int16_levels(block_size), weights.data() + h * w_stride);
+        if (count % 2) weights[h * w_stride + count] = 0;
+      }
+      const bool last = b + 1 == job.last_block;
+      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D,
+                         L / 16 * ((n + kInt8Heads - 1) / kInt8Heads));
+      for (int64_t i = 0; i < L; i += 16) {
+        pair_latents(block, count, D, i, paired.data());
+        for_head_groups<kInt8Heads>(n, [&](auto heads, int64_t h) {
+          ahead.step();
+          int8_values<decltype(heads)::value>(paired.data(), count, weights.data() + h * w_stride, w_stride, w_scales.data() + h,
+                                              job.out + h * L + i, L);
+        });
+      }
+    }
     softmax.end(job.max, job.mass);
   }
 

@@ -133,6 +133,32 @@ int32_t quantize_group(const T* src, int64_t group, bool biased, int8_t* dst, fl
   return quantize_group_scalar(src, group, biased, dst, scale_out);
 }
 
+// x[0..n) as int16 at max_level, into dst; returns the scale. (8 at a time, then one by one: the
+// same bits either way, as the conversion rounds to nearest even like nearbyint.)
+inline float quantize_row(const float* x, int64_t n, float max_level, int16_t* dst) {
+  const int64_t vector_end = n / 8 * 8;
+  __m256 largest = _mm256_setzero_ps();
+  for (int64_t i = 0; i < vector_end; i += 8) largest = _mm256_max_ps(largest, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + i)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, largest);
+  float top = *std::max_element(lanes, lanes + 8);
+  for (int64_t i = vector_end; i < n; ++i) top = std::max(top, std::abs(x[i]));
+  const float inv = top > 0.f ? max_level / top : 0.f;
+  for (int64_t i = 0; i < vector_end; i += 8) {
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+  }
+  for (int64_t i = vector_end; i < n; ++i) dst[i] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+  return top / max_level;
+}
+
+// Two int16 values (one 32-bit word) in every lane: the broadcast operand of VPMADDWD.
+inline __m256i pair_of(const int16_t* p) {
+  int32_t word;
+  std::memcpy(&word, p, 4);
+  return _mm256_set1_epi32(word);
+}
+
 // fn(rows, m) over M activation rows in blocks of kMaxRows, then one block of what is left
 // (rows: a std::integral_constant, the kernels' template argument).
 template <typename Fn>

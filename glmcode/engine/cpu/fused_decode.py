@@ -8,8 +8,9 @@ the whole step (all layers, the final norm and lm_head) inside one parallel regi
 ``FusedDecoder.for_model`` flattens the model into the plan the C++ side reads: the very
 buffers the modules hold (views, nothing copied but the small norm weights), for int4 / int8
 weights on our kernels (AVX-512 or AVX2) and for bfloat16 weights on a CPU with AVX512_BF16,
-over a bfloat16, float32 or (with AVX512_BF16) int8 latent cache. It returns None when the model is not one the plan runs (float32 weights, the aten
-fallback kernels, an fp8 cache...): the LLM then decodes on its modules as before. Prefill
+over a bfloat16, float32 or int8 latent cache. It returns None when the model is not one the
+plan runs (float32 weights, the aten fallback kernels, an fp8 cache...): the LLM then decodes on
+its modules as before. Prefill
 always runs on the modules, which batch a chunk's tokens through each weight.
 """
 
@@ -60,7 +61,7 @@ class FusedDecoder:
             return None
         if kv_cache.data.device.type != "cpu" or _bits(model.lm_head) is None:
             return None
-        if kv_cache.dtype not in (torch.bfloat16, torch.float32) and not (kv_cache.dtype == torch.int8 and has_bf16_dot()):
+        if kv_cache.dtype not in (torch.bfloat16, torch.float32, torch.int8):
             return None
         try:
             return cls(model)
