@@ -111,22 +111,25 @@ struct GroupState {
   float weight_scale[kGroupRows], alpha[kGroupRows];
 };
 
-// acc[r][j] = the int32 dots of query row r (q, stride D) with keys 8j..8j+7 of the two key
-// groups g0 and g1, over values c0..c1 (at most 64). Out of line, so that its 8 accumulators have
-// the registers to themselves: one spilled to the stack makes the loop wait on a store each pass.
-__attribute__((noinline)) void chunk_dots(const int16_t* q, int64_t D, const int16_t* g0, const int16_t* g1, int64_t c0,
-                                          int64_t c1, __m256i (*acc)[2]) {
+// acc[r][j] = the int32 dots of `pairs` pairs: row r's pair p (rows + r * row_stride + 2p) times
+// the 8 lanes of a + p * step (j = 0) or b + p * step (j = 1), for a block's 4 rows: the step of
+// both products. Out of line and with named accumulators, so that the 8 of them have the
+// registers to themselves: one spilled to the stack makes the loop wait on a store each pass,
+// and with an array GCC copies each sum from register to register every pass.
+__attribute__((noinline)) void pair_dots(const int16_t* rows, int64_t row_stride, const int16_t* a, const int16_t* b,
+                                         int64_t step, int64_t pairs, __m256i (*acc)[2]) {
+  static_assert(kRows == 4, "pair_dots takes 4 rows");
   __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-  for (int64_t d = c0; d < c1; d += 2) {
-    const __m256i k_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(g0 + d * 8));
-    const __m256i k_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(g1 + d * 8));
-    __m256i x = pair_of(q + d);
+  for (int64_t p = 0; p < pairs; ++p, a += step, b += step, rows += 2) {
+    const __m256i k_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(a));
+    const __m256i k_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+    __m256i x = pair_of(rows);
     a00 = _mm256_add_epi32(a00, _mm256_madd_epi16(x, k_a)), a01 = _mm256_add_epi32(a01, _mm256_madd_epi16(x, k_b));
-    x = pair_of(q + D + d);
+    x = pair_of(rows + row_stride);
     a10 = _mm256_add_epi32(a10, _mm256_madd_epi16(x, k_a)), a11 = _mm256_add_epi32(a11, _mm256_madd_epi16(x, k_b));
-    x = pair_of(q + 2 * D + d);
+    x = pair_of(rows + 2 * row_stride);
     a20 = _mm256_add_epi32(a20, _mm256_madd_epi16(x, k_a)), a21 = _mm256_add_epi32(a21, _mm256_madd_epi16(x, k_b));
-    x = pair_of(q + 3 * D + d);
+    x = pair_of(rows + 3 * row_stride);
     a30 = _mm256_add_epi32(a30, _mm256_madd_epi16(x, k_a)), a31 = _mm256_add_epi32(a31, _mm256_madd_epi16(x, k_b));
   }
   acc[0][0] = a00, acc[0][1] = a01, acc[1][0] = a10, acc[1][1] = a11;
@@ -136,7 +139,6 @@ __attribute__((noinline)) void chunk_dots(const int16_t* q, int64_t D, const int
 // scores[r][column..+16) for the block's 4 rows (q, stride D) and keys k0..k0+15.
 void block_scores(const int16_t* q, const float* q_latent_scale, const float* q_rope_scale, const PackedContext& ctx,
                   int64_t k0, float (*scores)[kPiece], int64_t column) {
-  static_assert(kRows == 4, "chunk_dots takes 4 rows");
   const int64_t D = ctx.D, L = ctx.L;
   const int16_t* g0 = ctx.key_group(k0);
   const int16_t* g1 = ctx.key_group(k0 + 8);
@@ -145,7 +147,7 @@ void block_scores(const int16_t* q, const float* q_latent_scale, const float* q_
   for (int64_t c0 = 0; c0 < D; c0 += kChunk) {
     const int64_t c1 = std::min(c0 + kChunk, c0 < L ? L : D);
     __m256i acc[kRows][2];
-    chunk_dots(q, D, g0, g1, c0, c1, acc);
+    pair_dots(q + c0, D, g0 + c0 * 8, g1 + c0 * 8, 16, (c1 - c0) / 2, acc);
     const float* key_scale = (c0 < L ? ctx.latent_scale : ctx.rope_scale).data() + k0;
     const __m256 ks_a = _mm256_loadu_ps(key_scale), ks_b = _mm256_loadu_ps(key_scale + 8);
     for (int r = 0; r < kRows; ++r) {
@@ -167,16 +169,7 @@ void block_values(const GroupState& s, const PackedContext& ctx, int64_t first, 
   const int64_t L = ctx.L;
   const int16_t* v = ctx.latent_block(b, first);
   __m256i acc[kRows][2];
-  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < count; k += 2, v += 32) {
-    const __m256i v_a = _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
-    const __m256i v_b = _mm256_load_si256(reinterpret_cast<const __m256i*>(v + 16));
-    for (int r = 0; r < kRows; ++r) {
-      const __m256i w = pair_of(s.weights[r0 + r] + k);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(w, v_a));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w, v_b));
-    }
-  }
+  pair_dots(s.weights[r0], kPiece, v, v + 16, 32, count / 2, acc);
   for (int r = 0; r < kRows; ++r) {
     float* o = out + (r0 + r) * L + b * 16;
     const __m256 a = _mm256_set1_ps(s.alpha[r0 + r]), ws = _mm256_set1_ps(s.weight_scale[r0 + r]);

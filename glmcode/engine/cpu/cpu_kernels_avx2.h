@@ -173,7 +173,11 @@ void int4_tile(const uint8_t* w, const at::BFloat16* scales, const at::BFloat16*
 // feeds both 8-row halves, and a lane sums 16 products (4 blocks) in 16 bits before VPMADDWD
 // widens them: at most 16 * 15 * 127. The same integer sums and float steps as int4_tile, so the
 // same results; ~20% more multiply-adds a cycle than int4_tile's 4 rows at a time (in L1, Zen 3).
+// Two rows at a time: their 16- and 32-bit sums, the block's four registers and the two
+// broadcast words take 14 of the 16 registers. At four rows GCC kept the 16-bit sums on the
+// stack, and the products took 1.2-1.8x as long (bench_prefill_kernels.py, Zen 3).
 constexpr int64_t kGroupRowsBlock = 64;  // rows per pass over a tile: their float sums stay in L1
+constexpr int kGroupRowsPass = 2;        // rows that share each pass over a group's blocks
 
 // acc [MB, 16] += group g's terms for rows m.. m + MB - 1; unpacked: the group's blocks, each
 // as the low nibbles of rows 0-7 and 8-15, then the high ones.
@@ -236,9 +240,11 @@ void int4_tile_group_major(const uint8_t* w, const at::BFloat16* scales, const a
           unpacked[4 * b + 2 + h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
         }
       }
-      for_row_blocks(rows, [&](auto mb, int64_t r) {
-        int4_group_rows<decltype(mb)::value>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
-      });
+      static_assert(kGroupRowsPass == 2, "one row is left at most");
+      int64_t r = 0;
+      for (; r + kGroupRowsPass <= rows; r += kGroupRowsPass)
+        int4_group_rows<kGroupRowsPass>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
+      if (r < rows) int4_group_rows<1>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int h = 0; h < 2; ++h) store8(y + (first + r) * ldy + tile * kTile + h * 8, _mm256_load_ps(acc + r * kTile + h * 8));
