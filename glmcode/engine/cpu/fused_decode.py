@@ -10,8 +10,8 @@ buffers the modules hold (views, nothing copied but the small norm weights), for
 weights on our kernels (AVX-512 or AVX2) and for bfloat16 weights on a CPU with AVX512_BF16,
 over a bfloat16, float32 or int8 latent cache. It returns None when the model is not one the
 plan runs (float32 weights, the aten fallback kernels, an fp8 cache...): the LLM then decodes on
-its modules as before. Prefill
-always runs on the modules, which batch a chunk's tokens through each weight.
+its modules as before. Prefill always runs on the modules, which batch a chunk's tokens through
+each weight.
 """
 
 from __future__ import annotations
