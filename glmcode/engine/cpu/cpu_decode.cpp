@@ -224,6 +224,14 @@ struct AttendJob {
   float* mass = nullptr;
 
   int64_t count(int64_t block) const { return std::min(block_size, seq_len - block * block_size); }
+
+  // The prefetch of the block after `block` (nothing after the last) from a cache of row_bytes a
+  // token, spread over `steps` (see LinePrefetch)
+  LinePrefetch prefetch_after(int64_t block, const void* cache, int64_t row_bytes, int64_t steps) const {
+    if (block + 1 == last_block) return LinePrefetch(nullptr, 0, steps);
+    return LinePrefetch(static_cast<const char*>(cache) + table[block + 1] * block_size * row_bytes, count(block + 1) * row_bytes,
+                        steps);
+  }
 };
 
 constexpr int kTokens = 4;  // cache rows scored together, sharing each query load (attend_generic)
@@ -614,15 +622,13 @@ class DecodePlan : public torch::CustomClassHolder {
         const at::BFloat16* rows[kPiece];
         for (int k = 0; k < kPiece; ++k) rows[k] = t + k < count ? block + (t + k) * D : nullptr;
         pack_piece(rows, D, packed.data());
-        for_head_groups<kFmaHeads>(n, [&](auto heads, int64_t h) {
+        for_head_groups<kAvx2Heads>(n, [&](auto heads, int64_t h) {
           fma_scores<decltype(heads)::value>(queries.data() + h * D, packed.data(), D, scores + h * s_stride + t, s_stride);
         });
       }
       softmax.block(scores, s_stride, count);
-      const bool last = b + 1 == job.last_block;
-      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D * 2,
-                         L / 16 * ((n + kFmaHeads - 1) / kFmaHeads));
-      for_head_groups<kFmaHeads>(n, [&](auto heads, int64_t h) {
+      LinePrefetch ahead = job.prefetch_after(b, cache, D * 2, L / 16 * ((n + kAvx2Heads - 1) / kAvx2Heads));
+      for_head_groups<kAvx2Heads>(n, [&](auto heads, int64_t h) {
         fma_values<decltype(heads)::value>(block, count, D, L, scores + h * s_stride, s_stride, job.out + h * L, ahead);
       });
     }
@@ -661,7 +667,7 @@ class DecodePlan : public torch::CustomClassHolder {
           row_scales[kPiece + k] = live ? block_scales[2 * (t + k) + 1] : 0.f;
         }
         pack_int8_piece(rows, D, packed.data());
-        for_head_groups<kInt8Heads>(n, [&](auto heads, int64_t h) {
+        for_head_groups<kAvx2Heads>(n, [&](auto heads, int64_t h) {
           int8_scores<decltype(heads)::value>(queries.data() + h * D, q_scales.data() + 2 * h, packed.data(), D, L, row_scales,
                                               scores + h * s_stride + t, s_stride);
         });
@@ -673,12 +679,10 @@ class DecodePlan : public torch::CustomClassHolder {
         w_scales[h] = quantize_row(p, count, int16_levels(block_size), weights.data() + h * w_stride);
         if (count % 2) weights[h * w_stride + count] = 0;
       }
-      const bool last = b + 1 == job.last_block;
-      LinePrefetch ahead(last ? nullptr : cache + job.table[b + 1] * block_size * D, last ? 0 : job.count(b + 1) * D,
-                         L / 16 * ((n + kInt8Heads - 1) / kInt8Heads));
+      LinePrefetch ahead = job.prefetch_after(b, cache, D, L / 16 * ((n + kAvx2Heads - 1) / kAvx2Heads));
       for (int64_t i = 0; i < L; i += 16) {
         pair_latents(block, count, D, i, paired.data());
-        for_head_groups<kInt8Heads>(n, [&](auto heads, int64_t h) {
+        for_head_groups<kAvx2Heads>(n, [&](auto heads, int64_t h) {
           ahead.step();
           int8_values<decltype(heads)::value>(paired.data(), count, weights.data() + h * w_stride, w_stride, w_scales.data() + h,
                                               job.out + h * L + i, L);
@@ -743,9 +747,7 @@ class DecodePlan : public torch::CustomClassHolder {
         to_bf16(scores + h * block_size, count, row);
         std::fill(row + count, row + padded, at::BFloat16(0.f));
       }
-      const bool last = b + 1 == job.last_block;
-      LinePrefetch ahead(last ? nullptr : blocks.stored(job.table[b + 1]), last ? 0 : blocks.stored_bytes(job.count(b + 1)),
-                         L / 16 * (padded / 32));
+      LinePrefetch ahead = job.prefetch_after(b, blocks.cache, blocks.row_bytes(), L / 16 * (padded / 32));
       _tile_loadconfig(&weighing);
       amx_values(block, count, D, L, weights.data(), p_stride, groups, job.out, ahead);
     }
@@ -778,9 +780,7 @@ class DecodePlan : public torch::CustomClassHolder {
         to_bf16(scores + h * block_size, count, weights.data() + h * p_stride);
         weights[h * p_stride + count] = at::BFloat16(0.f);
       }
-      const bool last = b + 1 == job.last_block;
-      LinePrefetch ahead(last ? nullptr : blocks.stored(job.table[b + 1]), last ? 0 : blocks.stored_bytes(job.count(b + 1)),
-                         L / 32 * ((n + kHeads - 1) / kHeads));
+      LinePrefetch ahead = job.prefetch_after(b, blocks.cache, blocks.row_bytes(), L / 32 * ((n + kHeads - 1) / kHeads));
       for_head_groups(n, [&](auto heads, int64_t h) {
         bf16_values<decltype(heads)::value>(block, count, D, L, weights.data() + h * p_stride, p_stride, out + h * L, ahead);
       });

@@ -144,7 +144,7 @@ GLMCODE_BF16 void to_bf16(const float* in, int64_t n, at::BFloat16* out) {
 //           that token, broadcast. The even / odd split leaves `out` in its own order (see
 //           unpermute_fma).
 constexpr int kPiece = 16;     // cached rows scored together (two float vectors)
-constexpr int kFmaHeads = 5;   // heads per pass: 10 accumulators, and GLM-4.7-Flash's 20 heads in 4
+constexpr int kAvx2Heads = 5;  // heads per pass of both AVX2 kernels: 10 accumulators, and GLM-4.7-Flash's 20 heads in 4
 
 inline __m256 even_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
 inline __m256 odd_bf16(__m256i v) { return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536))); }
@@ -267,9 +267,7 @@ inline void unpermute_fma(float* out, int64_t L) {
 //           pair of values two loads give the 16 rows' pairs, which meet each head's pair of
 //           query values, broadcast.
 //   values: 16 latent values of the block's rows at a time are interleaved by pairs of tokens
-//           (see pair_latents) and read from L1 by every group of heads.
-constexpr int kInt8Heads = 5;  // heads per pass: 10 accumulators, as kFmaHeads
-
+//           (see pair_latents) and read from L1 by every group of kAvx2Heads heads.
 // The most levels of an int16 operand that meets `terms` int8 values in one int32 sum
 inline float int16_levels(int64_t terms) { return std::min(32767.f, std::floor(2147483647.f / (127.f * terms))); }
 
@@ -437,8 +435,7 @@ struct Bf16Blocks {
   const at::BFloat16* cache;
   int64_t block_size, D;
 
-  const void* stored(int64_t id) const { return cache + id * block_size * D; }
-  int64_t stored_bytes(int64_t count) const { return count * D * 2; }
+  int64_t row_bytes() const { return D * 2; }
   const at::BFloat16* rows(int64_t id, int64_t) { return cache + id * block_size * D; }
 };
 
@@ -451,8 +448,7 @@ struct Int8Blocks {
   Int8Blocks(const int8_t* cache, const float* scales, int64_t block_size, int64_t D, int64_t L)
       : cache(cache), scales(scales), block_size(block_size), D(D), L(L), scratch(block_size * D, at::BFloat16(0.f)) {}
 
-  const void* stored(int64_t id) const { return cache + id * block_size * D; }
-  int64_t stored_bytes(int64_t count) const { return count * D; }
+  int64_t row_bytes() const { return D; }
 
   GLMCODE_BF16 const at::BFloat16* rows(int64_t id, int64_t count) {
     for (int64_t t = 0; t < count; ++t) {
