@@ -6,7 +6,7 @@ step 2. With the prefix cache, step 2 should prefill only the new tokens. Run on
 prefix cache on and once off; prints JSON and a table.
 
     python scripts/bench_agent_steps.py [--config small|tiny] [--model-dir DIR] [--context 4096]
-    python scripts/bench_agent_steps.py --config full --quantization int4-all --tool-output 2048
+    python scripts/bench_agent_steps.py --config full --quantization int4-all --tool-output 2048 [--kv-cache-dtype int8]
 
 With --quantization the model has random weights made directly in quantized form (the real
 per-layer shapes; --config picks the layers: full 47, small 4, tiny 1) and runs on the CPU
@@ -63,9 +63,11 @@ def make_llm(args, scratch: Path, prefix_cache: bool) -> LLM:
         directory.mkdir()
         max_context = 2 * (args.context + args.tool_output) + 1024  # two steps' sequences
         return quant.build_llm(quant.FULL_CONFIG | {"num_hidden_layers": layers}, args.quantization, directory,
-                               max_context, enable_prefix_caching=prefix_cache, block_size=256)  # fmt: skip
+                               max_context, enable_prefix_caching=prefix_cache, block_size=256,
+                               kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     model_dir = args.model_dir or write_checkpoint(args.config, scratch / args.config)
-    return LLM(model_dir, progress=False, enable_prefix_caching=prefix_cache, block_size=256)
+    return LLM(model_dir, progress=False, enable_prefix_caching=prefix_cache, block_size=256,
+               kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
 
 
 def _script(name: str):
@@ -138,7 +140,8 @@ def measure(llm: LLM, prefix_cache: bool, context: int, every_tool: bool, repeat
     for median, steps in zip((first, second), zip(*pairs)):
         median["ttft_range_s"] = [min(s["ttft_s"] for s in steps), max(s["ttft_s"] for s in steps)]
     ratio = round(second["ttft_s"] / first["ttft_s"], 4)
-    return {"prefix_cache": prefix_cache, "step1": first, "step2": second, "ratio": ratio}
+    kv_cache = str(llm.kv_cache.dtype).removeprefix("torch.")
+    return {"prefix_cache": prefix_cache, "kv_cache": kv_cache, "step1": first, "step2": second, "ratio": ratio}
 
 
 def main() -> None:
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--all-tools", action="store_true", help="send every tool spec, not just three")
     parser.add_argument("--repeats", type=int, default=3, help="conversations per setting (median reported)")
+    parser.add_argument("--kv-cache-dtype", choices=["int8"], default=None, help="the latent cache (default: the model's dtype)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.config == "full" and not (args.quantization or args.model_dir):

@@ -68,3 +68,16 @@ def test_bench_engine_runs_the_kernel_path_with_its_fit_check(tmp_path: Path):
     assert result["top_kernels"] and result["batch_decode_tokens_per_s"]["3"] > 0
     assert result["fit"]["context"] == 1000 and result["fit"]["cache_tokens"] >= 1000
     assert not result["errors"]
+
+
+def test_bench_agent_steps_reuses_the_prefix_over_an_int8_cache():
+    done = run_script("scripts/bench_agent_steps.py", "--config", "tiny", "--context", "600", "--tool-output", "64",
+                      "--repeats", "1", "--threads", "1", "--kv-cache-dtype", "int8")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report, _ = json.JSONDecoder().raw_decode(done.stdout)
+    on, off = report["runs"]
+    assert on["prefix_cache"] and not off["prefix_cache"]
+    for run in (on, off):
+        assert run["kv_cache"] == "int8"
+        assert run["step2"]["prompt_tokens"] > run["step1"]["prompt_tokens"] > 500
+    assert on["step2"]["cached_tokens"] >= 256 and off["step2"]["cached_tokens"] == 0
