@@ -128,7 +128,9 @@ def two_steps(llm: LLM, backend: LocalBackend, specs: list[dict], context: int, 
 
 
 def measure(llm: LLM, prefix_cache: bool, context: int, every_tool: bool, repeats: int, output_tokens: int) -> dict:
-    """Median over `repeats` conversations that share no prefix (each names another repo first)."""
+    """Medians over `repeats` conversations. Each names another repository in the system prompt's
+    first line, so they share only the tool specs the prompt opens with, as every session on a
+    warm engine does: only the first conversation's step 1 prefills those (see its range)."""
     llm.generate(llm.tokenizer.encode("warm up " * 8), SamplingParams(max_tokens=2))  # one-time costs
     backend = LocalBackend(llm)
     specs = [tool.spec() for tool in all_tools() if every_tool or tool.name in CORE_TOOLS]
@@ -136,6 +138,9 @@ def measure(llm: LLM, prefix_cache: bool, context: int, every_tool: bool, repeat
     for number in range(repeats):
         print(f"conversation {number + 1}/{repeats}: two steps…", file=sys.stderr, flush=True)
         pairs.append(two_steps(llm, backend, specs, context, f"/repo{number}", output_tokens))
+        for label, step in zip(("step 1", "step 2"), pairs[-1]):
+            print(f"  {label}: {step['prompt_tokens']} tokens, {step['cached_tokens']} cached, first token after {step['ttft_s']:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
     first, second = (sorted(steps, key=lambda s: s["ttft_s"])[len(steps) // 2] for steps in zip(*pairs))
     for median, steps in zip((first, second), zip(*pairs)):
         median["ttft_range_s"] = [min(s["ttft_s"] for s in steps), max(s["ttft_s"] for s in steps)]
