@@ -9,8 +9,11 @@ as one grouped call (64 experts, 4 per token). A chunk's attention (20 heads, ab
 cpu_attention_avx2.cpp, in the amx column) and as torch computes it piece
 by piece (matmuls around a score matrix, in bf16, or in float32 where torch has no fast bf16
 matmul, as the engine does: the path without AMX), each as a whole
-SpanBatch.attend. Random weights; paths take turns, call by call.
-Prints medians and ranges (ms) and the speedup of AMX over each other path, and JSON.
+SpanBatch.attend; and in the expanded form, as the modules take it for long chunks over short
+contexts (keys expanded per piece, in the same dtype; expanded_is_cheaper): with --tokens, where
+each form wins at each depth. Random weights; paths take turns, call by call.
+Prints medians and ranges (ms) and the speedup of AMX over each other path, and JSON (an
+attention path's GOP/s counts the absorbed form's arithmetic, whichever form it runs).
 
     python scripts/bench_prefill_kernels.py [--tokens 512] [--calls 7] [--threads 2]
 """
@@ -99,16 +102,17 @@ def attention_paths(tokens: int, depth: int, gen: torch.Generator) -> tuple[int,
     q_nope = torch.randn(tokens, heads, config.qk_nope_head_dim, generator=gen).to(torch.bfloat16)
     q_pe = torch.randn(tokens, heads, config.qk_rope_head_dim, generator=gen).to(torch.bfloat16)
 
-    def attend(latent_attention) -> torch.Tensor:
+    def attend(latent_attention, expanded: bool = False) -> torch.Tensor:
         batch = SpanBatch(positions=torch.arange(depth, context), write_slots=torch.arange(depth, context),
                           sequences=[SequenceSlice(slice(0, tokens), depth, [KVSpan(0, context)])],
-                          latent_attention=latent_attention)  # fmt: skip
+                          expanded=expanded, latent_attention=latent_attention)  # fmt: skip
         return batch.attend(attn, q_nope, q_pe, cache)
 
     paths = {}
     if cpu_kernels.latent_attention_available():  # on AMX-BF16, or in the AVX2 form's int16 fixed point
         paths["amx" if cpu_kernels.avx512_available() else "avx2 int16"] = lambda: attend(cpu_kernels.latent_attention)
     paths[f"torch {'bf16' if read_dtype == torch.bfloat16 else 'float32'}"] = lambda: attend(None)
+    paths["torch expanded"] = lambda: attend(None, expanded=True)
     pairs = heads * tokens * (depth + (tokens + 1) / 2)  # causal
     return int(2 * pairs * (config.kv_cache_dim + config.kv_lora_rank)), paths
 
