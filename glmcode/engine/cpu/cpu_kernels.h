@@ -159,18 +159,17 @@ inline __m256i pair_of(const int16_t* p) {
   return _mm256_set1_epi32(word);
 }
 
-// fn(rows, m) over M activation rows in blocks of kMaxRows, then one block of what is left
+// fn(rows, m) over M activation rows in blocks of Block, then one block of what is left
 // (rows: a std::integral_constant, the kernels' template argument).
-template <typename Fn>
+template <int Block = kMaxRows, typename Fn>
 void for_row_blocks(int64_t M, Fn fn) {
+  static_assert(Block >= 1 && Block <= 4, "blocks of 1 to 4 rows");
   int64_t m = 0;
-  for (; m + kMaxRows <= M; m += kMaxRows) fn(std::integral_constant<int, kMaxRows>{}, m);
-  switch (M - m) {
-    case 3: fn(std::integral_constant<int, 3>{}, m); break;
-    case 2: fn(std::integral_constant<int, 2>{}, m); break;
-    case 1: fn(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
+  for (; m + Block <= M; m += Block) fn(std::integral_constant<int, Block>{}, m);
+  const int64_t left = M - m;
+  if constexpr (Block > 3) if (left == 3) fn(std::integral_constant<int, 3>{}, m);
+  if constexpr (Block > 2) if (left == 2) fn(std::integral_constant<int, 2>{}, m);
+  if constexpr (Block > 1) if (left == 1) fn(std::integral_constant<int, 1>{}, m);
 }
 
 // The kernels written in one instruction set: AVX-512 (with VNNI) where the extension is built

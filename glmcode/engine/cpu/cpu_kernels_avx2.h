@@ -240,11 +240,9 @@ void int4_tile_group_major(const uint8_t* w, const at::BFloat16* scales, const a
           unpacked[4 * b + 2 + h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
         }
       }
-      static_assert(kGroupRowsPass == 2, "one row is left at most");
-      int64_t r = 0;
-      for (; r + kGroupRowsPass <= rows; r += kGroupRowsPass)
-        int4_group_rows<kGroupRowsPass>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
-      if (r < rows) int4_group_rows<1>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
+      for_row_blocks<kGroupRowsPass>(rows, [&](auto mb, int64_t r) {
+        int4_group_rows<decltype(mb)::value>(unpacked.data(), scales, zeros, x, m0 + first + r, K, group, g, acc + r * kTile);
+      });
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int h = 0; h < 2; ++h) store8(y + (first + r) * ldy + tile * kTile + h * 8, _mm256_load_ps(acc + r * kTile + h * 8));
